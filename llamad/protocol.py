@@ -1,0 +1,314 @@
+"""The wire format shared by llamad and every client.
+
+This module is the single source of truth for what travels on the control
+socket: typed, frozen msgspec Structs in two tagged unions (``Request`` from
+clients, ``ServerMessage`` from the daemon) plus a sans-I/O frame codec.
+It imports nothing of the daemon and no I/O library, so ``llamactl`` can use it
+without paying for trio. ``docs/protocol.md`` describes the same thing in prose.
+
+Framing on the Unix socket: a 4-byte big-endian unsigned length, then that many
+bytes of msgpack. The length is checked against ``MAX_FRAME_BYTES`` before any
+of the body is read.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Final, Literal
+
+import msgspec
+
+PROTOCOL_VERSION: Final = 1
+MAX_FRAME_BYTES: Final = 16 * 1024 * 1024
+_HEADER = struct.Struct(">I")
+HEADER_BYTES: Final = _HEADER.size
+
+ModelState = Literal["stopped", "starting", "ready", "stopping", "backoff", "failed"]
+HealthLevel = Literal["ok", "warning", "critical"]
+ErrorCode = Literal[
+    "bad_frame",  # the bytes are not a frame or not msgpack; the connection is closed
+    "bad_request",  # a well-formed frame whose content does not match any request
+    "unknown_model",
+    "model_file_missing",
+    "model_failed",
+    "config_error",
+    "not_found",
+    "permission_denied",
+    "internal",
+]
+LogTopic = Literal["state", "log"]
+
+
+class _Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    pass
+
+
+# ---------------------------------------------------------------- shared data
+
+
+class ExitInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """How a llama-server process ended: an exit code or a signal name."""
+
+    code: int | None = None
+    signal: str | None = None
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            return f"killed by {self.signal}"
+        return f"exited with code {self.code}"
+
+
+class ModelStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything a client may show about one configured model."""
+
+    name: str
+    state: ModelState
+    since: float  # wall-clock (Unix) time the state was entered
+    reason: str = ""  # human explanation of the state, empty when nothing to say
+    pid: int | None = None
+    restarts: int = 0  # automatic restarts since the last user load/restart
+    last_exit: ExitInfo | None = None
+    ready_seconds: float | None = None  # spawn -> /health 200 of the last start
+    waiting: int = 0  # requests waiting for this model to become ready
+    in_flight: int = 0  # requests being served by this model
+    path: str = ""
+    file_exists: bool = True
+    aliases: list[str] = []
+    endpoint: str = ""  # where llama-server listens: a socket path or host:port
+
+
+# ------------------------------------------------------------------- requests
+
+
+class _Request(_Message, frozen=True, kw_only=True):
+    id: int
+
+
+class Status(_Request, frozen=True, kw_only=True, tag="status"):
+    """Daemon and model states. Reply: ``StatusReply``."""
+
+
+class Load(_Request, frozen=True, kw_only=True, tag="load"):
+    """Switch to ``model`` (a name or alias), stopping any other.
+
+    With ``wait`` the daemon streams ``StateChanged`` events for the model and
+    ends with ``Loaded`` or ``Error``; without it, it replies ``Ok`` at once.
+    """
+
+    model: str
+    wait: bool = True
+
+
+class Unload(_Request, frozen=True, kw_only=True, tag="unload"):
+    """Stop ``model`` (default: every running model). Reply: ``Ok``."""
+
+    model: str | None = None
+
+
+class Restart(_Request, frozen=True, kw_only=True, tag="restart"):
+    """Stop and start ``model`` (default: the active one); replies like ``Load``."""
+
+    model: str | None = None
+    wait: bool = True
+
+
+class Health(_Request, frozen=True, kw_only=True, tag="health"):
+    """A monitoring verdict. Reply: ``HealthReply``."""
+
+
+class Logs(_Request, frozen=True, kw_only=True, tag="logs"):
+    """The last ``lines`` output lines of ``model`` (default: the active one).
+
+    Reply: ``LogLines``; with ``follow`` then one ``LogLine`` event per new line
+    until the client disconnects.
+    """
+
+    model: str | None = None
+    lines: int = 100
+    follow: bool = False
+
+
+class Reload(_Request, frozen=True, kw_only=True, tag="reload"):
+    """Re-read models.toml. Reply: ``Ok`` or ``Error`` (``config_error``)."""
+
+
+class Subscribe(_Request, frozen=True, kw_only=True, tag="subscribe"):
+    """Receive events (``StateChanged``, ``LogLine``) named with this request's id."""
+
+    topics: list[LogTopic] = msgspec.field(default_factory=lambda: ["state"])
+
+
+Request = Status | Load | Unload | Restart | Health | Logs | Reload | Subscribe
+
+
+# ------------------------------------------------------------ replies/events
+
+
+class Ok(_Message, frozen=True, kw_only=True, tag="ok"):
+    id: int
+    message: str = ""
+
+
+class Error(_Message, frozen=True, kw_only=True, tag="error"):
+    """A failed request. ``id`` is None when the request could not be read."""
+
+    id: int | None
+    code: ErrorCode
+    message: str
+
+
+class StatusReply(_Message, frozen=True, kw_only=True, tag="status_reply"):
+    id: int
+    version: str
+    pid: int
+    uptime: float
+    config_path: str
+    active: str | None  # the model the user last loaded, if any
+    models: list[ModelStatus]
+
+
+class Loaded(_Message, frozen=True, kw_only=True, tag="loaded"):
+    """The end of a waited ``Load``/``Restart``: the model is ready."""
+
+    id: int
+    model: str
+    seconds: float  # request received -> ready, as the daemon measured it
+    ready_seconds: float  # llama-server's own spawn -> /health 200
+
+
+class HealthReply(_Message, frozen=True, kw_only=True, tag="health_reply"):
+    id: int
+    level: HealthLevel
+    summary: str
+    model: ModelStatus | None = None
+
+
+class LogLines(_Message, frozen=True, kw_only=True, tag="log_lines"):
+    id: int
+    model: str
+    lines: list[str]
+
+
+class StateChanged(_Message, frozen=True, kw_only=True, tag="state_changed"):
+    """Event: a model entered a state. ``id`` names the request it answers."""
+
+    id: int
+    model: ModelStatus
+
+
+class LogLine(_Message, frozen=True, kw_only=True, tag="log_line"):
+    """Event: one line of a model's llama-server output."""
+
+    id: int
+    model: str
+    line: str
+
+
+ServerMessage = (
+    Ok | Error | StatusReply | Loaded | HealthReply | LogLines | StateChanged | LogLine
+)
+
+
+# ---------------------------------------------------------------- the codec
+
+
+class ProtocolError(Exception):
+    """Bytes that cannot be a message. ``request_id`` is set when it was readable."""
+
+    def __init__(self, code: ErrorCode, message: str, request_id: int | None = None) -> None:
+        super().__init__(message)
+        self.code: ErrorCode = code
+        self.request_id = request_id
+
+
+class FrameDecoder:
+    """Sans-I/O: feed bytes as they arrive, get back complete frame bodies.
+
+    Raises ``ProtocolError`` as soon as a header announces a body larger than
+    ``max_frame`` so a hostile length never makes us buffer it.
+    """
+
+    def __init__(self, max_frame: int = MAX_FRAME_BYTES) -> None:
+        self._buffer = bytearray()
+        self._max_frame = max_frame
+
+    @property
+    def in_frame(self) -> bool:
+        """True while a frame has started but not finished (for the read timeout)."""
+        return bool(self._buffer)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buffer += data
+        frames: list[bytes] = []
+        while len(self._buffer) >= HEADER_BYTES:
+            (length,) = _HEADER.unpack_from(self._buffer)
+            if length > self._max_frame:
+                raise ProtocolError(
+                    "bad_frame",
+                    f"frame of {length} bytes exceeds the {self._max_frame}-byte limit",
+                )
+            end = HEADER_BYTES + length
+            if len(self._buffer) < end:
+                break
+            frames.append(bytes(self._buffer[HEADER_BYTES:end]))
+            del self._buffer[:end]
+        return frames
+
+
+def frame(payload: bytes) -> bytes:
+    """Prefix ``payload`` with its length."""
+    if len(payload) > MAX_FRAME_BYTES:
+        raise ValueError(f"message of {len(payload)} bytes exceeds the frame limit")
+    return _HEADER.pack(len(payload)) + payload
+
+
+_msgpack_encoder = msgspec.msgpack.Encoder()
+_request_decoder = msgspec.msgpack.Decoder(Request)
+_server_decoder = msgspec.msgpack.Decoder(ServerMessage)
+_json_encoder = msgspec.json.Encoder()
+_json_request_decoder = msgspec.json.Decoder(Request)
+_json_server_decoder = msgspec.json.Decoder(ServerMessage)
+
+
+def encode(message: _Message) -> bytes:
+    """msgpack body of ``message`` (no length prefix)."""
+    return _msgpack_encoder.encode(message)
+
+
+def encode_json(message: _Message) -> bytes:
+    return _json_encoder.encode(message)
+
+
+def _salvage_id(payload: bytes, json: bool) -> int | None:
+    """The ``id`` of an invalid request, so its error reply can name it."""
+    try:
+        raw: Any = msgspec.json.decode(payload) if json else msgspec.msgpack.decode(payload)
+    except msgspec.DecodeError:
+        return None
+    if isinstance(raw, dict):
+        value = raw.get("id")
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def decode_request(payload: bytes, *, json: bool = False) -> Request:
+    """Decode one request body or raise ``ProtocolError`` saying what is wrong."""
+    try:
+        if json:
+            return _json_request_decoder.decode(payload)
+        return _request_decoder.decode(payload)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError("bad_request", f"invalid request: {exc}", _salvage_id(payload, json)) from None
+    except msgspec.DecodeError as exc:
+        encoding = "JSON" if json else "msgpack"
+        raise ProtocolError("bad_frame", f"frame is not valid {encoding}: {exc}") from None
+
+
+def decode_server_message(payload: bytes, *, json: bool = False) -> ServerMessage:
+    try:
+        if json:
+            return _json_server_decoder.decode(payload)
+        return _server_decoder.decode(payload)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ProtocolError("bad_frame", f"unreadable message from llamad: {exc}") from None

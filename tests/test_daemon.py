@@ -1,0 +1,487 @@
+"""llamad end to end: a real daemon process, the real llama-server, the demo models."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+import psutil
+import pytest
+
+from llamad.protocol import (
+    MAX_FRAME_BYTES,
+    Error,
+    FrameDecoder,
+    StateChanged,
+    Status,
+    StatusReply,
+    Subscribe,
+    decode_server_message,
+    encode,
+    frame,
+)
+from tests.conftest import FAKE_SERVER, Llamad, demo_config
+
+pytestmark = pytest.mark.server
+
+MakeLlamad = Callable[..., Llamad]
+
+
+def ready_daemon(make_llamad: MakeLlamad, demo_models: dict[str, Path], **overrides: object) -> Llamad:
+    daemon = make_llamad(demo_config(demo_models, **overrides), 'default_model = "demo"\n')
+    daemon.start()
+    daemon.wait_for("demo", lambda s: s.state == "ready")
+    return daemon
+
+
+def pid_gone(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+# ----------------------------------------------------------------- basics
+
+
+def test_default_model_ready_and_status(make_llamad: MakeLlamad, demo_models: dict[str, Path]) -> None:
+    daemon = ready_daemon(make_llamad, demo_models)
+    result = daemon.ctl("status")
+    assert result.returncode == 0, result.stderr
+    assert "* demo" in result.stdout and "ready" in result.stdout
+    as_json = json.loads(daemon.ctl("status", "--json").stdout)
+    assert as_json["active"] == "demo"
+    demo = next(m for m in as_json["models"] if m["name"] == "demo")
+    assert demo["state"] == "ready" and demo["pid"] > 0
+    assert demo["ready_seconds"] < 5
+    health = daemon.ctl("health")
+    assert health.returncode == 0
+    assert health.stdout.startswith("OK: demo ready")
+    assert daemon.stop() == 0
+    assert pid_gone(demo["pid"])
+    assert not daemon.socket_path.exists()
+
+
+def test_switch_models_with_events_in_order(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path]
+) -> None:
+    daemon = ready_daemon(make_llamad, demo_models)
+    events: list[tuple[str, str]] = []
+    with daemon.client(timeout=60) as watcher:
+        stream = watcher.events(lambda i: Subscribe(id=i, topics=["state"]))
+        next(stream)  # Ok: subscribed
+
+        def collect() -> None:
+            for message in stream:
+                if isinstance(message, StateChanged):
+                    step = (message.model.name, message.model.state)
+                    if not events or events[-1] != step:
+                        events.append(step)
+                if events[-1:] == [("demo", "ready")] and len(events) > 2:
+                    return
+
+        thread = threading.Thread(target=collect, daemon=True)
+        thread.start()
+        to_b = daemon.ctl("load", "demo-b")
+        assert to_b.returncode == 0, to_b.stderr
+        assert "demo-b ready in" in to_b.stdout
+        assert daemon.ctl("load", "demo").returncode == 0
+        thread.join(timeout=30)
+    assert events == [
+        ("demo", "stopping"),
+        ("demo", "stopped"),
+        ("demo-b", "starting"),
+        ("demo-b", "ready"),
+        ("demo-b", "stopping"),
+        ("demo-b", "stopped"),
+        ("demo", "starting"),
+        ("demo", "ready"),
+    ]
+    assert len(daemon.children()) == 1
+
+
+def test_alias_and_unknown_model(make_llamad: MakeLlamad, demo_models: dict[str, Path]) -> None:
+    body = demo_config(demo_models).replace(
+        "[models.demo-b]\n", '[models.demo-b]\naliases = ["second"]\n'
+    )
+    daemon = make_llamad(body)
+    daemon.start()
+    assert daemon.ctl("load", "second").returncode == 0
+    assert daemon.status("demo-b").state == "ready"
+    unknown = daemon.ctl("load", "codellama")
+    assert unknown.returncode == 1
+    assert unknown.stderr.strip() == (
+        "llamactl: unknown model 'codellama'; configured models: demo, demo-b"
+    )
+    assert "Traceback" not in unknown.stderr
+
+
+def test_missing_model_file_is_refused(make_llamad: MakeLlamad, demo_models: dict[str, Path]) -> None:
+    daemon = make_llamad(
+        demo_config(demo_models) + '[models.ghost]\npath = "/nonexistent/ghost.gguf"\n'
+    )
+    daemon.start()
+    models = daemon.ctl("models")
+    assert "ghost" in models.stdout and "MISSING FILE" in models.stdout
+    result = daemon.ctl("load", "ghost")
+    assert result.returncode == 1
+    assert "/nonexistent/ghost.gguf does not exist" in result.stderr
+    assert daemon.ctl("status").returncode == 0  # the daemon carries on
+
+
+def test_daemon_not_running_messages(tmp_path: Path) -> None:
+    env = {**os.environ, "LLAMAD_SOCKET": str(tmp_path / "none.sock")}
+    for command, expected_rc in (("status", 1), ("health", 3)):
+        result = subprocess.run(
+            [sys.executable, "-m", "llamactl", command],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == expected_rc
+        assert "llamad is not running" in result.stderr
+        assert "systemctl --user start llamad" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_logs_show_llama_server_output(make_llamad: MakeLlamad, demo_models: dict[str, Path]) -> None:
+    daemon = ready_daemon(make_llamad, demo_models)
+    result = daemon.ctl("logs", "-n", "500")
+    assert result.returncode == 0
+    assert "llama" in result.stdout.lower()
+    assert "[demo]" in daemon.log()  # also in llamad's own log, prefixed
+    lines = json.loads(daemon.ctl("logs", "-n", "3", "--json").stdout)
+    assert isinstance(lines, list) and len(lines) == 3
+
+
+# ---------------------------------------------------------------- restarts
+
+
+def test_kill9_of_child_is_restarted(make_llamad: MakeLlamad, demo_models: dict[str, Path]) -> None:
+    daemon = ready_daemon(make_llamad, demo_models, restart_sec=0.05)
+    first = daemon.status("demo").pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    status = daemon.wait_for("demo", lambda s: s.state == "ready" and s.pid not in (None, first))
+    assert status.restarts == 1
+    assert status.last_exit is not None and status.last_exit.signal == "SIGKILL"
+    assert daemon.ctl("health").returncode == 0
+
+
+def test_crash_loop_ends_failed_and_health_critical(make_llamad: MakeLlamad, tmp_path: Path) -> None:
+    model = tmp_path / "fake.gguf"
+    model.write_bytes(b"GGUF")
+    daemon = make_llamad(
+        f'[models.crashy]\npath = "{model}"\nargs = ["--fake-crash"]\n'
+        "restart_sec = 0.02\nstart_limit_burst = 3\nstart_limit_interval_sec = 30\n",
+        binary=FAKE_SERVER,
+    )
+    daemon.start()
+    result = daemon.ctl("load", "crashy")
+    assert result.returncode == 1
+    assert "crash loop: 3 starts" in result.stderr
+    assert "exited with code 1" in result.stderr
+    health = daemon.ctl("health")
+    assert health.returncode == 2
+    assert health.stdout.startswith("CRITICAL: crashy failed")
+    assert daemon.log().count("fake llama-server: crashing on purpose") == 3
+
+
+def test_sigstop_is_caught_by_the_watchdog(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path]
+) -> None:
+    daemon = ready_daemon(
+        make_llamad,
+        demo_models,
+        health_interval_sec=0.2,
+        health_failures=2,
+        stop_timeout_sec=1,
+        restart_sec=0.05,
+    )
+    first = daemon.status("demo").pid
+    assert first is not None
+    os.kill(first, signal.SIGSTOP)
+    status = daemon.wait_for(
+        "demo", lambda s: s.state == "ready" and s.pid not in (None, first), timeout=20
+    )
+    assert status.restarts == 1
+    assert pid_gone(first)
+    assert "health check failed 2 times" in daemon.log()
+
+
+def test_child_ignoring_sigterm_is_killed_after_timeout(
+    make_llamad: MakeLlamad, tmp_path: Path
+) -> None:
+    model = tmp_path / "fake.gguf"
+    model.write_bytes(b"GGUF")
+    daemon = make_llamad(
+        f'[models.stubborn]\npath = "{model}"\nargs = ["--fake-ignore-sigterm", '
+        '"--fake-children", "2"]\nstop_timeout_sec = 1\n',
+        binary=FAKE_SERVER,
+    )
+    daemon.start()
+    assert daemon.ctl("load", "stubborn").returncode == 0
+    pids = [p.pid for p in daemon.children()]
+    assert len(pids) == 3  # the server and its two children
+    began = time.monotonic()
+    result = daemon.ctl("unload")
+    took = time.monotonic() - began
+    assert result.returncode == 0
+    assert 1.0 <= took < 3.0
+    assert all(pid_gone(pid, timeout=2) for pid in pids)  # the whole group
+    assert daemon.status("stubborn").state == "stopped"
+
+
+def test_llamad_sigkilled_leaves_no_server(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path]
+) -> None:
+    daemon = ready_daemon(make_llamad, demo_models)
+    child = daemon.status("demo").pid
+    assert child is not None
+    time.sleep(11)  # past trio's idle worker-thread lifetime: PDEATHSIG must not fire early
+    assert daemon.status("demo").pid == child
+    daemon.stop(signal.SIGKILL)
+    assert pid_gone(child, timeout=5)
+    # A new llamad on the same runtime dir starts cleanly and loads again.
+    daemon.start()
+    status = daemon.wait_for("demo", lambda s: s.state == "ready")
+    assert status.pid != child
+    assert len(daemon.children()) == 1
+
+
+def test_stale_server_from_previous_llamad_is_reaped(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path], llama_server_binary: Path
+) -> None:
+    daemon = make_llamad(demo_config(demo_models))
+    models_dir = daemon.runtime_dir / "models"
+    models_dir.mkdir()
+    # A server as a killed llamad would leave it: running, with its pid file.
+    command = [str(llama_server_binary), "--model", str(demo_models["demo"]), "--host",
+               str(models_dir / "demo.sock")]
+    orphan = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    info = psutil.Process(orphan.pid)
+    (models_dir / "demo.pid").write_text(json.dumps(
+        {"pid": orphan.pid, "create_time": info.create_time(), "cmdline": command}))
+    # And a pid file whose pid now belongs to somebody else: must be left alone.
+    bystander = subprocess.Popen(["sleep", "30"])
+    (models_dir / "demo-b.pid").write_text(json.dumps(
+        {"pid": bystander.pid, "create_time": 1.0, "cmdline": ["llama-server"]}))
+    try:
+        daemon.start()
+        assert orphan.wait(timeout=5) == -signal.SIGKILL
+        assert bystander.poll() is None
+        assert not (models_dir / "demo.pid").exists()
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_two_loads_racing_end_consistent(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path]
+) -> None:
+    daemon = ready_daemon(make_llamad, demo_models)
+    for _ in range(3):
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "llamactl", "load", name],
+                env=daemon.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for name in ("demo-b", "demo", "demo-b")
+        ]
+        for proc in procs:
+            proc.wait(timeout=60)
+        with daemon.client() as client:
+            reply = client.call(lambda i: Status(id=i))
+        assert isinstance(reply, StatusReply)
+        states = {m.name: m.state for m in reply.models}
+        assert sorted(states.values()) == ["ready", "stopped"]
+        assert reply.active is not None and states[reply.active] == "ready"
+        assert len(daemon.children()) == 1
+
+
+# ----------------------------------------------------------- the protocol
+
+
+def _raw(daemon: Llamad) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(15)
+    sock.connect(str(daemon.socket_path))
+    return sock
+
+
+def _read_all(sock: socket.socket) -> list[object]:
+    decoder = FrameDecoder()
+    messages: list[object] = []
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return messages
+        messages += [decode_server_message(p) for p in decoder.feed(data)]
+
+
+def test_bad_frames_get_an_error_and_close_only_that_connection(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path]
+) -> None:
+    daemon = make_llamad(demo_config(demo_models))
+    daemon.start()
+    with daemon.client() as bystander:
+        assert isinstance(bystander.call(lambda i: Status(id=i)), StatusReply)
+        cases = {
+            "garbage": frame(b"\xc1\xc1\xc1"),
+            "oversized": struct.pack(">I", MAX_FRAME_BYTES + 1) + b"x" * 100,
+            "wrong shape": frame(msgspec.msgpack.encode({"type": "load", "id": 5, "model": 3})),
+            "unknown type": frame(msgspec.msgpack.encode({"type": "explode", "id": 6})),
+        }
+        for name, payload in cases.items():
+            with _raw(daemon) as sock:
+                sock.sendall(payload)
+                replies = _read_all(sock)  # returns when llamad closes the connection
+            assert len(replies) == 1, name
+            error = replies[0]
+            assert isinstance(error, Error), name
+            assert error.code in ("bad_frame", "bad_request"), name
+        assert isinstance(bystander.call(lambda i: Status(id=i)), StatusReply)
+    assert daemon.process is not None and daemon.process.poll() is None
+
+
+def test_valid_request_after_bad_one_on_same_connection_is_not_served(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path]
+) -> None:
+    daemon = make_llamad(demo_config(demo_models))
+    daemon.start()
+    with _raw(daemon) as sock:
+        sock.sendall(
+            frame(msgspec.msgpack.encode({"type": "status", "id": "x"}))
+            + frame(encode(Status(id=2)))
+        )
+        replies = _read_all(sock)
+    assert [type(r) for r in replies] == [Error]
+
+
+def test_peer_uid_is_checked(make_llamad: MakeLlamad, demo_models: dict[str, Path]) -> None:
+    """Connect as another uid through a copy of the socket path that it can reach."""
+    daemon = make_llamad(demo_config(demo_models))
+    daemon.start()
+    os.chmod(daemon.runtime_dir, 0o755)
+    os.chmod(daemon.socket_path, 0o777)
+    script = (
+        "import os, socket, sys\n"
+        "os.setuid(65534)\n"
+        "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+        "s.sendall(bytes.fromhex(sys.argv[2]))\n"
+        "sys.stdout.buffer.write(s.recv(4096))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(daemon.socket_path), frame(encode(Status(id=1))).hex()],
+        capture_output=True,
+        check=True,
+    )
+    reply = decode_server_message(FrameDecoder().feed(result.stdout)[0])
+    assert isinstance(reply, Error) and reply.code == "permission_denied"
+
+
+def test_frame_must_finish_in_time(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon = make_llamad(demo_config(demo_models))
+    daemon.start()
+    with _raw(daemon) as sock:
+        sock.sendall(frame(encode(Status(id=1)))[:3])
+        began = time.monotonic()
+        replies = _read_all(sock)
+        assert 9 <= time.monotonic() - began < 14
+    assert len(replies) == 1 and isinstance(replies[0], Error)
+    assert "not completed within" in replies[0].message
+
+
+# ------------------------------------------------------------ config
+
+
+def test_bad_config_exits_78_with_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "models.toml"
+    config.write_text('[models.codellama]\npath = "x.gguf"\nn_gpu_layers = "all"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "llamad", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=20,
+    )
+    assert result.returncode == 78
+    assert result.stderr.strip() == (
+        f'llamad: {config}: models.codellama.n_gpu_layers: expected an integer, got "all"'
+    )
+    check = subprocess.run(
+        [sys.executable, "-m", "llamad", "check-config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert check.returncode == 78
+    assert "n_gpu_layers" in check.stderr and "Traceback" not in check.stderr
+
+
+def test_check_config_ok(make_llamad: MakeLlamad, demo_models: dict[str, Path]) -> None:
+    daemon = make_llamad(demo_config(demo_models))
+    result = subprocess.run(
+        [sys.executable, "-m", "llamad", "check-config", "--config", str(daemon.config_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0
+    assert result.stdout.startswith("ok: ")
+
+
+def test_reload_keeps_unchanged_models_and_rejects_bad_files(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path]
+) -> None:
+    daemon = ready_daemon(make_llamad, demo_models)
+    pid = daemon.status("demo").pid
+    original = daemon.config_path.read_text()
+    # demo-b changes, a model is added, demo is untouched: demo keeps running.
+    daemon.config_path.write_text(
+        original.replace('[models.demo-b]\npath', '[models.demo-b]\nctx_size_note = 1\npath')
+    )
+    bad = daemon.ctl("reload")
+    assert bad.returncode == 1
+    assert "models.demo-b.ctx_size_note: unknown key" in bad.stderr
+    assert daemon.status("demo").pid == pid
+    daemon.config_path.write_text(
+        original.replace("[models.demo-b]\n", "[models.demo-b]\nn_gpu_layers = 0\nparallel = 2\n")
+        + f'[models.extra]\npath = "{demo_models["demo"]}"\n'
+    )
+    good = daemon.ctl("reload")
+    assert good.returncode == 0, good.stderr
+    assert "changed demo-b" in good.stdout and "added extra" in good.stdout
+    assert "demo;" not in good.stdout
+    assert daemon.status("demo").pid == pid
+    assert daemon.status("extra").state == "stopped"
+    # SIGHUP does the same.
+    daemon.config_path.write_text(original)
+    assert daemon.process is not None
+    daemon.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "removed extra" not in daemon.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "removed extra" in daemon.log()
+    assert daemon.status("demo").pid == pid
