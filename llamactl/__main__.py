@@ -136,7 +136,9 @@ def _follow_load(client: Client, make: type[Load] | type[Restart], args: argpars
     for message in client.stream(lambda i: make(id=i, model=name, wait=True)):
         if isinstance(message, StateChanged):
             status = message.model
-            line = f"{status.name}: {status.state}" + (f" ({status.reason})" if status.reason else "")
+            line = f"{status.name}: {status.state}" + (
+                f" ({status.reason})" if status.reason else ""
+            )
             if line != last:
                 print(line, file=sys.stderr)
                 last = line
@@ -212,7 +214,7 @@ def cmd_reload(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:
-    from llamad.demo_model import write_demo_model  # noqa: PLC0415 - numpy/gguf only here
+    from llamad.demo_model import write_demo_model
 
     try:
         path = write_demo_model(args.path, args.variant)

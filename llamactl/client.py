@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from llamad.paths import default_socket_path
+
 from llamad.protocol import (
     Error,
     FrameDecoder,

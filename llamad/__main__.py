@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         return EX_CONFIG
     socket_path = Path(args.socket or os.environ.get("LLAMAD_SOCKET") or config.socket_path())
 
-    import trio  # noqa: PLC0415 - not needed by check-config
+    import trio
 
-    from llamad.daemon import Daemon  # noqa: PLC0415
+    from llamad.daemon import Daemon
 
     try:
         trio.run(Daemon(config, socket_path).run)

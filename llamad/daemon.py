@@ -47,6 +47,8 @@ class Daemon:
         self.hub = EventHub()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        # One line per health probe would drown the journal.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         # Socket activation first: LISTEN_* must be gone before any child is spawned.
         activated = listen_sockets(self.environ)
         binary = find_server_binary(self.config.daemon.llama_server)
@@ -109,7 +111,8 @@ class Daemon:
         try:
             config = await self.reload_config()
         except LlamadError as exc:
-            log.error("reload rejected, keeping the old configuration:\n%s", exc)
+            # A user mistake, not a bug: the message says it all, no traceback.
+            log.error("reload rejected, keeping the old configuration:\n%s", exc)  # noqa: TRY400
             return
         changes = await manager.reload(config)
         log.info("reloaded %s: %s", config.source, "; ".join(changes) or "no model changed")

@@ -174,23 +174,37 @@ class Dispatcher:
             await peer.send(Ok(id=rid, message=f"loading {model}"))
             return
         began = trio.current_time()
+        # Errors are kept out of the nursery: trio would wrap them in an
+        # ExceptionGroup, and the client deserves the plain error reply.
+        failure: Exception | None = None
         with self.manager.hub.subscribe(frozenset({"state"}), model=model) as subscription:
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._forward, rid, subscription, peer)
+            async with trio.open_nursery() as nursery:
+
+                async def forward() -> None:
+                    nonlocal failure
                     try:
-                        await self.manager.load(model, restart=restart)
-                    finally:
+                        await self._forward(rid, subscription, peer)
+                    except (PeerGone, SubscriberTooSlow) as exc:
+                        failure = exc
                         nursery.cancel_scope.cancel()
-            finally:
-                # Events published just before the load ended are still queued;
-                # the client sees them before the final reply.
-                while True:
-                    try:
-                        event = subscription.receive.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                        break
-                    await peer.send(_event_message(rid, event))
+
+                nursery.start_soon(forward)
+                try:
+                    await self.manager.load(model, restart=restart)
+                except LlamadError as exc:
+                    failure = exc
+                finally:
+                    nursery.cancel_scope.cancel()
+            # Events published just before the load ended are still queued; the
+            # client sees them before the final reply.
+            while failure is None or isinstance(failure, LlamadError):
+                try:
+                    event = subscription.receive.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+                await peer.send(_event_message(rid, event))
+        if failure is not None:
+            raise failure
         await peer.send(
             Loaded(
                 id=rid,

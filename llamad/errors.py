@@ -9,6 +9,7 @@ the fix, so the outermost handler prints ``str(exc)`` as one line and exits::
     ├── UnknownModelError      a name that is neither a model nor an alias
     ├── ModelFileMissing       the model's GGUF file does not exist
     ├── ModelFailed            a model could not be brought up (reason attached)
+    │   └── LoadSuperseded     another load was asked for before this one finished
     └── StartupError           the daemon cannot start (socket in use, bad directory)
 """
 
@@ -55,6 +56,13 @@ class ModelFailed(LlamadError):
         self.model = model
         self.reason = reason
         super().__init__(f"model {model!r} failed: {reason}")
+
+
+class LoadSuperseded(ModelFailed):
+    def __init__(self, model: str, winner: str | None) -> None:
+        super().__init__(model, "superseded")
+        what = f"a load of {winner!r}" if winner else "an unload"
+        self.args = (f"load of {model!r} superseded by {what} requested meanwhile",)
 
 
 class StartupError(LlamadError):

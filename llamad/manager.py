@@ -18,7 +18,13 @@ from pathlib import Path
 import trio
 
 from llamad.config import Config
-from llamad.errors import LlamadError, ModelFailed, ModelFileMissing, UnknownModelError
+from llamad.errors import (
+    LlamadError,
+    LoadSuperseded,
+    ModelFailed,
+    ModelFileMissing,
+    UnknownModelError,
+)
 from llamad.events import EventHub
 from llamad.llama_server import ServerBinary
 from llamad.protocol import HealthLevel, ModelStatus
@@ -175,9 +181,11 @@ class ModelManager:
         self.active = model.name
         async with self._switch_lock:
             if self.active != model.name:
-                raise ModelFailed(model.name, f"superseded by a load of {self.active!r}")
+                raise LoadSuperseded(model.name, self.active)
             others = [
-                s for s in self._supervisors.values() if s is not supervisor and s.state != "stopped"
+                s
+                for s in self._supervisors.values()
+                if s is not supervisor and s.state != "stopped"
             ]
             async with trio.open_nursery() as nursery:
                 for other in others:
@@ -185,6 +193,8 @@ class ModelManager:
             ticket = supervisor.restart() if restart else supervisor.start()
         state = await supervisor.wait_settled(ticket)
         if state != "ready":
+            if self.active != model.name:
+                raise LoadSuperseded(model.name, self.active)
             raise ModelFailed(model.name, supervisor.reason or state)
         return supervisor
 

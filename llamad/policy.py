@@ -331,9 +331,7 @@ class ModelMachine:
                 self._health_misses += 1
                 if self._health_misses < self.policy.health_failures:
                     return []
-                self._failure_reason = (
-                    f"health check failed {self._health_misses} times in a row"
-                )
+                self._failure_reason = f"health check failed {self._health_misses} times in a row"
                 return self._terminate(now, "policy", self._failure_reason)
             case Exited(code, sig):
                 return self._on_exit(ExitInfo(code=code, signal=_signal_name(sig)), now)

@@ -204,9 +204,7 @@ class LogLine(_Message, frozen=True, kw_only=True, tag="log_line"):
     line: str
 
 
-ServerMessage = (
-    Ok | Error | StatusReply | Loaded | HealthReply | LogLines | StateChanged | LogLine
-)
+ServerMessage = Ok | Error | StatusReply | Loaded | HealthReply | LogLines | StateChanged | LogLine
 
 
 # ---------------------------------------------------------------- the codec
@@ -299,7 +297,9 @@ def decode_request(payload: bytes, *, json: bool = False) -> Request:
             return _json_request_decoder.decode(payload)
         return _request_decoder.decode(payload)
     except msgspec.ValidationError as exc:
-        raise ProtocolError("bad_request", f"invalid request: {exc}", _salvage_id(payload, json)) from None
+        raise ProtocolError(
+            "bad_request", f"invalid request: {exc}", _salvage_id(payload, json)
+        ) from None
     except msgspec.DecodeError as exc:
         encoding = "JSON" if json else "msgpack"
         raise ProtocolError("bad_frame", f"frame is not valid {encoding}: {exc}") from None

@@ -100,6 +100,7 @@ class ModelSupervisor:
         self._process: subprocess.Popen[bytes] | None = None
         self._timer_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
+        self._drain_reason = ""
         self._posted = 0  # user requests posted / handled: lets waiters skip stale states
         self._handled = 0
 
@@ -169,8 +170,9 @@ class ModelSupervisor:
         """Give requests in flight ``seconds`` to finish, then cancel the rest."""
         with trio.move_on_after(seconds):
             await self.wait_until(lambda: not self.in_flight)
+        self._drain_reason = why
         for scope in list(self.in_flight):
-            scope.cancel(reason=why)
+            scope.cancel()
 
     @contextlib.asynccontextmanager
     async def serving(self) -> AsyncIterator[trio.CancelScope]:
@@ -198,7 +200,7 @@ class ModelSupervisor:
                 self._publish()
         if scope.cancelled_caught:
             raise RequestCancelled(
-                f"request cancelled: model {self.model.name!r} was stopped ({self.reason})"
+                f"request cancelled: model {self.model.name!r} was stopped ({self._drain_reason})"
             )
 
     # ---------------------------------------------------------- the event loop
@@ -241,6 +243,9 @@ class ModelSupervisor:
                 case CancelTimer():
                     self._timer_scope.cancel()
         if self._snapshot() != before:
+            if self._machine.state != before[0] or self._machine.reason != before[2]:
+                reason = f" ({self._machine.reason})" if self._machine.reason else ""
+                log.info("%s: %s%s", self.model.name, self._machine.state, reason)
             self._publish()
         else:
             self._wake()  # a handled request may be all a waiter needs
@@ -308,9 +313,11 @@ class ModelSupervisor:
     async def _probe_health(self, scope: trio.CancelScope) -> None:
         supervision = self.model.supervision
         with scope:
-            async with http_client(self.endpoint, timeout=supervision.health_interval_sec) as client:
+            async with http_client(
+                self.endpoint, timeout=supervision.health_interval_sec
+            ) as client:
                 # Readiness: 503 while loading, connection refused before it binds.
-                while not await _healthy(client):
+                while not await _healthy(client):  # noqa: ASYNC110 - polling another process
                     await trio.sleep(READY_POLL_SEC)
                 self._events_send.send_nowait(BecameReady())
                 while True:

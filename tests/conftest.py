@@ -76,13 +76,13 @@ class Llamad:
         self.log_path = self.runtime_dir / "llamad.log"
 
     def start(self, *extra: str, wait: bool = True) -> None:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "llamad", "--config", str(self.config_path), *extra],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        with self.log_path.open("ab") as log:  # the child keeps its own copy of the fd
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "llamad", "--config", str(self.config_path), *extra],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         if wait:
             self.wait_listening()
 
@@ -137,9 +137,9 @@ class Llamad:
         found = []
         for proc in psutil.process_iter(["cmdline"]):
             cmdline = proc.info["cmdline"] or []
-            if any(str(self.runtime_dir) in part for part in cmdline):
-                if "llamad" not in " ".join(cmdline[:3]):
-                    found.append(proc)
+            ours = any(str(self.runtime_dir) in part for part in cmdline)
+            if ours and "llamad" not in " ".join(cmdline[:3]):
+                found.append(proc)
         return found
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:

@@ -24,7 +24,7 @@ import time
 class Handler(http.server.BaseHTTPRequestHandler):
     never_ready = False
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         status = 503 if self.never_ready else 200
         body = b'{"status":"ok"}' if status == 200 else b'{"error":"loading"}'
         self.send_response(status)
@@ -33,7 +33,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
     def address_string(self) -> str:

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import trio
-
+import trio.lowlevel
 from llamad.config import parse_config
+
 from llamad.events import EventHub
 from llamad.llama_server import ServerBinary
 from llamad.manager import ModelManager, health_verdict
@@ -73,17 +74,18 @@ async def test_requests_during_a_switch_wait_for_the_model() -> None:
         await nursery.start(manager.run)
         await manager.load("a")
         served: list[str] = []
+        done = trio.Event()
 
         async def request_for_b() -> None:
             async with manager.use("b") as supervisor:
                 served.append(supervisor.model.name)
+            done.set()
 
         nursery.start_soon(manager.load, "b")
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         nursery.start_soon(request_for_b)
         with trio.fail_after(10):
-            while not served:
-                await trio.sleep(0.01)
+            await done.wait()
         assert served == ["b"]
         assert manager.statuses()["a"].state == "stopped"
         await manager.shutdown()

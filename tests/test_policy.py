@@ -5,8 +5,8 @@ from __future__ import annotations
 import signal
 
 import pytest
-
 from llamad.config import Supervision
+
 from llamad.policy import (
     BecameReady,
     CancelTimer,
@@ -53,19 +53,25 @@ def test_backoff_doubles_and_caps() -> None:
 
 
 def test_on_failure_ignores_clean_exit() -> None:
-    decision = decide_restart(POLICY, failed=False, start_times=[0.0], consecutive_failures=0, now=1.0)
+    decision = decide_restart(
+        POLICY, failed=False, start_times=[0.0], consecutive_failures=0, now=1.0
+    )
     assert decision == StayStopped()
 
 
 def test_always_restarts_clean_exit() -> None:
     always = Supervision(restart="always", restart_sec=0.5)
-    decision = decide_restart(always, failed=False, start_times=[0.0], consecutive_failures=0, now=1.0)
+    decision = decide_restart(
+        always, failed=False, start_times=[0.0], consecutive_failures=0, now=1.0
+    )
     assert decision == RestartAfter(0.5)
 
 
 def test_no_never_restarts() -> None:
     never = Supervision(restart="no")
-    decision = decide_restart(never, failed=True, start_times=[0.0], consecutive_failures=1, now=1.0)
+    decision = decide_restart(
+        never, failed=True, start_times=[0.0], consecutive_failures=1, now=1.0
+    )
     assert decision == StayStopped()
 
 
@@ -266,7 +272,7 @@ def test_pure_core_imports_no_io() -> None:
     import ast
     from pathlib import Path
 
-    import llamad.policy as policy
+    from llamad import policy
 
     tree = ast.parse(Path(policy.__file__).read_text())
     imported = {
