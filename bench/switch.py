@@ -32,8 +32,19 @@ from llamad.protocol import Load, Loaded
 def direct_load(binary: Path, model: Path, sock: Path) -> float:
     """Spawn llama-server ourselves; seconds from spawn to /health 200."""
     sock.unlink(missing_ok=True)
-    command = [str(binary), "--model", str(model), "--n-gpu-layers", "0", "--ctx-size",
-               "512", "--host", str(sock), "--threads", "1"]
+    command = [
+        str(binary),
+        "--model",
+        str(model),
+        "--n-gpu-layers",
+        "0",
+        "--ctx-size",
+        "512",
+        "--host",
+        str(sock),
+        "--threads",
+        "1",
+    ]
     began = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     transport = httpx.HTTPTransport(uds=str(sock))
@@ -105,7 +116,9 @@ def main() -> None:
 
     def ms(values: list[float]) -> str:
         q = statistics.quantiles(values, n=4)
-        return f"{statistics.median(values) * 1000:7.1f} ms  (IQR {q[0] * 1000:.1f}-{q[2] * 1000:.1f})"
+        return (
+            f"{statistics.median(values) * 1000:7.1f} ms  (IQR {q[0] * 1000:.1f}-{q[2] * 1000:.1f})"
+        )
 
     overhead = statistics.median(via_end_to_end) - statistics.median(direct)
     print(f"switch overhead, {args.rounds} interleaved rounds, demo <-> demo-b")
@@ -113,12 +126,21 @@ def main() -> None:
     print(f"  llama-server under llamad (its own timing):     {ms(via_server)}")
     print(f"  llamad switch, as llamad measured it:           {ms(via_daemon)}")
     print(f"  `load` end to end (stop A + start B), client:   {ms(via_end_to_end)}")
-    print(f"  overhead = end-to-end - alone (medians):        {overhead * 1000:7.1f} ms (goal <= 30)")
+    print(
+        f"  overhead = end-to-end - alone (medians):        {overhead * 1000:7.1f} ms (goal <= 30)"
+    )
     if args.json:
-        args.json.write_text(json.dumps({
-            "direct": direct, "end_to_end": via_end_to_end,
-            "daemon": via_daemon, "server": via_server, "overhead": overhead,
-        }))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "direct": direct,
+                    "end_to_end": via_end_to_end,
+                    "daemon": via_daemon,
+                    "server": via_server,
+                    "overhead": overhead,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -97,7 +97,9 @@ class Config:
 
 
 _SUPERVISION_KEYS = tuple(a.name for a in attrs.fields(Supervision))
-_MODEL_KEYS = tuple(a.name for a in attrs.fields(ModelConfig) if a.name not in ("name", "supervision"))
+_MODEL_KEYS = tuple(
+    a.name for a in attrs.fields(ModelConfig) if a.name not in ("name", "supervision")
+)
 _DAEMON_KEYS = tuple(a.name for a in attrs.fields(DaemonConfig) if a.name != "supervision")
 _POSITIVE = frozenset(
     {
@@ -216,7 +218,7 @@ def _problems(exc: BaseException, path: tuple[str, ...]) -> Iterator[tuple[tuple
     elif isinstance(exc, _Invalid):
         yield path, str(exc)
     elif isinstance(exc, KeyError):
-        yield path + (str(exc.args[0]),), "missing required key"
+        yield (*path, str(exc.args[0])), "missing required key"
     else:
         yield path, f"invalid value ({exc})"
 
@@ -234,15 +236,21 @@ class _Collector:
         where = f"{self.source}: {_key_path(path)}: " if path else f"{self.source}: "
         self.lines.append(where + message)
 
-    def unknown_keys(self, table: Mapping[str, Any], allowed: tuple[str, ...], path: tuple[str, ...]) -> None:
+    def unknown_keys(
+        self, table: Mapping[str, Any], allowed: tuple[str, ...], path: tuple[str, ...]
+    ) -> None:
         for key in table:
             if key in allowed:
                 continue
             close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f'; did you mean "{close[0]}"?' if close else f"; known keys: {', '.join(allowed)}"
+            hint = (
+                f'; did you mean "{close[0]}"?' if close else f"; known keys: {', '.join(allowed)}"
+            )
             self.add((*path, key), f"unknown key{hint}")
 
-    def structure(self, converter: cattrs.Converter, data: Any, kind: type[Any], path: tuple[str, ...]) -> Any:
+    def structure(
+        self, converter: cattrs.Converter, data: Any, kind: type[Any], path: tuple[str, ...]
+    ) -> Any:
         try:
             return converter.structure(data, kind)
         except Exception as exc:  # cattrs wraps every field's failure in a group
@@ -290,7 +298,9 @@ def parse_config(text: str, *, source: Path, env: Mapping[str, str] = os.environ
     daemon_fields.setdefault("runtime_dir", str(paths.runtime_dir(env)))
     daemon_fields.setdefault("data_dir", str(paths.data_dir(env)))
     daemon_fields["supervision"] = supervision_raw
-    daemon: DaemonConfig | None = collector.structure(converter, daemon_fields, DaemonConfig, ("daemon",))
+    daemon: DaemonConfig | None = collector.structure(
+        converter, daemon_fields, DaemonConfig, ("daemon",)
+    )
     defaults = attrs.asdict(daemon.supervision) if daemon is not None else {}
 
     models: dict[str, ModelConfig] = {}
@@ -300,7 +310,10 @@ def parse_config(text: str, *, source: Path, env: Mapping[str, str] = os.environ
         if not name or re.search(r"[\s/]", name):
             collector.add(path, "a model name must be non-empty, without spaces or '/'")
             continue
-        table = _table(collector, raw, path)
+        if not isinstance(raw, dict):
+            collector.add(path, f"expected a table, got {show(raw)}")
+            continue
+        table = raw
         collector.unknown_keys(table, _MODEL_KEYS + _SUPERVISION_KEYS, path)
         collector.ranges(table, path)
         if "path" not in table:
@@ -322,7 +335,9 @@ def parse_config(text: str, *, source: Path, env: Mapping[str, str] = os.environ
     return Config(source=source, daemon=daemon, models=models)
 
 
-def _check_names(collector: _Collector, models: Mapping[str, ModelConfig], daemon: DaemonConfig | None) -> None:
+def _check_names(
+    collector: _Collector, models: Mapping[str, ModelConfig], daemon: DaemonConfig | None
+) -> None:
     owner: dict[str, str] = {name: name for name in models}
     for model in models.values():
         for alias in model.aliases:
@@ -332,7 +347,11 @@ def _check_names(collector: _Collector, models: Mapping[str, ModelConfig], daemo
                     f"{show(alias)} is already the name or an alias of model {show(owner[alias])}",
                 )
             owner.setdefault(alias, model.name)
-    if daemon is not None and daemon.default_model is not None and daemon.default_model not in owner:
+    if (
+        daemon is not None
+        and daemon.default_model is not None
+        and daemon.default_model not in owner
+    ):
         known = ", ".join(models) or "none configured"
         collector.add(
             ("daemon", "default_model"),
@@ -347,7 +366,7 @@ def load_config(path: Path, env: Mapping[str, str] = os.environ) -> Config:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: not UTF-8 text"]) from None
-    return parse_config(text, source=path, env=env)
+    return parse_config(text, source=path.absolute(), env=env)
 
 
 def find_config(

@@ -10,6 +10,7 @@ the lock, so a later ``load`` can still change its mind.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -160,13 +161,13 @@ class ModelManager:
 
     # ------------------------------------------------------------ commands
 
-    async def _stop(self, supervisor: ModelSupervisor, why: str) -> None:
+    async def _stop(self, supervisor: ModelSupervisor, why: str, *, graceful: bool = True) -> None:
         if supervisor.state in ("stopped", "failed") and not supervisor.in_flight:
             if supervisor.state == "failed":
                 await supervisor.stop_and_wait(why)
             return
         await supervisor.drain(supervisor.model.supervision.stop_drain_sec, why)
-        await supervisor.stop_and_wait(why)
+        await supervisor.stop_and_wait(why, graceful=graceful)
 
     async def load(self, name: str, *, restart: bool = False) -> ModelSupervisor:
         """Make ``name`` the one running model and wait until it is ready.
@@ -189,7 +190,9 @@ class ModelManager:
             ]
             async with trio.open_nursery() as nursery:
                 for other in others:
-                    nursery.start_soon(self._stop, other, f"switching to {model.name}")
+                    # Drained first, so nothing is lost by not waiting for a graceful exit.
+                    stop = functools.partial(self._stop, graceful=False)
+                    nursery.start_soon(stop, other, f"switching to {model.name}")
             ticket = supervisor.restart() if restart else supervisor.start()
         state = await supervisor.wait_settled(ticket)
         if state != "ready":

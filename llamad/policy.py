@@ -102,9 +102,15 @@ class RestartRequested:
 
 @dataclass(frozen=True)
 class StopRequested:
-    """The user asked for the model to stop; it will not be restarted."""
+    """The user asked for the model to stop; it will not be restarted.
+
+    ``graceful=False`` is for a server already drained for a switch: it has
+    nothing left to flush, and llama-server's graceful exit is a fixed ~110 ms
+    wait (its HTTP library's poll interval) that every switch would pay.
+    """
 
     reason: str = "stop requested"
+    graceful: bool = True
 
 
 @dataclass(frozen=True)
@@ -234,9 +240,16 @@ class ModelMachine:
         self._enter("starting", now, reason)
         return [Spawn(), self._timer(Timer.READY_TIMEOUT, self.policy.ready_timeout_sec)]
 
-    def _terminate(self, now: float, after: _AfterStop, reason: str) -> list[Action]:
+    def _terminate(
+        self, now: float, after: _AfterStop, reason: str, *, graceful: bool = True
+    ) -> list[Action]:
         self._after_stop = after
         self._enter("stopping", now, reason)
+        if not graceful:
+            return [
+                SignalGroup(signal.SIGKILL),
+                self._timer(Timer.STOP_TIMEOUT, self.policy.stop_timeout_sec),
+            ]
         # SIGCONT lets a SIGSTOPped (hung) server act on the SIGTERM it was sent.
         return [
             SignalGroup(signal.SIGTERM),
@@ -295,9 +308,9 @@ class ModelMachine:
                     self._reset_failures()
                     return self._terminate(now, "start", "restart requested")
                 return self.handle(StartRequested(), now)
-            case StopRequested(reason):
+            case StopRequested(reason, graceful):
                 if self.state in ("starting", "ready"):
-                    return self._terminate(now, "stay", reason)
+                    return self._terminate(now, "stay", reason, graceful=graceful)
                 if self.state == "stopping":
                     self._after_stop = "stay"
                     return []

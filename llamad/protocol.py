@@ -261,11 +261,11 @@ def frame(payload: bytes) -> bytes:
 
 
 _msgpack_encoder = msgspec.msgpack.Encoder()
-_request_decoder = msgspec.msgpack.Decoder(Request)
-_server_decoder = msgspec.msgpack.Decoder(ServerMessage)
+_request_decoder: msgspec.msgpack.Decoder[Request] = msgspec.msgpack.Decoder(Request)
+_server_decoder: msgspec.msgpack.Decoder[ServerMessage] = msgspec.msgpack.Decoder(ServerMessage)
 _json_encoder = msgspec.json.Encoder()
-_json_request_decoder = msgspec.json.Decoder(Request)
-_json_server_decoder = msgspec.json.Decoder(ServerMessage)
+_json_request_decoder: msgspec.json.Decoder[Request] = msgspec.json.Decoder(Request)
+_json_server_decoder: msgspec.json.Decoder[ServerMessage] = msgspec.json.Decoder(ServerMessage)
 
 
 def encode(message: _Message) -> bytes:

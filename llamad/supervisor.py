@@ -151,8 +151,8 @@ class ModelSupervisor:
     def restart(self) -> int:
         return self._post_request(RestartRequested())
 
-    def stop(self, reason: str = "stop requested") -> int:
-        return self._post_request(StopRequested(reason))
+    def stop(self, reason: str = "stop requested", *, graceful: bool = True) -> int:
+        return self._post_request(StopRequested(reason, graceful))
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         while not predicate():
@@ -163,8 +163,8 @@ class ModelSupervisor:
         await self.wait_until(lambda: self._handled >= ticket and self.state in SETTLED)
         return self.state
 
-    async def stop_and_wait(self, reason: str = "stop requested") -> None:
-        await self.wait_settled(self.stop(reason))
+    async def stop_and_wait(self, reason: str = "stop requested", *, graceful: bool = True) -> None:
+        await self.wait_settled(self.stop(reason, graceful=graceful))
 
     async def drain(self, seconds: float, why: str) -> None:
         """Give requests in flight ``seconds`` to finish, then cancel the rest."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 import signal
 
 import pytest
-from llamad.config import Supervision
 
+from llamad.config import Supervision
 from llamad.policy import (
     BecameReady,
     CancelTimer,
@@ -286,3 +286,13 @@ def test_pure_core_imports_no_io() -> None:
         if isinstance(node, ast.ImportFrom)
     }
     assert not imported & {"trio", "socket", "subprocess", "os", "httpx", "lmdb"}
+
+
+def test_switch_stop_kills_at_once() -> None:
+    machine = ready()
+    actions = machine.handle(StopRequested("switching to b", graceful=False), 1.0)
+    assert actions[0] == SignalGroup(signal.SIGKILL)
+    assert SignalGroup(signal.SIGTERM) not in actions
+    machine.handle(Exited(signal=signal.SIGKILL), 1.001)
+    assert machine.state == "stopped"
+    assert machine.reason == "switching to b"

@@ -81,7 +81,7 @@ def bind_control_socket(path: Path) -> socket.socket:
 def peer_uid(sock: socket.socket | trio.socket.SocketType) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
-    return uid
+    return int(uid)
 
 
 class _FramePeer:
@@ -107,7 +107,7 @@ class ControlServer:
         self,
         listener: socket.socket,
         *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         trio_listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
         await trio.serve_listeners(self.handle, [trio_listener], task_status=task_status)
