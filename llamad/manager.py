@@ -212,8 +212,8 @@ class ModelManager:
         else:
             chosen = [s for s in self._supervisors.values() if s.state != "stopped"]
         names = [s.model.name for s in chosen]
-        if self.active in names:
-            self.active = None
+        if name is None or self.active in names:
+            self.active = None  # nothing is expected to run any more
         async with self._switch_lock, trio.open_nursery() as nursery:
             for supervisor in chosen:
                 nursery.start_soon(self._stop, supervisor, "unloaded")

@@ -509,3 +509,63 @@ def test_reload_keeps_unchanged_models_and_rejects_bad_files(
         time.sleep(0.05)
     assert "removed extra" in daemon.log()
     assert daemon.status("demo").pid == pid
+
+
+# ------------------------------------------------------------- more CLI
+
+
+def test_no_wait_restart_and_follow_logs(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path]
+) -> None:
+    daemon = make_llamad(demo_config(demo_models))
+    daemon.start()
+    started = daemon.ctl("load", "demo-b", "--no-wait")
+    assert started.returncode == 0
+    assert started.stdout.strip() == "loading demo-b"
+    # Right after a --no-wait load, health reports the transition, not an error.
+    early = daemon.ctl("health", "--json")
+    assert json.loads(early.stdout)["level"] in ("warning", "ok")
+    first = daemon.wait_for("demo-b", lambda s: s.state == "ready").pid
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "llamactl", "logs", "-f", "-n", "0"],
+        env=daemon.env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        restarted = daemon.ctl("restart")  # the active model
+        assert restarted.returncode == 0, restarted.stderr
+        assert "demo-b ready in" in restarted.stdout
+        second = daemon.status("demo-b").pid
+        assert second not in (None, first)
+        assert daemon.status("demo-b").restarts == 0  # a user restart is not a crash
+        assert follower.stdout is not None
+        seen = [follower.stdout.readline() for _ in range(5)]
+        assert any("llama" in line.lower() for line in seen)  # the new server's start-up lines
+    finally:
+        follower.terminate()
+        follower.communicate(timeout=10)
+    assert daemon.ctl("status").returncode == 0  # the follower's exit disturbed nothing
+
+
+def test_health_critical_when_expected_model_stopped_by_crash(
+    make_llamad: MakeLlamad, tmp_path: Path
+) -> None:
+    model = tmp_path / "fake.gguf"
+    model.write_bytes(b"GGUF")
+    daemon = make_llamad(
+        f'[models.fake]\npath = "{model}"\nrestart = "no"\n',
+        binary=FAKE_SERVER,
+    )
+    daemon.start()
+    assert daemon.ctl("load", "fake").returncode == 0
+    pid = daemon.status("fake").pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    daemon.wait_for("fake", lambda s: s.state == "stopped")
+    health = daemon.ctl("health")
+    assert health.returncode == 2
+    assert health.stdout.strip() == "CRITICAL: fake expected but stopped: killed by SIGKILL"
+    unloaded = daemon.ctl("unload")
+    assert unloaded.returncode == 0
+    assert daemon.ctl("health").returncode == 0  # nothing expected any more
