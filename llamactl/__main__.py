@@ -15,6 +15,7 @@ from pathlib import Path
 
 import msgspec
 
+from llamactl import chat_commands
 from llamactl.client import Client, ClientError, resolve_socket
 from llamad.protocol import (
     Health,
@@ -62,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("-n", "--lines", type=int, default=50, metavar="N")
     logs.add_argument("-f", "--follow", action="store_true")
     commands.add_parser("reload", parents=[common], help="re-read models.toml")
+    chat_commands.add_parsers(commands, common, reading)
     demo = commands.add_parser("demo-model", help="write a tiny random-weights GGUF model")
     demo.add_argument("path", type=Path)
     demo.add_argument("--variant", default="demo", help="demo or demo-b (default: demo)")
@@ -234,6 +236,8 @@ COMMANDS = {
     "health": cmd_health,
     "logs": cmd_logs,
     "reload": cmd_reload,
+    "chat": chat_commands.cmd_chat,
+    "history": chat_commands.cmd_history,
 }
 
 

@@ -13,12 +13,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from llamad.paths import default_socket_path
-
 from llamad.protocol import (
+    ChatDelta,
+    ChatStarted,
+    ContextTrimmed,
     Error,
     FrameDecoder,
     LogLine,
     ProtocolError,
+    QueuePosition,
     Request,
     ServerMessage,
     StateChanged,
@@ -27,7 +30,8 @@ from llamad.protocol import (
     frame,
 )
 
-_EVENTS = (StateChanged, LogLine)
+# Messages that are followed by more answers to the same request.
+_EVENTS = (StateChanged, LogLine, ChatStarted, QueuePosition, ContextTrimmed, ChatDelta)
 
 
 class ClientError(Exception):
@@ -100,6 +104,12 @@ class Client:
                 raise ClientError(str(exc)) from None
         return self._pending.pop(0)
 
+    def send(self, make: Callable[[int], Request]) -> int:
+        """Send a request without waiting; returns its id."""
+        request = make(next(self._ids))
+        self._sock.sendall(frame(encode(request)))
+        return request.id
+
     def stream(self, make: Callable[[int], Request]) -> Iterator[ServerMessage]:
         """Send a request; yield its events, then its final reply, then stop.
 
@@ -116,6 +126,13 @@ class Client:
             yield message
             if not isinstance(message, _EVENTS):
                 return
+
+    def receive_for(self, request_id: int) -> ServerMessage:
+        """The next message answering ``request_id`` (replies to other requests are skipped)."""
+        while True:
+            message = self._receive()
+            if message.id is None or message.id == request_id:
+                return message
 
     def events(self, make: Callable[[int], Request]) -> Iterator[ServerMessage]:
         """Send a request that streams (``Logs`` with follow, ``Subscribe``); yield forever."""

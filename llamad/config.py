@@ -75,6 +75,9 @@ class DaemonConfig:
     socket: Path | None = None  # None: runtime_dir/control.sock
     default_model: str | None = None
     log_lines: int = 1000
+    websocket: str = "127.0.0.1:8765"  # "HOST:PORT", or "off"
+    allowed_origins: tuple[str, ...] = ()  # web pages allowed to use the WebSocket
+    allowed_hosts: tuple[str, ...] = ()  # Host header values besides loopback names
 
 
 @attrs.frozen
@@ -136,6 +139,7 @@ def show(value: object) -> str:
     return str(value)
 
 
+_LISTEN = re.compile(r"(\[[0-9a-fA-F:]+\]|[\w.-]+):\d{1,5}")
 _VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
 
 
@@ -329,6 +333,11 @@ def parse_config(text: str, *, source: Path, env: Mapping[str, str] = os.environ
         if model is not None:
             models[name] = model
 
+    websocket = daemon_raw.get("websocket")
+    if isinstance(websocket, str) and websocket != "off" and not _LISTEN.fullmatch(websocket):
+        collector.add(
+            ("daemon", "websocket"), f'expected "HOST:PORT" or "off", got {show(websocket)}'
+        )
     _check_names(collector, models, daemon)
     if collector.lines or daemon is None:
         raise ConfigError(collector.lines)

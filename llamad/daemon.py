@@ -16,14 +16,17 @@ from pathlib import Path
 
 import trio
 
+from llamad.chat import ChatEngine
 from llamad.config import Config, load_config
 from llamad.dispatch import Dispatcher
 from llamad.errors import LlamadError
 from llamad.events import EventHub
+from llamad.history import HistoryStore
 from llamad.llama_server import find_server_binary, reap_stale
 from llamad.manager import ModelManager
 from llamad.systemd import Notifier, listen_sockets
 from llamad.transport.unix import ControlServer, bind_control_socket
+from llamad.transport.websocket import WebSocketServer, parse_listen_address, write_token
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,7 @@ class Daemon:
         self.environ = environ if environ is not None else os.environ
         self.notifier = Notifier.from_env(self.environ)
         self.hub = EventHub()
+        self._websocket_server: WebSocketServer | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # One line per health probe would drown the journal.
@@ -65,11 +69,21 @@ class Daemon:
         for pidfile in sockets_dir.glob("*.pid"):
             reap_stale(pidfile)
         manager = ModelManager(self.config, binary, sockets_dir, self.hub, self.environ)
+        history_path = _private_dir(self.config.daemon.data_dir) / "history.lmdb"
+        store = await trio.to_thread.run_sync(HistoryStore, history_path)
+        token_path = self.config.daemon.runtime_dir / "token"
         try:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(manager.run)
-                    dispatcher = Dispatcher(manager, nursery, self.reload_config)
+                    engine = ChatEngine(manager, store, self.hub)
+                    await nursery.start(engine.run)
+                    websocket = await self._start_websocket(nursery, token_path)
+                    dispatcher = Dispatcher(
+                        manager, engine, nursery, self.reload_config, websocket=websocket
+                    )
+                    if self._websocket_server is not None:
+                        self._websocket_server.dispatcher = dispatcher
                     await nursery.start(ControlServer(dispatcher).serve, listener)
                     log.info("listening on %s", self.socket_path)
                     nursery.start_soon(self._report_status, manager)
@@ -92,8 +106,28 @@ class Daemon:
         finally:
             if not activated:
                 self.socket_path.unlink(missing_ok=True)
+            token_path.unlink(missing_ok=True)
             listener.close()
+            store.close()
             self.notifier.close()
+
+    async def _start_websocket(self, nursery: trio.Nursery, token_path: Path) -> str | None:
+        """Write a fresh token, then listen; returns "host:port" or None when off."""
+        setting = self.config.daemon.websocket
+        if setting == "off":
+            return None
+        host, port = parse_listen_address(setting)
+        token = write_token(token_path)
+        self._websocket_server = WebSocketServer(
+            None,
+            token,
+            self.config.daemon.allowed_origins,
+            self.config.daemon.allowed_hosts,
+        )
+        bound = await nursery.start(self._websocket_server.serve, host, port)
+        address = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
+        log.info("WebSocket on ws://%s (token in %s)", address, token_path)
+        return address
 
     async def reload_config(self) -> Config:
         """Re-read models.toml; on error the old configuration stays in force."""

@@ -9,15 +9,19 @@ daemon carries on.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import ParamSpec, Protocol, TypeVar
 
+import msgspec
 import trio
 
 from llamad import __version__
+from llamad.chat import ChatEngine, ConversationBusy
+from llamad.concurrency import beside
 from llamad.config import Config
 from llamad.errors import (
     ConfigError,
@@ -26,13 +30,24 @@ from llamad.errors import (
     ModelFileMissing,
     UnknownModelError,
 )
-from llamad.events import LogEvent, StateEvent, Subscription
+from llamad.events import ChatEvent, LogEvent, StateEvent, Subscription
+from llamad.history import AmbiguousConversation, ConversationNotFound, HistoryWriteError
 from llamad.manager import ModelManager
 from llamad.protocol import (
+    Cancel,
+    Chat,
+    ChatDone,
+    ConversationReply,
+    Conversations,
+    DeleteConversation,
     Error,
     ErrorCode,
+    ExportConversation,
+    Exported,
+    GetConversation,
     Health,
     HealthReply,
+    ListConversations,
     Load,
     Loaded,
     LogLine,
@@ -40,17 +55,23 @@ from llamad.protocol import (
     Logs,
     Ok,
     Reload,
+    RenameConversation,
     Request,
     Restart,
+    SearchHistory,
+    SearchResults,
     ServerMessage,
     StateChanged,
     Status,
     StatusReply,
     Subscribe,
     Unload,
+    Watch,
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+P = ParamSpec("P")
 
 
 class Peer(Protocol):
@@ -78,6 +99,14 @@ def error_code(exc: LlamadError) -> ErrorCode:
             return "model_failed"
         case ConfigError():
             return "config_error"
+        case ConversationBusy():
+            return "busy"
+        case HistoryWriteError():
+            return "storage"
+        case AmbiguousConversation():
+            return "bad_request"
+        case ConversationNotFound():
+            return "not_found"
         case _:
             return "not_found"
 
@@ -86,10 +115,15 @@ class Dispatcher:
     def __init__(
         self,
         manager: ModelManager,
+        chat: ChatEngine,
         background: trio.Nursery,
         reload_config: Callable[[], Awaitable[Config]],
+        websocket: str | None = None,
     ) -> None:
         self.manager = manager
+        self.chat = chat
+        self.store = chat.store
+        self.websocket = websocket
         self._background = background
         self._reload_config = reload_config
         self._started = time.monotonic()
@@ -135,7 +169,7 @@ class Dispatcher:
                 if not follow:
                     await peer.send(LogLines(id=rid, model=model, lines=tail))
                     return
-                with manager.hub.subscribe(frozenset({"log"}), model=model) as subscription:
+                with manager.hub.subscribe(frozenset({"log"}), key=model) as subscription:
                     await peer.send(LogLines(id=rid, model=model, lines=tail))
                     await self._forward(rid, subscription, peer)
             case Reload(id=rid):
@@ -147,6 +181,67 @@ class Dispatcher:
                 with manager.hub.subscribe(frozenset(topics)) as subscription:
                     await peer.send(Ok(id=rid, message="subscribed"))
                     await self._forward(rid, subscription, peer)
+            case Chat(id=rid):
+                await self._chat(request, peer)
+            case Cancel(id=rid, conversation=prefix):
+                conversation = await self._resolve(prefix)
+                if not self.chat.cancel(conversation):
+                    raise ConversationNotFound(f"nothing is being generated in {prefix!r}")
+                await peer.send(Ok(id=rid, message="cancelled"))
+            case Watch(id=rid, conversation=prefix):
+                conversation = await self._resolve(prefix)
+                with manager.hub.subscribe(frozenset({"chat"}), key=conversation) as subscription:
+                    await peer.send(Ok(id=rid, message=f"watching {conversation}"))
+                    await self._forward(rid, subscription, peer)
+            case ListConversations(id=rid, limit=limit, before=before):
+                page, cursor = await self._disk(self.store.list_conversations, limit, before)
+                await peer.send(Conversations(id=rid, conversations=page, next=cursor))
+            case GetConversation(id=rid, conversation=prefix, limit=limit, before=before):
+                conversation_id = await self._resolve(prefix)
+                stored = await self._disk(self.store.get_conversation, conversation_id)
+                messages, more = await self._disk(
+                    self.store.get_messages, conversation_id, limit, before
+                )
+                await peer.send(
+                    ConversationReply(id=rid, conversation=stored, messages=messages, more=more)
+                )
+            case RenameConversation(id=rid, conversation=prefix, title=title):
+                conversation_id = await self._resolve(prefix)
+                await self._disk(self.store.rename, conversation_id, title)
+                await peer.send(Ok(id=rid, message=f"renamed {conversation_id[:13]}"))
+            case DeleteConversation(id=rid, conversation=prefix):
+                conversation_id = await self._resolve(prefix)
+                if self.chat.is_generating(conversation_id):
+                    raise ConversationBusy(conversation_id)
+                await self._disk(self.store.delete, conversation_id)
+                await peer.send(Ok(id=rid, message=f"deleted {conversation_id[:13]}"))
+            case SearchHistory(id=rid, text=text, limit=limit):
+                hits = await self._disk(self.store.search, text, limit)
+                await peer.send(SearchResults(id=rid, hits=hits))
+            case ExportConversation(id=rid, conversation=prefix, format=fmt):
+                conversation_id = await self._resolve(prefix)
+                export = self.store.export_markdown if fmt == "md" else self.store.export_json
+                content = await self._disk(export, conversation_id)
+                await peer.send(Exported(id=rid, format=fmt, content=content))
+
+    async def _disk(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+
+    async def _resolve(self, prefix: str) -> str:
+        return await self._disk(self.store.resolve, prefix)
+
+    async def _chat(self, request: Chat, peer: Peer) -> None:
+        prepared = await self.chat.prepare(request)
+        conversation = prepared.conversation.id
+        with self.manager.hub.subscribe(frozenset({"chat"}), key=conversation) as subscription:
+            self.chat.launch(prepared)
+            async for event in subscription.receive:
+                message = _event_message(request.id, event)
+                await peer.send(message)
+                if isinstance(message, ChatDone) and message.message.seq == prepared.reply.seq:
+                    return
+            if subscription.overflowed:
+                raise SubscriberTooSlow
 
     def status_reply(self, request_id: int) -> StatusReply:
         config = self.manager.config
@@ -158,6 +253,7 @@ class Dispatcher:
             config_path=str(config.source or ""),
             active=self.manager.active,
             models=list(self.manager.statuses().values()),
+            websocket=self.websocket,
         )
 
     async def _forward(self, request_id: int, subscription: Subscription, peer: Peer) -> None:
@@ -174,37 +270,16 @@ class Dispatcher:
             await peer.send(Ok(id=rid, message=f"loading {model}"))
             return
         began = trio.current_time()
-        # Errors are kept out of the nursery: trio would wrap them in an
-        # ExceptionGroup, and the client deserves the plain error reply.
-        failure: Exception | None = None
-        with self.manager.hub.subscribe(frozenset({"state"}), model=model) as subscription:
-            async with trio.open_nursery() as nursery:
-
-                async def forward() -> None:
-                    nonlocal failure
-                    try:
-                        await self._forward(rid, subscription, peer)
-                    except (PeerGone, SubscriberTooSlow) as exc:
-                        failure = exc
-                        nursery.cancel_scope.cancel()
-
-                nursery.start_soon(forward)
-                try:
-                    await self.manager.load(model, restart=restart)
-                except LlamadError as exc:
-                    failure = exc
-                finally:
-                    nursery.cancel_scope.cancel()
-            # Events published just before the load ended are still queued; the
-            # client sees them before the final reply.
-            while failure is None or isinstance(failure, LlamadError):
-                try:
-                    event = subscription.receive.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                    break
-                await peer.send(_event_message(rid, event))
-        if failure is not None:
-            raise failure
+        with self.manager.hub.subscribe(frozenset({"state"}), key=model) as subscription:
+            try:
+                await beside(
+                    functools.partial(self.manager.load, model, restart=restart),
+                    functools.partial(self._forward, rid, subscription, peer),
+                )
+            except LlamadError:
+                await self._flush_queued(rid, subscription, peer)
+                raise
+            await self._flush_queued(rid, subscription, peer)
         await peer.send(
             Loaded(
                 id=rid,
@@ -214,6 +289,15 @@ class Dispatcher:
             )
         )
 
+    async def _flush_queued(self, rid: int, subscription: Subscription, peer: Peer) -> None:
+        """Events published just before the load ended are still queued; send them first."""
+        while True:
+            try:
+                event = subscription.receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return
+            await peer.send(_event_message(rid, event))
+
     async def load_in_background(self, model: str, restart: bool) -> None:
         try:
             await self.manager.load(model, restart=restart)
@@ -222,7 +306,11 @@ class Dispatcher:
             log.warning("background load of %s: %s", model, exc)
 
 
-def _event_message(request_id: int, event: StateEvent | LogEvent) -> ServerMessage:
-    if isinstance(event, StateEvent):
-        return StateChanged(id=request_id, model=event.status)
-    return LogLine(id=request_id, model=event.model, line=event.line)
+def _event_message(request_id: int, event: StateEvent | LogEvent | ChatEvent) -> ServerMessage:
+    match event:
+        case StateEvent(status):
+            return StateChanged(id=request_id, model=status)
+        case LogEvent(model, line):
+            return LogLine(id=request_id, model=model, line=line)
+        case ChatEvent(_, message):
+            return msgspec.structs.replace(message, id=request_id)

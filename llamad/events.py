@@ -11,10 +11,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import trio
 
-from llamad.protocol import LogTopic, ModelStatus
+from llamad.protocol import ModelStatus, ServerMessage
+
+Topic = Literal["state", "log", "chat"]
 
 
 @dataclass(frozen=True)
@@ -28,24 +31,34 @@ class LogEvent:
     line: str
 
 
-HubEvent = StateEvent | LogEvent
+@dataclass(frozen=True)
+class ChatEvent:
+    """A chat event for one conversation; ``message.id`` is set per recipient."""
+
+    conversation: str
+    message: ServerMessage
+
+
+HubEvent = StateEvent | LogEvent | ChatEvent
 
 
 @dataclass(eq=False)
 class Subscription:
-    topics: frozenset[LogTopic]
+    topics: frozenset[Topic]
     send: trio.MemorySendChannel[HubEvent]
     receive: trio.MemoryReceiveChannel[HubEvent]
-    model: str | None = None  # only this model's events, when set
+    key: str | None = None  # only this model's or conversation's events, when set
     overflowed: bool = field(default=False)
 
 
-def _topic(event: HubEvent) -> LogTopic:
-    return "state" if isinstance(event, StateEvent) else "log"
-
-
-def _model(event: HubEvent) -> str:
-    return event.status.name if isinstance(event, StateEvent) else event.model
+def _topic_and_key(event: HubEvent) -> tuple[Topic, str]:
+    match event:
+        case StateEvent(status):
+            return "state", status.name
+        case LogEvent(model, _):
+            return "log", model
+        case ChatEvent(conversation, _):
+            return "chat", conversation
 
 
 class EventHub:
@@ -54,11 +67,9 @@ class EventHub:
         self._subscriptions: set[Subscription] = set()
 
     @contextlib.contextmanager
-    def subscribe(
-        self, topics: frozenset[LogTopic], model: str | None = None
-    ) -> Iterator[Subscription]:
+    def subscribe(self, topics: frozenset[Topic], key: str | None = None) -> Iterator[Subscription]:
         send, receive = trio.open_memory_channel[HubEvent](self._queue_size)
-        subscription = Subscription(topics, send, receive, model)
+        subscription = Subscription(topics, send, receive, key)
         self._subscriptions.add(subscription)
         try:
             yield subscription
@@ -68,11 +79,11 @@ class EventHub:
             receive.close()
 
     def publish(self, event: HubEvent) -> None:
-        topic, model = _topic(event), _model(event)
+        topic, key = _topic_and_key(event)
         for subscription in list(self._subscriptions):
             if topic not in subscription.topics:
                 continue
-            if subscription.model is not None and subscription.model != model:
+            if subscription.key is not None and subscription.key != key:
                 continue
             try:
                 subscription.send.send_nowait(event)

@@ -33,6 +33,9 @@ ErrorCode = Literal[
     "model_failed",
     "config_error",
     "not_found",
+    "busy",  # e.g. a reply is already being generated in that conversation
+    "upstream",  # llama-server failed or refused; the message says why
+    "storage",  # the history could not be written; nothing stored was changed
     "permission_denied",
     "internal",
 ]
@@ -75,6 +78,71 @@ class ModelStatus(msgspec.Struct, frozen=True, kw_only=True):
     file_exists: bool = True
     aliases: list[str] = []
     endpoint: str = ""  # where llama-server listens: a socket path or host:port
+
+
+# --------------------------------------------------------- chat and history
+
+
+class TextPart(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="text"):
+    text: str
+
+
+# Message content is a list of parts from the start; images and tool calls join
+# this union later as new tagged Structs, without changing existing records.
+Part = TextPart
+Role = Literal["system", "user", "assistant", "tool"]
+MessageStatus = Literal["complete", "incomplete", "cancelled", "error"]
+
+
+class MessageStats(msgspec.Struct, frozen=True, kw_only=True):
+    finish_reason: str | None = None  # "stop", "length", ...
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    tokens_per_second: float | None = None
+    time_to_first_token_ms: float | None = None
+    duration_ms: float | None = None
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True):
+    conversation: str
+    seq: int  # 1, 2, 3... within the conversation
+    role: Role
+    parts: list[Part]
+    status: MessageStatus = "complete"
+    model: str | None = None
+    created: float = 0.0  # Unix time
+    stats: MessageStats | None = None
+    error: str = ""  # why, when status is "error"
+
+    @property
+    def text(self) -> str:
+        return "".join(part.text for part in self.parts if isinstance(part, TextPart))
+
+
+class Conversation(msgspec.Struct, frozen=True, kw_only=True):
+    id: str  # UUIDv7: time-ordered; clients may use any unique prefix
+    title: str
+    model: str | None = None
+    system_prompt: str | None = None
+    created: float = 0.0
+    updated: float = 0.0
+    message_count: int = 0
+
+
+class SearchHit(msgspec.Struct, frozen=True, kw_only=True):
+    conversation: str
+    title: str
+    seq: int
+    role: Role
+    snippet: str  # the match with some context either side
+
+
+class ChatOptions(msgspec.Struct, frozen=True, kw_only=True):
+    temperature: float | None = None
+    max_tokens: int | None = None
+    system: str | None = None  # system prompt; stored on a new conversation
+    seed: int | None = None
+    ignore_eos: bool = False  # keep generating past end-of-sequence (benchmarks, tests)
 
 
 # ------------------------------------------------------------------- requests
@@ -138,7 +206,84 @@ class Subscribe(_Request, frozen=True, kw_only=True, tag="subscribe"):
     topics: list[LogTopic] = msgspec.field(default_factory=lambda: ["state"])
 
 
-Request = Status | Load | Unload | Restart | Health | Logs | Reload | Subscribe
+class Chat(_Request, frozen=True, kw_only=True, tag="chat"):
+    """Send a user message and stream the reply.
+
+    ``conversation``: an id (or unique prefix), or None for a new one.
+    ``model``: load this model first; default the active model, then the
+    conversation's, then ``default_model``. Answer: ``chat_started`` (the user
+    message is stored), any of ``state_changed`` / ``queue_position`` /
+    ``context_trimmed``, ``chat_delta`` per piece of text, and finally
+    ``chat_done`` (the stored reply) or ``error``.
+    """
+
+    content: str | list[Part]
+    conversation: str | None = None
+    model: str | None = None
+    options: ChatOptions = ChatOptions()
+
+
+class Cancel(_Request, frozen=True, kw_only=True, tag="cancel"):
+    """Stop the reply being generated in ``conversation``; what came is kept."""
+
+    conversation: str
+
+
+class Watch(_Request, frozen=True, kw_only=True, tag="watch"):
+    """Receive the chat events of ``conversation``, whoever started them."""
+
+    conversation: str
+
+
+class ListConversations(_Request, frozen=True, kw_only=True, tag="list_conversations"):
+    limit: int = 50
+    before: str | None = None  # the ``next`` cursor of the previous page
+
+
+class GetConversation(_Request, frozen=True, kw_only=True, tag="get_conversation"):
+    conversation: str
+    limit: int = 100  # the last ``limit`` messages...
+    before: int | None = None  # ...before this seq
+
+
+class RenameConversation(_Request, frozen=True, kw_only=True, tag="rename_conversation"):
+    conversation: str
+    title: str
+
+
+class DeleteConversation(_Request, frozen=True, kw_only=True, tag="delete_conversation"):
+    conversation: str
+
+
+class SearchHistory(_Request, frozen=True, kw_only=True, tag="search_history"):
+    text: str
+    limit: int = 50
+
+
+class ExportConversation(_Request, frozen=True, kw_only=True, tag="export_conversation"):
+    conversation: str
+    format: Literal["md", "json"] = "md"
+
+
+Request = (
+    Status
+    | Load
+    | Unload
+    | Restart
+    | Health
+    | Logs
+    | Reload
+    | Subscribe
+    | Chat
+    | Cancel
+    | Watch
+    | ListConversations
+    | GetConversation
+    | RenameConversation
+    | DeleteConversation
+    | SearchHistory
+    | ExportConversation
+)
 
 
 # ------------------------------------------------------------ replies/events
@@ -165,6 +310,7 @@ class StatusReply(_Message, frozen=True, kw_only=True, tag="status_reply"):
     config_path: str
     active: str | None  # the model the user last loaded, if any
     models: list[ModelStatus]
+    websocket: str | None = None  # "host:port" of the WebSocket, when enabled
 
 
 class Loaded(_Message, frozen=True, kw_only=True, tag="loaded"):
@@ -204,7 +350,89 @@ class LogLine(_Message, frozen=True, kw_only=True, tag="log_line"):
     line: str
 
 
-ServerMessage = Ok | Error | StatusReply | Loaded | HealthReply | LogLines | StateChanged | LogLine
+class ChatStarted(_Message, frozen=True, kw_only=True, tag="chat_started"):
+    """Event: the user message is committed to disk; the reply will be ``reply_seq``."""
+
+    id: int
+    conversation: Conversation
+    user: Message
+    reply_seq: int
+
+
+class QueuePosition(_Message, frozen=True, kw_only=True, tag="queue_position"):
+    """Event: every slot of the model is busy; this chat is ``position`` in line (1 = next)."""
+
+    id: int
+    conversation: str
+    position: int
+
+
+class ContextTrimmed(_Message, frozen=True, kw_only=True, tag="context_trimmed"):
+    """Event: the oldest ``dropped_turns`` turns were left out to fit the model's context."""
+
+    id: int
+    conversation: str
+    dropped_turns: int
+    n_ctx: int
+
+
+class ChatDelta(_Message, frozen=True, kw_only=True, tag="chat_delta"):
+    id: int
+    conversation: str
+    seq: int
+    text: str
+
+
+class ChatDone(_Message, frozen=True, kw_only=True, tag="chat_done"):
+    """The stored reply: status ``complete``, ``cancelled`` or ``error``."""
+
+    id: int
+    message: Message
+
+
+class Conversations(_Message, frozen=True, kw_only=True, tag="conversations"):
+    id: int
+    conversations: list[Conversation]
+    next: str | None = None  # pass as ``before`` for the next page
+
+
+class ConversationReply(_Message, frozen=True, kw_only=True, tag="conversation"):
+    id: int
+    conversation: Conversation
+    messages: list[Message]
+    more: bool  # older messages exist before the first one returned
+
+
+class SearchResults(_Message, frozen=True, kw_only=True, tag="search_results"):
+    id: int
+    hits: list[SearchHit]
+
+
+class Exported(_Message, frozen=True, kw_only=True, tag="exported"):
+    id: int
+    format: Literal["md", "json"]
+    content: str
+
+
+ServerMessage = (
+    Ok
+    | Error
+    | StatusReply
+    | Loaded
+    | HealthReply
+    | LogLines
+    | StateChanged
+    | LogLine
+    | ChatStarted
+    | QueuePosition
+    | ContextTrimmed
+    | ChatDelta
+    | ChatDone
+    | Conversations
+    | ConversationReply
+    | SearchResults
+    | Exported
+)
 
 
 # ---------------------------------------------------------------- the codec

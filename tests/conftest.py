@@ -167,6 +167,7 @@ def make_llamad(llama_server_binary: Path) -> Iterator[Callable[..., Llamad]]:
                 data_dir = "{runtime / "data"}"
                 """
             )
+            + ("" if "websocket" in daemon else 'websocket = "127.0.0.1:0"\n')
             + textwrap.dedent(daemon)
             + "\n"
             + textwrap.dedent(models)
@@ -196,9 +197,10 @@ def make_llamad(llama_server_binary: Path) -> Iterator[Callable[..., Llamad]]:
 
 def demo_config(models: dict[str, Path], **overrides: object) -> str:
     """A [models] section with demo and demo-b, plus per-model overrides for both."""
+    overrides.setdefault("ctx_size", 512)
     extra = "".join(f"{key} = {_toml(value)}\n" for key, value in overrides.items())
     return "".join(
-        f'[models.{name}]\npath = "{path}"\nctx_size = 512\nargs = ["--threads", "1"]\n{extra}\n'
+        f'[models.{name}]\npath = "{path}"\nargs = ["--threads", "1"]\n{extra}\n'
         for name, path in models.items()
     )
 

@@ -1,0 +1,241 @@
+"""``llamactl chat`` and ``llamactl history``: talking to models, finding old talks."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+
+import msgspec
+
+from llamactl.client import Client, ClientError, RequestFailed
+from llamad.protocol import (
+    Cancel,
+    Chat,
+    ChatDelta,
+    ChatDone,
+    ChatOptions,
+    ChatStarted,
+    ContextTrimmed,
+    Conversation,
+    ConversationReply,
+    Conversations,
+    DeleteConversation,
+    Error,
+    ExportConversation,
+    Exported,
+    GetConversation,
+    ListConversations,
+    Message,
+    Ok,
+    QueuePosition,
+    RenameConversation,
+    SearchHistory,
+    SearchResults,
+    StateChanged,
+)
+
+
+def add_parsers(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+    reading: argparse.ArgumentParser,
+) -> None:
+    chat = commands.add_parser("chat", parents=[common], help="send a message, stream the reply")
+    chat.add_argument("prompt", nargs="?", help="the message (default: read standard input)")
+    chat.add_argument("-m", "--model", help="model to use (loaded first if needed)")
+    which = chat.add_mutually_exclusive_group()
+    which.add_argument("-c", "--conversation", metavar="ID", help="continue a conversation")
+    which.add_argument("--new", action="store_true", help="start a new conversation (default)")
+    chat.add_argument("-s", "--system", help="system prompt for a new conversation")
+    chat.add_argument("-t", "--temperature", type=float)
+    chat.add_argument("--max-tokens", type=int)
+    chat.add_argument("--seed", type=int)
+    chat.add_argument("-v", "--verbose", action="store_true", help="stats on stderr")
+
+    history = commands.add_parser("history", help="stored conversations")
+    actions = history.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", parents=[reading], help="newest first")
+    listing.add_argument("-n", "--limit", type=int, default=20)
+    show = actions.add_parser("show", parents=[reading], help="a conversation's messages")
+    show.add_argument("id", help="conversation id or a unique prefix")
+    show.add_argument("-n", "--limit", type=int, default=100)
+    search = actions.add_parser("search", parents=[reading], help="find text in every message")
+    search.add_argument("text")
+    search.add_argument("-n", "--limit", type=int, default=50)
+    export = actions.add_parser("export", parents=[common], help="Markdown or JSON to stdout")
+    export.add_argument("id")
+    export.add_argument("--format", choices=("md", "json"), default="md")
+    rename = actions.add_parser("rename", parents=[common])
+    rename.add_argument("id")
+    rename.add_argument("title")
+    delete = actions.add_parser("delete", parents=[common])
+    delete.add_argument("id")
+
+
+def _print_json(value: object) -> None:
+    sys.stdout.write(msgspec.json.format(msgspec.json.encode(value).decode()) + "\n")
+
+
+def cmd_chat(client: Client, args: argparse.Namespace) -> int:
+    prompt = args.prompt
+    if prompt is None:
+        if sys.stdin.isatty():
+            print("llamactl: give the message as an argument or on standard input", file=sys.stderr)
+            return 2
+        prompt = sys.stdin.read()
+    options = ChatOptions(
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        system=args.system,
+        seed=args.seed,
+    )
+    client.set_timeout(None)  # a model may take minutes to load or to answer
+    request_id = client.send(
+        lambda i: Chat(
+            id=i,
+            content=prompt,
+            conversation=args.conversation,
+            model=args.model,
+            options=options,
+        )
+    )
+    conversation: str | None = None
+    interrupted = False
+    wrote_text = False
+    while True:
+        try:
+            message = client.receive_for(request_id)
+        except KeyboardInterrupt:
+            if interrupted or conversation is None:
+                return 130
+            interrupted = True  # first Ctrl+C: stop the generation, keep what came
+            client.send(functools.partial(_cancel, conversation=conversation))
+            continue
+        match message:
+            case ChatStarted(conversation=started):
+                conversation = started.id
+            case ChatDelta(text=text):
+                sys.stdout.write(text)
+                sys.stdout.flush()
+                wrote_text = True
+            case StateChanged(model=status):
+                reason = f" ({status.reason})" if status.reason else ""
+                print(f"{status.name}: {status.state}{reason}", file=sys.stderr)
+            case QueuePosition(position=position):
+                print(f"waiting for a free slot: position {position}", file=sys.stderr)
+            case ContextTrimmed(dropped_turns=dropped):
+                print(
+                    f"note: left out the {dropped} oldest turns to fit the context", file=sys.stderr
+                )
+            case ChatDone(message=reply):
+                if wrote_text:
+                    sys.stdout.write("\n")
+                return _finish(reply, args.verbose)
+            case Error():
+                raise RequestFailed(message)
+            case _:
+                pass
+
+
+def _cancel(request_id: int, conversation: str) -> Cancel:
+    return Cancel(id=request_id, conversation=conversation)
+
+
+def _finish(reply: Message, verbose: bool) -> int:
+    if verbose:
+        stats = reply.stats
+        parts = [reply.model or "?", reply.status, f"conversation {reply.conversation}"]
+        if stats is not None:
+            if stats.completion_tokens is not None:
+                parts.append(f"{stats.completion_tokens} tokens")
+            if stats.tokens_per_second is not None:
+                parts.append(f"{stats.tokens_per_second:.0f} tokens/s")
+            if stats.time_to_first_token_ms is not None:
+                parts.append(f"first token {stats.time_to_first_token_ms:.0f} ms")
+            if stats.finish_reason:
+                parts.append(f"finish {stats.finish_reason}")
+        print("[" + " · ".join(parts) + "]", file=sys.stderr)
+    if reply.status == "error":
+        print(f"llamactl: {reply.error}", file=sys.stderr)
+        return 1
+    if reply.status == "cancelled":
+        print("(cancelled; the partial reply is kept)", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
+
+
+def _conversation_line(conversation: Conversation) -> str:
+    model = conversation.model or "-"
+    return (
+        f"{conversation.id[:13]}  {_when(conversation.updated)}  "
+        f"{conversation.message_count:>4} msgs  {model:<10}  {conversation.title}"
+    )
+
+
+def cmd_history(client: Client, args: argparse.Namespace) -> int:
+    match args.action:
+        case "list":
+            reply = client.call(lambda i: ListConversations(id=i, limit=args.limit))
+            assert isinstance(reply, Conversations)
+            if args.json:
+                _print_json(reply.conversations)
+            elif not reply.conversations:
+                print('no conversations yet; start one with `llamactl chat "hello"`')
+            for conversation in [] if args.json else reply.conversations:
+                print(_conversation_line(conversation))
+        case "show":
+            shown = client.call(
+                lambda i: GetConversation(id=i, conversation=args.id, limit=args.limit)
+            )
+            assert isinstance(shown, ConversationReply)
+            if args.json:
+                _print_json(shown)
+                return 0
+            print(f"# {shown.conversation.title or '(untitled)'}  [{shown.conversation.id}]")
+            if shown.more:
+                print("(older messages not shown; use -n to see more)")
+            for message in shown.messages:
+                status = "" if message.status == "complete" else f" [{message.status}]"
+                model = (
+                    f" ({message.model})" if message.model and message.role == "assistant" else ""
+                )
+                print(f"\n{message.role}{model}{status}:")
+                print(message.text if message.text else "(empty)")
+                if message.error:
+                    print(f"error: {message.error}")
+        case "search":
+            found = client.call(lambda i: SearchHistory(id=i, text=args.text, limit=args.limit))
+            assert isinstance(found, SearchResults)
+            if args.json:
+                _print_json(found.hits)
+            elif not found.hits:
+                print(f"no message contains {args.text!r}")
+            for hit in [] if args.json else found.hits:
+                print(f"{hit.conversation[:13]}  #{hit.seq:<4} {hit.role:<9} {hit.snippet}")
+        case "export":
+            exported = client.call(
+                lambda i: ExportConversation(id=i, conversation=args.id, format=args.format)
+            )
+            assert isinstance(exported, Exported)
+            sys.stdout.write(
+                exported.content if exported.content.endswith("\n") else exported.content + "\n"
+            )
+        case "rename":
+            done = client.call(
+                lambda i: RenameConversation(id=i, conversation=args.id, title=args.title)
+            )
+            assert isinstance(done, Ok)
+            print(done.message)
+        case "delete":
+            done = client.call(lambda i: DeleteConversation(id=i, conversation=args.id))
+            assert isinstance(done, Ok)
+            print(done.message)
+        case _:
+            raise ClientError(f"unknown history action {args.action!r}")
+    return 0

@@ -1,0 +1,269 @@
+"""Chat through llamad with the real llama-server: streaming, storage, several at once."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from llamactl.client import Client
+from llamad.history import HistoryStore
+from llamad.protocol import (
+    Cancel,
+    Chat,
+    ChatDelta,
+    ChatDone,
+    ChatOptions,
+    ChatStarted,
+    ConversationReply,
+    Conversations,
+    GetConversation,
+    ListConversations,
+    QueuePosition,
+    SearchHistory,
+    SearchResults,
+    ServerMessage,
+    StateChanged,
+    TextPart,
+    Watch,
+)
+from tests.conftest import Llamad, demo_config
+
+pytestmark = pytest.mark.server
+
+MakeLlamad = Callable[..., Llamad]
+LONG = ChatOptions(max_tokens=1000, ignore_eos=True, seed=7)
+
+
+def chat_daemon(make_llamad: MakeLlamad, demo_models: dict[str, Path], **overrides: object) -> Llamad:
+    daemon = make_llamad(demo_config(demo_models, **overrides), 'default_model = "demo"\n')
+    daemon.start()
+    daemon.wait_for("demo", lambda s: s.state == "ready")
+    return daemon
+
+
+def run_chat(client: Client, **fields: object) -> list[ServerMessage]:
+    return list(client.stream(lambda i: Chat(id=i, **fields)))  # type: ignore[arg-type]
+
+
+def test_chat_streams_and_is_stored(make_llamad: MakeLlamad, demo_models: dict[str, Path]) -> None:
+    daemon = chat_daemon(make_llamad, demo_models)
+    result = daemon.ctl("chat", "-v", "--max-tokens", "24", "--seed", "3", "hello there")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    assert "24 tokens" in result.stderr and "tokens/s" in result.stderr
+    listing = json.loads(daemon.ctl("history", "list", "--json").stdout)
+    assert len(listing) == 1 and listing[0]["title"] == "hello there"
+    conversation = listing[0]["id"]
+    shown = daemon.ctl("history", "show", conversation[:8])
+    assert shown.returncode == 0
+    assert "user:\nhello there" in shown.stdout
+    with daemon.client() as client:
+        reply = client.call(lambda i: GetConversation(id=i, conversation=conversation))
+    assert isinstance(reply, ConversationReply)
+    user, assistant = reply.messages
+    assert assistant.status == "complete" and assistant.model == "demo"
+    assert assistant.text == result.stdout.rstrip("\n")
+    assert assistant.stats is not None
+    assert assistant.stats.completion_tokens == 24
+    assert assistant.stats.time_to_first_token_ms is not None
+    # Continuing the conversation by prefix sends the history along.
+    again = daemon.ctl("chat", "-c", conversation[:10], "--max-tokens", "5", "and again")
+    assert again.returncode == 0, again.stderr
+    with daemon.client() as client:
+        reply = client.call(lambda i: GetConversation(id=i, conversation=conversation))
+    assert isinstance(reply, ConversationReply)
+    assert [m.role for m in reply.messages] == ["user", "assistant", "user", "assistant"]
+    assert reply.messages[3].stats is not None
+    assert reply.messages[3].stats.prompt_tokens is not None
+    assert reply.messages[3].stats.prompt_tokens > reply.messages[1].stats.prompt_tokens  # type: ignore[union-attr]
+
+
+def test_two_clients_on_one_conversation_see_the_same_deltas(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path]
+) -> None:
+    daemon = chat_daemon(make_llamad, demo_models)
+    with daemon.client() as first:
+        started = run_chat(first, content="start", options=ChatOptions(max_tokens=3))
+    conversation = next(m for m in started if isinstance(m, ChatStarted)).conversation.id
+    watched: list[str] = []
+    with daemon.client(timeout=60) as watcher:
+        stream = watcher.events(lambda i: Watch(id=i, conversation=conversation))
+        next(stream)  # Ok
+
+        def watch() -> None:
+            for message in stream:
+                if isinstance(message, ChatDelta):
+                    watched.append(message.text)
+                if isinstance(message, ChatDone):
+                    return
+
+        thread = threading.Thread(target=watch, daemon=True)
+        thread.start()
+        with daemon.client() as chatter:
+            messages = run_chat(
+                chatter, content="go on", conversation=conversation, options=ChatOptions(max_tokens=200)
+            )
+        thread.join(timeout=30)
+    own = [m.text for m in messages if isinstance(m, ChatDelta)]
+    assert own and watched == own
+    done = messages[-1]
+    assert isinstance(done, ChatDone) and done.message.text == "".join(own)
+
+
+def test_four_conversations_stream_together_and_a_fifth_queues(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path]
+) -> None:
+    # 4 slots share one unified KV cache: room for four 1,000-token replies.
+    daemon = chat_daemon(make_llamad, demo_models, parallel=4, ctx_size=8192)
+    results: dict[int, list[tuple[float, ServerMessage]]] = {}
+
+    def one(index: int) -> None:
+        with daemon.client(timeout=60) as client:
+            results[index] = [
+                (time.monotonic(), m)
+                for m in client.stream(
+                    lambda i: Chat(id=i, content=f"chat {index}", options=LONG)  # noqa: B023
+                )
+            ]
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(5)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.02)  # a stable arrival order for the queue
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(results) == 5
+    for messages in results.values():
+        done = messages[-1][1]
+        assert isinstance(done, ChatDone) and done.message.status == "complete"
+        assert done.message.stats is not None and done.message.stats.completion_tokens == 1000
+    # The first four streamed at the same time: each started before the others finished.
+    first_delta = {n: next(t for t, m in results[n] if isinstance(m, ChatDelta)) for n in range(5)}
+    finished = {n: results[n][-1][0] for n in range(5)}
+    assert max(first_delta[n] for n in range(4)) < min(finished[n] for n in range(4))
+    # The fifth waited for a slot, was told its place, and began after one ended.
+    positions = [m.position for _, m in results[4] if isinstance(m, QueuePosition)]
+    assert positions == [1]
+    assert first_delta[4] > min(finished[n] for n in range(4))
+
+
+def test_cancel_keeps_what_came(make_llamad: MakeLlamad, demo_models: dict[str, Path]) -> None:
+    daemon = chat_daemon(make_llamad, demo_models, ctx_size=2048)
+    with daemon.client(timeout=60) as client, daemon.client() as canceller:
+        stream = client.stream(lambda i: Chat(id=i, content="talk", options=LONG))
+        received: list[str] = []
+        conversation = ""
+        for message in stream:
+            if isinstance(message, ChatStarted):
+                conversation = message.conversation.id
+            if isinstance(message, ChatDelta):
+                received.append(message.text)
+                if len(received) == 20:
+                    began = time.monotonic()
+                    canceller.call(lambda i: Cancel(id=i, conversation=conversation))
+            if isinstance(message, ChatDone):
+                stopped_after = time.monotonic() - began
+                done = message
+    assert done.message.status == "cancelled"
+    assert done.message.text == "".join(received)
+    assert 20 <= len(received) < 1000
+    assert stopped_after < 0.5
+    with daemon.client() as client:
+        stored = client.call(lambda i: GetConversation(id=i, conversation=conversation))
+    assert isinstance(stored, ConversationReply)
+    assert stored.messages[-1].status == "cancelled"
+    assert stored.messages[-1].text == "".join(received)
+
+
+def test_chat_naming_another_model_switches_first(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path]
+) -> None:
+    daemon = chat_daemon(make_llamad, demo_models)
+    with daemon.client(timeout=60) as client:
+        messages = run_chat(client, content="hi", model="demo-b", options=ChatOptions(max_tokens=5))
+    states = [(m.model.name, m.model.state) for m in messages if isinstance(m, StateChanged)]
+    assert ("demo-b", "starting") in states and ("demo-b", "ready") in states
+    done = messages[-1]
+    assert isinstance(done, ChatDone)
+    assert done.message.status == "complete" and done.message.model == "demo-b"
+    assert daemon.status("demo").state == "stopped"
+
+
+def test_unknown_model_is_refused_before_anything_is_stored(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path]
+) -> None:
+    daemon = chat_daemon(make_llamad, demo_models)
+    result = daemon.ctl("chat", "-m", "nope", "hi")
+    assert result.returncode == 1
+    assert "unknown model 'nope'" in result.stderr
+    assert json.loads(daemon.ctl("history", "list", "--json").stdout) == []
+
+
+def test_llamad_killed_mid_reply_keeps_the_partial_reply(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path]
+) -> None:
+    daemon = chat_daemon(make_llamad, demo_models, ctx_size=8192)
+    options = ChatOptions(max_tokens=8000, ignore_eos=True)
+    deltas = 0
+    with daemon.client(timeout=60) as client:
+        began = 0.0
+        for message in client.stream(lambda i: Chat(id=i, content="a long one", options=options)):
+            if isinstance(message, ChatStarted):
+                conversation = message.conversation.id
+            if isinstance(message, ChatDelta):
+                deltas += 1
+                began = began or time.monotonic()
+                if time.monotonic() - began > 0.8:  # past at least one 0.5 s flush
+                    daemon.stop(signal.SIGKILL)
+                    break
+    daemon.start()
+    with daemon.client() as client:
+        stored = client.call(lambda i: GetConversation(id=i, conversation=conversation))
+    assert isinstance(stored, ConversationReply)
+    user, reply = stored.messages
+    assert user.text == "a long one" and user.status == "complete"
+    assert reply.status == "incomplete"
+    assert 0 < len(reply.text)
+    assert len(daemon.children()) == 1
+
+
+def test_list_and_search_over_a_thousand_conversations(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path]
+) -> None:
+    daemon = make_llamad(demo_config(demo_models))
+    data = daemon.runtime_dir / "data"
+    data.mkdir()
+    with HistoryStore(data / "history.lmdb") as store:
+        for n in range(1000):
+            conversation = store.create_conversation(model="demo", system_prompt=None)
+            store.append_message(
+                conversation.id, role="user", parts=[TextPart(text=f"question number {n}")]
+            )
+            word = "Needle" if n % 100 == 0 else "hay"
+            store.append_message(
+                conversation.id, role="assistant", parts=[TextPart(text=f"answer {n} {word}")]
+            )
+    daemon.start()
+    with daemon.client() as client:
+        page = client.call(lambda i: ListConversations(id=i, limit=50))
+        assert isinstance(page, Conversations)
+        assert [c.title for c in page.conversations[:2]] == [
+            "question number 999",
+            "question number 998",
+        ]
+        assert page.next is not None
+        after = client.call(lambda i: ListConversations(id=i, limit=50, before=page.next))
+        assert isinstance(after, Conversations)
+        assert after.conversations[0].title == "question number 949"
+        found = client.call(lambda i: SearchHistory(id=i, text="NEEDLE"))
+        assert isinstance(found, SearchResults)
+        assert len(found.hits) == 10
+        assert all("Needle" in hit.snippet and hit.role == "assistant" for hit in found.hits)
+    cli = daemon.ctl("history", "search", "needle")
+    assert cli.returncode == 0 and cli.stdout.count("Needle") == 10
