@@ -38,3 +38,10 @@ async def beside(main: Callable[[], Awaitable[T]], background: Callable[[], Awai
     if failure:
         raise failure[0]
     return outcome[0]
+
+
+def consists_of(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
+    """True when ``exc`` is one of ``kinds`` or a (nested) group made only of them."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(consists_of(inner, kinds) for inner in exc.exceptions)
+    return isinstance(exc, kinds)

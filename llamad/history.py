@@ -310,18 +310,32 @@ def title_from(text: str) -> str:
 _FOLDS_TO_ASCII: Final = (b"\xc4\xb0", b"\xe2\x84\xaa")
 
 
-def _ascii_prefilter(needle: str) -> re.Pattern[bytes] | None:
-    """A bytes pattern every record with a match must contain, or None.
+class _Prefilter:
+    """A cheap test on raw msgpack bytes that every record with a match passes.
 
-    msgpack stores text as UTF-8, so the longest ASCII run of the lowered needle
-    appears, ASCII-case-insensitively, in the raw record of any message whose
-    lowered text contains the needle (barring ``_FOLDS_TO_ASCII``).
+    msgpack stores text as UTF-8, so the longest ASCII run of the lowered
+    needle appears in ``raw.lower()`` (which folds ASCII only) for any record
+    whose lowered text contains the needle; the exceptions are the characters
+    in ``_FOLDS_TO_ASCII``, so a record holding one of those that could matter
+    (an ``i`` or ``k`` in the run) always passes. False positives are fine:
+    the decoded text is checked properly afterwards.
     """
-    runs = re.findall(r"[\x00-\x7f]+", needle)
-    if not runs:
-        return None
-    best: str = max(runs, key=len)
-    return re.compile(re.escape(best.encode("ascii")), re.IGNORECASE)
+
+    def __init__(self, needle: str) -> None:
+        runs: list[str] = re.findall(r"[\x00-\x7f]+", needle)
+        run = max(runs, key=len) if runs else ""
+        self.usable = bool(run)
+        self.run = run.encode("ascii")
+        self.specials = tuple(
+            special
+            for special, letter in zip(_FOLDS_TO_ASCII, "ik", strict=True)
+            if letter in run
+        )
+
+    def may_match(self, raw: bytes) -> bool:
+        if self.run in raw.lower():
+            return True
+        return any(special in raw for special in self.specials)
 
 
 def _find_folded(text: str, needle: str) -> tuple[int, int] | None:
@@ -802,7 +816,7 @@ class HistoryStore:
         needle = text.lower()
         if not needle or limit < 1:
             return []
-        prefilter = _ascii_prefilter(needle)
+        prefilter = _Prefilter(needle)
         hits: list[SearchHit] = []
         with self._read() as txn:
             conversations = txn.cursor(db=self._by_updated)
@@ -812,17 +826,22 @@ class HistoryStore:
             for index_key in conversations.iterprev(keys=True, values=False):
                 key = index_key[8:]
                 end = key + b"\xff" * 8
-                title: str | None = None
                 if not messages.set_range(key):
                     continue
+                keys: list[bytes] = []
+                raws: list[bytes] = []
                 for mkey, raw in messages:
                     if mkey > end:
                         break
-                    if (
-                        prefilter is not None
-                        and prefilter.search(raw) is None
-                        and not any(special in raw for special in _FOLDS_TO_ASCII)
-                    ):
+                    keys.append(mkey)
+                    raws.append(raw)
+                # One prefilter over the whole conversation first: most of them
+                # are ruled out with a single lower() and substring search.
+                if prefilter.usable and not prefilter.may_match(b"\x00".join(raws)):
+                    continue
+                title: str | None = None
+                for mkey, raw in zip(keys, raws, strict=True):
+                    if prefilter.usable and not prefilter.may_match(raw):
                         continue
                     view = _unpack(raw, _search_decoder)
                     for part in view.parts:
@@ -848,6 +867,8 @@ class HistoryStore:
                         )
                         if len(hits) >= limit:
                             return hits
+                        break
+        return hits
                         break
         return hits
 

@@ -192,7 +192,8 @@ def make_llamad(llama_server_binary: Path) -> Iterator[Callable[..., Llamad]]:
         for child in daemon_handle.children():
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()
-        shutil.rmtree(daemon_handle.runtime_dir, ignore_errors=True)
+        if os.environ.get("LLAMAD_KEEP_TEST_DIRS") is None:
+            shutil.rmtree(daemon_handle.runtime_dir, ignore_errors=True)
 
 
 def demo_config(models: dict[str, Path], **overrides: object) -> str:

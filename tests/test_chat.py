@@ -40,7 +40,9 @@ MakeLlamad = Callable[..., Llamad]
 LONG = ChatOptions(max_tokens=1000, ignore_eos=True, seed=7)
 
 
-def chat_daemon(make_llamad: MakeLlamad, demo_models: dict[str, Path], **overrides: object) -> Llamad:
+def chat_daemon(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path], **overrides: object
+) -> Llamad:
     daemon = make_llamad(demo_config(demo_models, **overrides), 'default_model = "demo"\n')
     daemon.start()
     daemon.wait_for("demo", lambda s: s.state == "ready")
@@ -66,7 +68,7 @@ def test_chat_streams_and_is_stored(make_llamad: MakeLlamad, demo_models: dict[s
     with daemon.client() as client:
         reply = client.call(lambda i: GetConversation(id=i, conversation=conversation))
     assert isinstance(reply, ConversationReply)
-    user, assistant = reply.messages
+    _user, assistant = reply.messages
     assert assistant.status == "complete" and assistant.model == "demo"
     assert assistant.text == result.stdout.rstrip("\n")
     assert assistant.stats is not None
@@ -107,7 +109,10 @@ def test_two_clients_on_one_conversation_see_the_same_deltas(
         thread.start()
         with daemon.client() as chatter:
             messages = run_chat(
-                chatter, content="go on", conversation=conversation, options=ChatOptions(max_tokens=200)
+                chatter,
+                content="go on",
+                conversation=conversation,
+                options=ChatOptions(max_tokens=200),
             )
         thread.join(timeout=30)
     own = [m.text for m in messages if isinstance(m, ChatDelta)]
@@ -127,9 +132,7 @@ def test_four_conversations_stream_together_and_a_fifth_queues(
         with daemon.client(timeout=60) as client:
             results[index] = [
                 (time.monotonic(), m)
-                for m in client.stream(
-                    lambda i: Chat(id=i, content=f"chat {index}", options=LONG)  # noqa: B023
-                )
+                for m in client.stream(lambda i: Chat(id=i, content=f"chat {index}", options=LONG))
             ]
 
     threads = [threading.Thread(target=one, args=(n,)) for n in range(5)]
@@ -166,7 +169,8 @@ def test_cancel_keeps_what_came(make_llamad: MakeLlamad, demo_models: dict[str, 
                 received.append(message.text)
                 if len(received) == 20:
                     began = time.monotonic()
-                    canceller.call(lambda i: Cancel(id=i, conversation=conversation))
+                    target = conversation
+                    canceller.call(lambda i: Cancel(id=i, conversation=target))  # noqa: B023
             if isinstance(message, ChatDone):
                 stopped_after = time.monotonic() - began
                 done = message
@@ -229,7 +233,7 @@ def test_llamad_killed_mid_reply_keeps_the_partial_reply(
     user, reply = stored.messages
     assert user.text == "a long one" and user.status == "complete"
     assert reply.status == "incomplete"
-    assert 0 < len(reply.text)
+    assert len(reply.text) > 0
     assert len(daemon.children()) == 1
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -369,7 +368,8 @@ def test_resolve(store: HistoryStore) -> None:
     assert store.resolve(a.id.replace("-", "")) == a.id
     # Ids created together share their time prefix.
     others = [_conv(store) for _ in range(2)]
-    common = os.path.commonprefix([a.id, *(c.id for c in others)])
+    ids = [a.id, *(c.id for c in others)]
+    common = a.id[: next(n for n in range(37) if len({i[: n + 1] for i in ids}) > 1)]
     with pytest.raises(AmbiguousConversation, match=f"'{common}' matches 3 conversations"):
         store.resolve(common)
     unique = next(

@@ -9,7 +9,6 @@ disturbed.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import trio
 
+from llamad.concurrency import consists_of
 from llamad.dispatch import Dispatcher, PeerGone, SubscriberTooSlow
 from llamad.errors import StartupError
 from llamad.protocol import (
@@ -32,6 +32,15 @@ from llamad.protocol import (
 )
 
 log = logging.getLogger(__name__)
+
+# How a client disappearing shows up; not worth more than a debug line.
+_DISCONNECTS = (
+    PeerGone,
+    SubscriberTooSlow,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    OSError,
+)
 
 FRAME_READ_TIMEOUT_SEC = 10.0  # a frame that has started must finish within this
 _UNIX_PATH_MAX = 107
@@ -113,23 +122,32 @@ class ControlServer:
         await trio.serve_listeners(self.handle, [trio_listener], task_status=task_status)
 
     async def handle(self, stream: trio.SocketStream) -> None:
+        # One client must never take the daemon down, whatever it does.
+        try:
+            async with stream:
+                await self._serve_client(stream)
+        except Exception as exc:
+            if consists_of(exc, _DISCONNECTS):
+                log.debug("control client went away: %r", exc)
+            else:
+                log.exception("control connection failed")
+
+    async def _serve_client(self, stream: trio.SocketStream) -> None:
         peer = _FramePeer(stream)
-        async with stream:
-            with contextlib.suppress(PeerGone, trio.BrokenResourceError, trio.ClosedResourceError):
-                uid = peer_uid(stream.socket)
-                if uid != self._uid:
-                    log.warning("refused a control connection from uid %d", uid)
-                    await peer.send(
-                        Error(
-                            id=None,
-                            code="permission_denied",
-                            message=f"llamad serves only uid {self._uid}; you are uid {uid}",
-                        )
-                    )
-                    return
-                async with trio.open_nursery() as nursery:
-                    await self._read_requests(stream, peer, nursery)
-                    nursery.cancel_scope.cancel()
+        uid = peer_uid(stream.socket)
+        if uid != self._uid:
+            log.warning("refused a control connection from uid %d", uid)
+            await peer.send(
+                Error(
+                    id=None,
+                    code="permission_denied",
+                    message=f"llamad serves only uid {self._uid}; you are uid {uid}",
+                )
+            )
+            return
+        async with trio.open_nursery() as nursery:
+            await self._read_requests(stream, peer, nursery)
+            nursery.cancel_scope.cancel()
 
     async def _read_requests(
         self, stream: trio.SocketStream, peer: _FramePeer, nursery: trio.Nursery

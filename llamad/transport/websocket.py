@@ -9,7 +9,6 @@ start, no foreign ``Origin``, and a loopback ``Host`` (DNS rebinding).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import ipaddress
 import logging
@@ -23,6 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
+from llamad.concurrency import consists_of
 from llamad.dispatch import Dispatcher, PeerGone, SubscriberTooSlow
 from llamad.errors import ConfigError
 from llamad.protocol import (
@@ -36,6 +36,16 @@ from llamad.protocol import (
 )
 
 log = logging.getLogger(__name__)
+
+# How a client disappearing shows up; not worth more than a debug line.
+_DISCONNECTS = (
+    ConnectionClosed,
+    PeerGone,
+    SubscriberTooSlow,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    OSError,
+)
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 PING_INTERVAL_SEC = 20.0
@@ -74,9 +84,11 @@ def _host_name(host_header: str) -> str:
 
 
 def check_handshake(
+    host_header: str,
     headers: Iterable[tuple[bytes, bytes]],
     path: str,
     token: str,
+    *,
     allowed_origins: Sequence[str] = (),
     allowed_hosts: Sequence[str] = (),
 ) -> Rejection | None:
@@ -84,7 +96,7 @@ def check_handshake(
     fields: dict[str, str] = {}
     for name, value in headers:
         fields[name.decode("latin-1").lower()] = value.decode("latin-1")
-    host = _host_name(fields.get("host", ""))
+    host = _host_name(host_header)
     if not (is_loopback(host) or host in allowed_hosts):
         return Rejection(403, f"Host {host!r} is not allowed (add it to allowed_hosts)")
     origin = fields.get("origin")
@@ -164,32 +176,49 @@ class WebSocketServer:
             task_status.started(server.port)
 
     async def _handle(self, request: WebSocketRequest) -> None:
+        # One client must never take the daemon down, whatever it does.
+        try:
+            await self._serve_client(request)
+        except Exception as exc:
+            if consists_of(exc, _DISCONNECTS):
+                log.debug("WebSocket client went away: %r", exc)
+            else:
+                log.exception("WebSocket connection failed")
+
+    async def _serve_client(self, request: WebSocketRequest) -> None:
         if self.dispatcher is None:  # llamad is still starting
             await request.reject(503, body=b"llamad is starting; try again\n")
             return
+        # wsproto parses Host out of the headers into Request.host, which
+        # trio-websocket does not re-export; read it from the event.
+        host_header = str(request._event.host)
         rejection = check_handshake(
-            request.headers, request.path, self._token, self._allowed_origins, self._allowed_hosts
+            host_header,
+            request.headers,
+            request.path,
+            self._token,
+            allowed_origins=self._allowed_origins,
+            allowed_hosts=self._allowed_hosts,
         )
         if rejection is not None:
             log.warning("refused a WebSocket connection: %s", rejection.reason)
             await request.reject(rejection.status, body=rejection.reason.encode() + b"\n")
             return
         connection = await request.accept()
-        with contextlib.suppress(ConnectionClosed, PeerGone):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._keepalive, connection, nursery.cancel_scope)
-                while True:
-                    data = await connection.get_message()
-                    json = isinstance(data, str)
-                    peer = _WebSocketPeer(connection, json)
-                    try:
-                        raw = data.encode() if isinstance(data, str) else data
-                        request_message = decode_request(raw, json=json)
-                    except ProtocolError as exc:
-                        # WebSocket framing keeps the stream in sync: answer and carry on.
-                        await peer.send(Error(id=exc.request_id, code=exc.code, message=str(exc)))
-                        continue
-                    nursery.start_soon(self._run, request_message, peer, nursery.cancel_scope)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keepalive, connection, nursery.cancel_scope)
+            while True:
+                data = await connection.get_message()
+                json = isinstance(data, str)
+                peer = _WebSocketPeer(connection, json)
+                try:
+                    raw = data.encode() if isinstance(data, str) else data
+                    request_message = decode_request(raw, json=json)
+                except ProtocolError as exc:
+                    # WebSocket framing keeps the stream in sync: answer and carry on.
+                    await peer.send(Error(id=exc.request_id, code=exc.code, message=str(exc)))
+                    continue
+                nursery.start_soon(self._run, request_message, peer, nursery.cancel_scope)
 
     async def _run(self, request: Request, peer: _WebSocketPeer, scope: trio.CancelScope) -> None:
         assert self.dispatcher is not None
