@@ -112,7 +112,7 @@ def test_two_clients_on_one_conversation_see_the_same_deltas(
                 chatter,
                 content="go on",
                 conversation=conversation,
-                options=ChatOptions(max_tokens=200),
+                options=ChatOptions(max_tokens=200, ignore_eos=True),
             )
         thread.join(timeout=30)
     own = [m.text for m in messages if isinstance(m, ChatDelta)]
