@@ -53,11 +53,11 @@ from llamad.protocol import (
 )
 from llamad.supervisor import ModelSupervisor, RequestCancelled, http_client
 from llamad.upstream import (
-    TEMPLATE_TOKENS_PER_MESSAGE,
     UpstreamError,
     context_size,
     count_tokens,
     stream_chat,
+    template_overhead,
     turns_to_drop,
 )
 
@@ -141,7 +141,9 @@ class ChatEngine:
         self.hub = hub
         self._running: dict[str, _Running] = {}
         self._slot_queues: dict[str, SlotQueue] = {}
+        # Per model process: its context size and its template's cost per message.
         self._n_ctx: dict[tuple[str, int | None], int] = {}
+        self._overhead: dict[tuple[str, int | None], int] = {}
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -322,20 +324,18 @@ class ChatEngine:
         key = (model.model.name, model.status().pid)
         if key not in self._n_ctx:
             self._n_ctx[key] = await context_size(client)
-        n_ctx = self._n_ctx[key]
+            self._overhead[key] = await template_overhead(client)
+        n_ctx, per_message = self._n_ctx[key], self._overhead[key]
         max_tokens = prepared.request.options.max_tokens
         # Room kept for the reply; capped so a huge max_tokens still leaves the
         # history a place (llama-server stops at the context's end anyway).
         reserve = min(max_tokens if max_tokens is not None else n_ctx // 8, n_ctx // 2)
         budget = n_ctx - reserve
         system = prepared.conversation.system_prompt or ""
-
+        texts = [system, *(m.text for m in history)] if system else [m.text for m in history]
         # A token covers at least one byte of text, so bytes bound tokens from
         # above: when they fit, no tokenizer round trip is needed.
-        def overhead(text: str) -> int:
-            return len(text.encode()) + TEMPLATE_TOKENS_PER_MESSAGE
-
-        if sum(map(overhead, [system, *(m.text for m in history)])) <= budget:
+        if sum(len(text.encode()) + per_message for text in texts) <= budget:
             return history
         turns: list[list[Message]] = []
         for message in history:
@@ -346,9 +346,9 @@ class ChatEngine:
         for turn in turns:
             tokens = 0
             for message in turn:
-                tokens += await count_tokens(client, message.text) + TEMPLATE_TOKENS_PER_MESSAGE
+                tokens += await count_tokens(client, message.text) + per_message
             turn_tokens.append(tokens)
-        fixed = (await count_tokens(client, system) + TEMPLATE_TOKENS_PER_MESSAGE) if system else 0
+        fixed = (await count_tokens(client, system) + per_message) if system else 0
         dropped = turns_to_drop(turn_tokens, fixed, budget)
         if dropped:
             self._publish(

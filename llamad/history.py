@@ -327,9 +327,7 @@ class _Prefilter:
         self.usable = bool(run)
         self.run = run.encode("ascii")
         self.specials = tuple(
-            special
-            for special, letter in zip(_FOLDS_TO_ASCII, "ik", strict=True)
-            if letter in run
+            special for special, letter in zip(_FOLDS_TO_ASCII, "ik", strict=True) if letter in run
         )
 
     def may_match(self, raw: bytes) -> bool:
@@ -867,8 +865,6 @@ class HistoryStore:
                         )
                         if len(hits) >= limit:
                             return hits
-                        break
-        return hits
                         break
         return hits
 

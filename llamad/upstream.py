@@ -16,8 +16,9 @@ from typing import Any
 import httpx
 import msgspec
 
-# Chat templates add a few tokens per message (role markers, separators).
-TEMPLATE_TOKENS_PER_MESSAGE = 8
+# Slack on top of the measured template overhead (tokens can merge differently
+# at message boundaries than in isolation).
+TEMPLATE_SLACK_TOKENS = 4
 
 
 class UpstreamError(Exception):
@@ -140,6 +141,20 @@ async def context_size(client: httpx.AsyncClient) -> int:
     if not isinstance(n_ctx, int) or n_ctx <= 0:
         raise UpstreamError("llama-server's /props did not report n_ctx")
     return n_ctx
+
+
+async def template_overhead(client: httpx.AsyncClient) -> int:
+    """Tokens the chat template adds around one message, plus the reply header.
+
+    Measured on the model itself (``/apply-template`` of an empty message),
+    because it ranges from a few special tokens to dozens of spelled-out ones.
+    """
+    response = await client.post(
+        "/apply-template", json={"messages": [{"role": "user", "content": ""}]}
+    )
+    response.raise_for_status()
+    prompt = response.json().get("prompt", "")
+    return await count_tokens(client, prompt) + TEMPLATE_SLACK_TOKENS
 
 
 async def count_tokens(client: httpx.AsyncClient, text: str) -> int:

@@ -20,6 +20,7 @@ from llamad.protocol import (
     ChatDone,
     ChatOptions,
     ChatStarted,
+    ContextTrimmed,
     ConversationReply,
     Conversations,
     GetConversation,
@@ -271,3 +272,40 @@ def test_list_and_search_over_a_thousand_conversations(
         assert all("Needle" in hit.snippet and hit.role == "assistant" for hit in found.hits)
     cli = daemon.ctl("history", "search", "needle")
     assert cli.returncode == 0 and cli.stdout.count("Needle") == 10
+
+
+def test_long_history_is_trimmed_to_fit_the_context(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path]
+) -> None:
+    daemon = chat_daemon(make_llamad, demo_models, ctx_size=256)
+    # The demo vocabulary spells most words letter by letter: ~90 tokens a turn,
+    # so three turns overflow a 256-token context.
+    filler = "the word " * 10
+    conversation = None
+    trimmed: list[int] = []
+    for turn in range(4):
+        with daemon.client(timeout=60) as client:
+            messages = run_chat(
+                client,
+                content=f"{turn} {filler}",
+                conversation=conversation,
+                options=ChatOptions(max_tokens=4, ignore_eos=True),
+            )
+        started = next(m for m in messages if isinstance(m, ChatStarted))
+        conversation = started.conversation.id
+        trimmed += [m.dropped_turns for m in messages if isinstance(m, ContextTrimmed)]
+        done = messages[-1]
+        assert isinstance(done, ChatDone)
+        assert done.message.status == "complete", done.message.error
+    assert trimmed and all(n >= 1 for n in trimmed)
+
+
+def test_a_message_too_big_for_the_context_is_a_clear_error(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path]
+) -> None:
+    daemon = chat_daemon(make_llamad, demo_models, ctx_size=256)
+    result = daemon.ctl("chat", "the word " * 400)
+    assert result.returncode == 1
+    assert "raise ctx_size" in result.stderr
+    assert "400" not in result.stderr.split("tokens")[0] or "HTTP" not in result.stderr
+    assert daemon.ctl("status").returncode == 0

@@ -569,3 +569,19 @@ def test_health_critical_when_expected_model_stopped_by_crash(
     unloaded = daemon.ctl("unload")
     assert unloaded.returncode == 0
     assert daemon.ctl("health").returncode == 0  # nothing expected any more
+
+
+def test_client_vanishing_mid_stream_does_not_hurt_the_daemon(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path]
+) -> None:
+    daemon = ready_daemon(make_llamad, demo_models)
+    for _ in range(5):
+        sock = _raw(daemon)
+        sock.sendall(frame(encode(Subscribe(id=1, topics=["state", "log"]))))
+        sock.recv(4096)  # the Ok
+        # Reset, not a clean close: SO_LINGER with a zero timeout sends RST.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        assert daemon.ctl("restart").returncode == 0  # events flow to the dead peer
+    assert daemon.process is not None and daemon.process.poll() is None
+    assert "Traceback" not in daemon.log()

@@ -572,3 +572,46 @@ def test_reopen_keeps_schema_and_data(tmp_path: Path) -> None:
             raw = txn.get(b"schema_version", db=store._meta)
         assert raw is not None
         assert msgspec.msgpack.decode(raw) == history.SCHEMA_VERSION
+
+
+def test_concurrent_threads_while_the_map_grows(tmp_path: Path) -> None:
+    # The daemon calls the store from worker threads; growing the map must wait
+    # for every open transaction, and readers must never see a torn state.
+    import threading
+
+    errors: list[BaseException] = []
+    with HistoryStore(tmp_path / "history", map_size=64 * 1024) as store:
+        convs = [_conv(store) for _ in range(4)]
+        stop = threading.Event()
+
+        def writer(conv: Conversation) -> None:
+            try:
+                for i in range(60):
+                    store.append_message(conv.id, role="user", parts=_text(f"{i} " + "y" * 800))
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        def reader() -> None:
+            try:
+                while not stop.is_set():
+                    for conv in convs:
+                        page, _ = store.get_messages(conv.id, limit=10)
+                        assert [m.seq for m in page] == sorted(m.seq for m in page)
+                    store.search("yyy", limit=5)
+                    store.list_conversations()
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=writer, args=(c,)) for c in convs]
+        readers = [threading.Thread(target=reader) for _ in range(2)]
+        for thread in threads + readers:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        stop.set()
+        for thread in readers:
+            thread.join()
+        assert errors == []
+        assert store.map_size > 64 * 1024
+        for conv in convs:
+            assert [m.seq for m in store.all_messages(conv.id)] == list(range(1, 61))
