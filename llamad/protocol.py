@@ -34,7 +34,6 @@ ErrorCode = Literal[
     "config_error",
     "not_found",
     "busy",  # e.g. a reply is already being generated in that conversation
-    "upstream",  # llama-server failed or refused; the message says why
     "storage",  # the history could not be written; nothing stored was changed
     "permission_denied",
     "internal",

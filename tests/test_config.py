@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import pickle
+import re
 from pathlib import Path
 
 import pytest
 
-from llamad.config import Config, Supervision, find_config, load_config, parse_config
+from llamad import paths
+from llamad.config import (
+    Config,
+    DaemonConfig,
+    ModelConfig,
+    Supervision,
+    find_config,
+    load_config,
+    parse_config,
+)
 from llamad.errors import ConfigError, UnknownModelError
 
 SOURCE = Path("/etc/llamad/models.toml")
@@ -14,53 +26,122 @@ ENV = {"HOME": "/home/ada", "MODELS": "/srv/models", "XDG_RUNTIME_DIR": "/run/us
 
 FULL = """
 [daemon]
+llama_server = "/opt/llama.cpp/llama-server"
+socket = "/run/llamad.sock"
+runtime_dir = "run"
+data_dir = "~/data"
 default_model = "tiny"
-restart = "always"
-start_limit_burst = 7
 log_lines = 50
+websocket = "off"
+allowed_origins = ["https://example.org"]
+allowed_hosts = ["box.lan"]
+restart = "always"
+restart_sec = 0.5
+start_limit_burst = 7
 
 [models.demo]
 path = "models/demo.gguf"
 ctx_size = 1024
 n_gpu_layers = 99
-aliases = ["tiny"]
+aliases = ["tiny", "small"]
 args = ["--threads", "2"]
-env = { CUDA_VISIBLE_DEVICES = "0" }
+env = { CUDA_VISIBLE_DEVICES = "0", LLAMA_ARG_X = "1" }
+mmproj = "models/mmproj.gguf"
+parallel = 4
+ttl_sec = 600
 health_interval_sec = 2
 
 [models.big]
 path = "$MODELS/big.gguf"
 port = 8081
 restart = "no"
+stop_drain_sec = 0
 """
 
 
-def parse(text: str) -> Config:
-    return parse_config(text, source=SOURCE, env=ENV)
+def parse(text: str, env: dict[str, str] = ENV) -> Config:
+    return parse_config(text, source=SOURCE, env=env)
 
 
 def problems(text: str) -> list[str]:
     with pytest.raises(ConfigError) as info:
         parse(text)
+    assert str(info.value) == "\n".join(info.value.problems)
     return info.value.problems
 
 
-def test_full_file() -> None:
+# ------------------------------------------------------------------ values
+
+
+def test_full_file_round_trips() -> None:
     config = parse(FULL)
-    demo = config.models["demo"]
-    assert demo.path == Path("/etc/llamad/models/demo.gguf")  # relative to the file
-    assert demo.ctx_size == 1024 and demo.n_gpu_layers == 99
-    assert demo.args == ("--threads", "2")
-    assert demo.env == {"CUDA_VISIBLE_DEVICES": "0"}
-    assert config.daemon.default_model == "tiny"
-    assert config.daemon.log_lines == 50
-    assert config.daemon.runtime_dir == Path("/run/user/1000/llamad")
-    assert config.socket_path() == Path("/run/user/1000/llamad/control.sock")
-    assert config.daemon.data_dir == Path("/home/ada/.local/share/llamad")
+    assert config.source == SOURCE
+    assert config.daemon == DaemonConfig(
+        llama_server=Path("/opt/llama.cpp/llama-server"),
+        socket=Path("/run/llamad.sock"),
+        runtime_dir=Path("/etc/llamad/run"),
+        data_dir=Path("/home/ada/data"),
+        default_model="tiny",
+        log_lines=50,
+        websocket="off",
+        allowed_origins=("https://example.org",),
+        allowed_hosts=("box.lan",),
+        supervision=Supervision(restart="always", restart_sec=0.5, start_limit_burst=7),
+    )
+    assert config.models["demo"] == ModelConfig(
+        name="demo",
+        path=Path("/etc/llamad/models/demo.gguf"),
+        n_gpu_layers=99,
+        ctx_size=1024,
+        args=("--threads", "2"),
+        env={"CUDA_VISIBLE_DEVICES": "0", "LLAMA_ARG_X": "1"},
+        aliases=("tiny", "small"),
+        mmproj=Path("/etc/llamad/models/mmproj.gguf"),
+        parallel=4,
+        ttl_sec=600.0,
+        supervision=Supervision(
+            restart="always", restart_sec=0.5, start_limit_burst=7, health_interval_sec=2.0
+        ),
+    )
     big = config.models["big"]
     assert big.path == Path("/srv/models/big.gguf")
     assert big.port == 8081
     assert list(config.models) == ["demo", "big"]  # file order
+    assert config.socket_path() == Path("/run/llamad.sock")
+
+
+def test_numbers_have_their_declared_types() -> None:
+    demo = parse(FULL).models["demo"]
+    assert type(demo.supervision.health_interval_sec) is float  # written as 2
+    assert type(demo.ttl_sec) is float
+    assert type(demo.ctx_size) is int
+
+
+def test_defaults_for_an_empty_file() -> None:
+    config = parse("")
+    assert config.models == {}
+    assert config.daemon == DaemonConfig(
+        runtime_dir=Path("/run/user/1000/llamad"),
+        data_dir=Path("/home/ada/.local/share/llamad"),
+    )
+    assert config.daemon.supervision == Supervision()
+    assert config.daemon.llama_server is None
+    assert config.daemon.default_model is None
+    assert config.daemon.log_lines == 1000
+    assert config.socket_path() == Path("/run/user/1000/llamad/control.sock")
+
+
+def test_defaults_for_a_minimal_model() -> None:
+    model = parse('[models.m]\npath = "/m.gguf"\n').models["m"]
+    assert model == ModelConfig(name="m", path=Path("/m.gguf"))
+    assert (model.n_gpu_layers, model.ctx_size, model.port, model.parallel) == (0, 2048, None, 1)
+    assert (model.args, model.env, model.aliases) == ((), {}, ())
+    assert model.mmproj is None and model.ttl_sec is None
+    assert model.supervision == Supervision()
+
+
+def test_an_empty_models_table_is_zero_models() -> None:
+    assert parse("[daemon]\n[models]\n").models == {}
 
 
 def test_daemon_defaults_and_model_overrides_merge() -> None:
@@ -69,36 +150,118 @@ def test_daemon_defaults_and_model_overrides_merge() -> None:
     assert config.daemon.supervision.restart == "always"
     assert demo.restart == "always" and demo.start_limit_burst == 7  # from [daemon]
     assert demo.health_interval_sec == 2.0  # its own override
-    assert big.restart == "no" and big.health_interval_sec == Supervision().health_interval_sec
+    assert demo.ready_timeout_sec == Supervision().ready_timeout_sec  # built-in default
+    assert big.restart == "no" and big.start_limit_burst == 7
+    assert big.health_interval_sec == Supervision().health_interval_sec
+    assert big.stop_drain_sec == 0.0
 
 
-def test_defaults_for_an_empty_file() -> None:
-    config = parse("")
-    assert config.models == {}
-    assert config.daemon.supervision == Supervision()
-    assert config.daemon.llama_server is None
+def test_a_missing_model_file_is_not_a_config_error() -> None:
+    config = parse('[models.m]\npath = "/nonexistent/m.gguf"\n')
+    assert config.models["m"].path == Path("/nonexistent/m.gguf")
+
+
+# ------------------------------------------------------------- resolution
 
 
 def test_resolve_by_name_and_alias() -> None:
     config = parse(FULL)
     assert config.resolve("tiny").name == "demo"
+    assert config.resolve("small").name == "demo"
     assert config.resolve("big").name == "big"
     with pytest.raises(UnknownModelError) as info:
         config.resolve("codellama")
+    assert info.value.known == ["demo", "big"]
     assert str(info.value) == "unknown model 'codellama'; configured models: demo, big"
 
 
-def test_home_expansion() -> None:
-    config = parse('[models.m]\npath = "~/m.gguf"\n')
-    assert config.models["m"].path == Path("/home/ada/m.gguf")
+def test_default_model_may_be_an_alias() -> None:
+    config = parse(FULL)
+    assert config.daemon.default_model == "tiny"
+    assert config.resolve(config.daemon.default_model).name == "demo"
+
+
+# ---------------------------------------------------------------- paths
+
+
+@pytest.mark.parametrize(
+    ("written", "expected"),
+    [
+        ("m.gguf", "/etc/llamad/m.gguf"),
+        ("../shared/m.gguf", "/etc/llamad/../shared/m.gguf"),
+        ("/abs/m.gguf", "/abs/m.gguf"),
+        ("~", "/home/ada"),
+        ("~/m.gguf", "/home/ada/m.gguf"),
+        ("$MODELS/m.gguf", "/srv/models/m.gguf"),
+        ("${MODELS}/m.gguf", "/srv/models/m.gguf"),
+        ("$HOME/x/${MODELS}.gguf", "/home/ada/x//srv/models.gguf"),
+        ("sub/$MODELS", "/etc/llamad/sub/srv/models"),
+    ],
+)
+def test_path_expansion(written: str, expected: str) -> None:
+    config = parse(f'[models.m]\npath = "{written}"\n')
+    assert config.models["m"].path == Path(expected)
+
+
+def test_expansion_uses_the_given_environment_not_os_environ(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MODELS", "/from/os/environ")
+    monkeypatch.setenv("HOME", "/home/other")
+    config = parse('[models.m]\npath = "$MODELS/m.gguf"\nmmproj = "~/p.gguf"\n')
+    assert config.models["m"].path == Path("/srv/models/m.gguf")
+    assert config.models["m"].mmproj == Path("/home/ada/p.gguf")
+
+
+def test_relative_source_resolves_against_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = parse_config('[models.m]\npath = "m.gguf"\n', source=Path("models.toml"), env=ENV)
+    assert config.source == tmp_path / "models.toml"
+    assert config.models["m"].path == tmp_path / "m.gguf"
+
+
+def test_runtime_and_data_dirs_follow_the_environment() -> None:
+    config = parse("", env={"HOME": "/h", "XDG_RUNTIME_DIR": "/r", "XDG_DATA_HOME": "/d"})
+    assert config.daemon.runtime_dir == Path("/r/llamad")
+    assert config.daemon.data_dir == Path("/d/llamad")
+    fallback = parse("", env={"HOME": "/h"})
+    assert fallback.daemon.runtime_dir == Path(f"/tmp/llamad-{os.getuid()}")
+    assert fallback.daemon.data_dir == Path("/h/.local/share/llamad")
+
+
+# ------------------------------------------------------------- equality
 
 
 def test_same_text_parses_equal() -> None:
     """Reload keeps a model running when its settings compare equal."""
-    assert parse(FULL).models["demo"] == parse(FULL).models["demo"]
+    first, second = parse(FULL), parse(FULL)
+    assert first == second
+    assert first.models["demo"] == second.models["demo"]
+    assert hash(first.models["demo"]) == hash(second.models["demo"])
     changed = parse(FULL.replace("ctx_size = 1024", "ctx_size = 2048"))
-    assert changed.models["demo"] != parse(FULL).models["demo"]
-    assert changed.models["big"] == parse(FULL).models["big"]
+    assert changed.models["demo"] != first.models["demo"]
+    assert changed.models["big"] == first.models["big"]
+    env_changed = parse(FULL.replace('LLAMA_ARG_X = "1"', 'LLAMA_ARG_X = "2"'))
+    assert env_changed.models["demo"] != first.models["demo"]
+    daemon_changed = parse(FULL.replace("restart_sec = 0.5", "restart_sec = 1"))
+    assert daemon_changed.models["demo"] != first.models["demo"]  # inherited default moved
+
+
+def test_config_is_immutable_and_picklable() -> None:
+    config = parse(FULL)
+    demo = config.models["demo"]
+    with pytest.raises(TypeError):
+        demo.env["X"] = "y"  # type: ignore[index]
+    with pytest.raises(TypeError):
+        config.models["x"] = demo  # type: ignore[index]
+    assert demo.env == {"CUDA_VISIBLE_DEVICES": "0", "LLAMA_ARG_X": "1"}
+    assert dict(demo.env) == {"CUDA_VISIBLE_DEVICES": "0", "LLAMA_ARG_X": "1"}
+    assert pickle.loads(pickle.dumps(config)) == config
+
+
+# -------------------------------------------------------------- mistakes
 
 
 @pytest.mark.parametrize(
@@ -113,6 +276,35 @@ def test_same_text_parses_equal() -> None:
             "models.m.ctx_size: expected an integer, got true",
         ),
         (
+            '[models.m]\npath = "x"\nctx_size = 2048.0\n',
+            "models.m.ctx_size: expected an integer, got 2048.0",
+        ),
+        (
+            "[daemon]\nrestart_sec = false\n",
+            "daemon.restart_sec: expected a number, got false",
+        ),
+        (
+            '[daemon]\nhealth_interval_sec = "5s"\n',
+            'daemon.health_interval_sec: expected a number, got "5s"',
+        ),
+        ("[daemon]\nrestart_sec = nan\n", "daemon.restart_sec: expected a number, got nan"),
+        ("[daemon]\ndefault_model = 3\n", "daemon.default_model: expected a string, got 3"),
+        ("[models.m]\npath = 5\n", "models.m.path: expected a string, got 5"),
+        ('[models.m]\npath = ""\n', "models.m.path: must not be empty"),
+        (
+            '[models.m]\npath = "x"\nargs = "--threads 2"\n',
+            'models.m.args: expected a list of strings, got "--threads 2"',
+        ),
+        (
+            '[models.m]\npath = "x"\naliases = ["a", 1]\n',
+            'models.m.aliases: expected a list of strings, got ["a", 1]',
+        ),
+        ('[models.m]\npath = "x"\nenv = 3\n', "models.m.env: expected a table, got 3"),
+        (
+            '[models.m]\npath = "x"\nenv = { A = 1 }\n',
+            "models.m.env.A: expected a string, got 1",
+        ),
+        (
             '[models.demo]\npath = "x"\nctx_sizes = 5\n',
             'models.demo.ctx_sizes: unknown key; did you mean "ctx_size"?',
         ),
@@ -121,72 +313,212 @@ def test_same_text_parses_equal() -> None:
             'daemon.restart_secs: unknown key; did you mean "restart_sec"?',
         ),
         (
+            '[daemon]\npath = "x"\n',
+            "daemon.path: unknown key; it belongs in a [models.NAME] table",
+        ),
+        (
+            '[models.m]\npath = "x"\nlog_lines = 5\n',
+            "models.m.log_lines: unknown key; it belongs in [daemon]",
+        ),
+        ('default_model = "m"\n', "default_model: unknown key; it belongs in [daemon]"),
+        ("[deamon]\n", 'deamon: unknown key; did you mean "daemon"?'),
+        (
             '[models.m]\npath = "x"\nrestart = "sometimes"\n',
             'models.m.restart: expected one of "no", "on-failure", "always", got "sometimes"',
+        ),
+        (
+            "[daemon]\nrestart = true\n",
+            'daemon.restart: expected one of "no", "on-failure", "always", got true',
         ),
         (
             "[daemon]\nstop_timeout_sec = -1\n",
             "daemon.stop_timeout_sec: must be greater than 0, got -1",
         ),
         (
+            "[daemon]\nready_timeout_sec = 0.0\n",
+            "daemon.ready_timeout_sec: must be greater than 0, got 0.0",
+        ),
+        ("[daemon]\nrestart_sec = -0.5\n", "daemon.restart_sec: must not be negative, got -0.5"),
+        ("[daemon]\nlog_lines = 0\n", "daemon.log_lines: must be greater than 0, got 0"),
+        (
+            '[models.m]\npath = "x"\nctx_size = 0\n',
+            "models.m.ctx_size: must be greater than 0, got 0",
+        ),
+        (
             '[models.m]\npath = "x"\nport = 70000\n',
             "models.m.port: must be between 1 and 65535, got 70000",
         ),
-        (
-            '[models.m]\npath = "x"\nargs = "--threads 2"\n',
-            'models.m.args: expected a list of strings, got "--threads 2"',
-        ),
-        (
-            '[models.m]\npath = "x"\nenv = { A = 1 }\n',
-            "models.m.env: A: expected a string, got 1",
-        ),
+        ('[models.m]\npath = "x"\nport = 0\n', "models.m.port: must be between 1 and 65535, got 0"),
         (
             '[models.m]\npath = "$NOPE/x.gguf"\n',
             "models.m.path: $NOPE is not set in the environment",
         ),
-        ("[models.m]\nctx_size = 5\n", "models.m.path: missing: every model needs the path"),
+        (
+            "[models.m]\nctx_size = 5\n",
+            "models.m.path: missing; every model needs the path to its GGUF file",
+        ),
         (
             '[daemon]\ndefault_model = "ghost"\n[models.m]\npath = "x"\n',
             'daemon.default_model: no model or alias named "ghost"; configured models: m',
         ),
+        (
+            '[daemon]\ndefault_model = "ghost"\n',
+            'daemon.default_model: no model or alias named "ghost"; no models are configured',
+        ),
         ('[models]\nm = "x"\n', 'models.m: expected a table, got "x"'),
-        ("[deamon]\n", 'deamon: unknown key; did you mean "daemon"?'),
+        ("models = 3\n", "models: expected a table, got 3"),
+        ("daemon = [1]\n", "daemon: expected a table, got [1]"),
+        (
+            '[models."my model"]\npath = "x"\n',
+            "models.\"my model\": a model name must be non-empty, without whitespace or '/'",
+        ),
+        (
+            '[models."a/b"]\npath = "x"\n',
+            "models.\"a/b\": a model name must be non-empty, without whitespace or '/'",
+        ),
+        (
+            '[daemon]\nwebsocket = "8765"\n',
+            'daemon.websocket: expected "HOST:PORT" or "off", got "8765"',
+        ),
     ],
 )
-def test_each_mistake_is_one_clear_line(text: str, expected: str) -> None:
-    lines = problems(text)
-    assert len(lines) == 1, lines
-    assert lines[0].startswith(f"{SOURCE}: {expected}")
+def test_each_mistake_is_one_exact_line(text: str, expected: str) -> None:
+    assert problems(text) == [f"{SOURCE}: {expected}"]
 
 
-def test_duplicate_alias() -> None:
+def test_unknown_key_without_a_close_match_lists_the_known_keys() -> None:
+    (line,) = problems("[daemon]\nzzz = 1\n")
+    assert line.startswith(f"{SOURCE}: daemon.zzz: unknown key; known keys: llama_server, ")
+    assert "restart_sec" in line and "health_failures" in line
+
+
+def test_alias_colliding_with_another_models_name() -> None:
     lines = problems('[models.a]\npath = "x"\n[models.b]\npath = "y"\naliases = ["a"]\n')
-    assert lines == [
-        f'{SOURCE}: models.b.aliases: "a" is already the name or an alias of model "a"'
-    ]
+    assert lines == [f'{SOURCE}: models.b.aliases: "a" is already the name of model "a"']
 
 
-def test_toml_syntax_error_names_the_line() -> None:
-    lines = problems('[models.m]\npath = "x\n')
-    assert len(lines) == 1
-    assert lines[0].startswith(f"{SOURCE}: ") and "line 2" in lines[0]
+def test_alias_colliding_with_another_models_alias() -> None:
+    lines = problems(
+        '[models.a]\npath = "x"\naliases = ["z"]\n[models.b]\npath = "y"\naliases = ["z"]\n'
+    )
+    assert lines == [f'{SOURCE}: models.b.aliases: "z" is already an alias of model "a"']
+
+
+def test_alias_naming_a_later_model() -> None:
+    lines = problems('[models.a]\npath = "x"\naliases = ["b"]\n[models.b]\npath = "y"\n')
+    assert lines == [f'{SOURCE}: models.a.aliases: "b" is already the name of model "b"']
+
+
+def test_an_alias_equal_to_its_own_name_is_harmless() -> None:
+    assert parse('[models.a]\npath = "x"\naliases = ["a"]\n').resolve("a").name == "a"
+
+
+def test_toml_syntax_error_names_line_and_column() -> None:
+    (line,) = problems('[models.m]\npath = "x\n')
+    assert re.fullmatch(
+        rf"{re.escape(str(SOURCE))}: line 2, column \d+: Illegal character .*", line
+    )
+
+
+def test_toml_duplicate_key_names_its_line() -> None:
+    (line,) = problems('[models.m]\npath = "x"\npath = "y"\n')
+    assert re.fullmatch(rf"{re.escape(str(SOURCE))}: line 3, column \d+: \S.*", line)
+    assert "(at line" not in line
 
 
 def test_all_problems_are_reported_together() -> None:
     lines = problems(
-        '[daemon]\nhealth_failures = 0\n[models.a]\npath = 5\nctx_size = "big"\n[models.b]\nx = 1\n'
+        "[daemon]\n"
+        "health_failures = 0\n"
+        'restart = "sometimes"\n'
+        "[models.a]\n"
+        "path = 5\n"
+        'ctx_size = "big"\n'
+        "[models.b]\n"
+        "x = 1\n"
+        "[models.c]\n"
+        'path = "c"\n'
+        'aliases = ["a"]\n'
     )
-    assert len(lines) == 5, lines
-    joined = "\n".join(lines)
-    keys = ("daemon.health_failures", "models.a.path", "models.a.ctx_size", "models.b.x")
-    for key in (*keys, "models.b.path"):
-        assert key in joined
+    assert lines == [
+        f"{SOURCE}: daemon.health_failures: must be greater than 0, got 0",
+        f'{SOURCE}: daemon.restart: expected one of "no", "on-failure", "always", got "sometimes"',
+        f"{SOURCE}: models.a.path: expected a string, got 5",
+        f'{SOURCE}: models.a.ctx_size: expected an integer, got "big"',
+        f"{SOURCE}: models.b.x: unknown key; known keys: " + _model_keys(),
+        f"{SOURCE}: models.b.path: missing; every model needs the path to its GGUF file",
+        f'{SOURCE}: models.c.aliases: "a" is already the name of model "a"',
+    ]
+
+
+def _model_keys() -> str:
+    return (
+        "path, n_gpu_layers, ctx_size, port, args, env, aliases, mmproj, parallel, ttl_sec, "
+        "restart, restart_sec, restart_max_delay_sec, start_limit_burst, "
+        "start_limit_interval_sec, stable_after_sec, ready_timeout_sec, stop_timeout_sec, "
+        "stop_drain_sec, health_interval_sec, health_failures"
+    )
+
+
+def test_every_bad_env_value_is_reported() -> None:
+    lines = problems('[models.m]\npath = "x"\nenv = { A = 1, B = "ok", C = true }\n')
+    assert lines == [
+        f"{SOURCE}: models.m.env.A: expected a string, got 1",
+        f"{SOURCE}: models.m.env.C: expected a string, got true",
+    ]
+
+
+def test_a_model_with_mistakes_does_not_also_break_default_model() -> None:
+    lines = problems('[daemon]\ndefault_model = "m"\n[models.m]\nctx_size = "x"\n')
+    assert lines == [
+        f"{SOURCE}: models.m.path: missing; every model needs the path to its GGUF file",
+        f'{SOURCE}: models.m.ctx_size: expected an integer, got "x"',
+    ]
+
+
+def test_a_bad_daemon_default_is_reported_once_not_per_model() -> None:
+    lines = problems(
+        '[daemon]\nstop_timeout_sec = -1\n[models.a]\npath = "a"\n[models.b]\npath = "b"\n'
+    )
+    assert lines == [f"{SOURCE}: daemon.stop_timeout_sec: must be greater than 0, got -1"]
+
+
+# ------------------------------------------------------------ load_config
+
+
+def test_load_config_reports_the_path_as_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("models.toml").write_text('[models.m]\npath = "m.gguf"\nctx_size = "big"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(Path("models.toml"), ENV)
+    assert info.value.problems == ['models.toml: models.m.ctx_size: expected an integer, got "big"']
+    Path("models.toml").write_text('[models.m]\npath = "m.gguf"\n')
+    config = load_config(Path("models.toml"), ENV)
+    assert config.source == tmp_path / "models.toml"  # absolute, for reloads
+    assert config.models["m"].path == tmp_path / "m.gguf"
 
 
 def test_load_config_unreadable(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.toml"
     with pytest.raises(ConfigError) as info:
-        load_config(tmp_path / "missing.toml")
-    assert "cannot read" in str(info.value)
+        load_config(missing)
+    assert info.value.problems == [f"{missing}: cannot read: No such file or directory"]
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError) as info:
+        load_config(binary)
+    assert info.value.problems == [f"{binary}: not UTF-8 text (byte 0)"]
+
+
+def test_the_repositorys_models_toml_is_valid() -> None:
+    repo_file = Path(__file__).resolve().parent.parent / "models.toml"
+    config = load_config(repo_file, ENV)
+    assert config.resolve("tiny").path == repo_file.parent / "models" / "demo.gguf"
+
+
+# ------------------------------------------------------------ find_config
 
 
 def test_find_config_order(tmp_path: Path) -> None:
@@ -199,15 +531,70 @@ def test_find_config_order(tmp_path: Path) -> None:
         path.write_text("")
     env = {"LLAMAD_CONFIG": str(from_env), "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
     assert find_config(explicit, env, cwd) == explicit
+    assert find_config(str(explicit), env, cwd) == explicit
     assert find_config(None, env, cwd) == from_env
+    from_env.unlink()  # a $LLAMAD_CONFIG that does not exist falls through
+    assert find_config(None, env, cwd) == xdg
     del env["LLAMAD_CONFIG"]
     assert find_config(None, env, cwd) == xdg
     xdg.unlink()
     assert find_config(None, env, cwd) == cwd / "models.toml"
-    (cwd / "models.toml").unlink()
+
+
+def test_find_config_defaults_to_home_config(tmp_path: Path) -> None:
+    user_file = tmp_path / ".config" / "llamad" / "models.toml"
+    user_file.parent.mkdir(parents=True)
+    user_file.write_text("")
+    assert find_config(None, {"HOME": str(tmp_path)}, tmp_path / "elsewhere") == user_file
+
+
+def test_find_config_none_found(tmp_path: Path) -> None:
+    env = {"LLAMAD_CONFIG": str(tmp_path / "env.toml"), "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
     with pytest.raises(ConfigError) as info:
-        find_config(None, env, cwd)
-    assert "no models.toml found" in str(info.value)
-    assert "llamactl demo-model" in str(info.value)
-    with pytest.raises(ConfigError, match="no such file"):
-        find_config(tmp_path / "nope.toml", env, cwd)
+        find_config(None, env, tmp_path)
+    (line,) = info.value.problems
+    tried = f"{tmp_path}/env.toml, {tmp_path}/xdg/llamad/models.toml, {tmp_path}/models.toml"
+    assert line.startswith(f"no models.toml found (looked for {tried}); ")
+    assert f"copy the repository's models.toml to {tmp_path}/xdg/llamad/models.toml" in line
+    assert "`llamactl demo-model PATH`" in line
+
+
+def test_find_config_explicit_must_exist(tmp_path: Path) -> None:
+    env = {"XDG_CONFIG_HOME": str(tmp_path)}
+    (tmp_path / "models.toml").write_text("")  # present, but --config wins
+    with pytest.raises(ConfigError) as info:
+        find_config(tmp_path / "nope.toml", env, tmp_path)
+    assert info.value.problems == [f"{tmp_path}/nope.toml: no such file (given with --config)"]
+    with pytest.raises(ConfigError) as info:
+        find_config(tmp_path, env, tmp_path)
+    assert info.value.problems == [f"{tmp_path}: not a file (given with --config)"]
+
+
+# ------------------------------------------------------------------ paths
+
+
+def test_runtime_dir_and_socket() -> None:
+    assert paths.runtime_dir({"XDG_RUNTIME_DIR": "/run/user/7"}) == Path("/run/user/7/llamad")
+    assert paths.runtime_dir({}) == Path(f"/tmp/llamad-{os.getuid()}")
+    assert paths.runtime_dir({"XDG_RUNTIME_DIR": "relative"}) == Path(f"/tmp/llamad-{os.getuid()}")
+    env = {"XDG_RUNTIME_DIR": "/run/user/7"}
+    assert paths.default_socket_path(env) == Path("/run/user/7/llamad/control.sock")
+    assert paths.default_socket_path({**env, "LLAMAD_SOCKET": "/s.sock"}) == Path("/s.sock")
+
+
+def test_data_dir() -> None:
+    assert paths.data_dir({"XDG_DATA_HOME": "/d", "HOME": "/h"}) == Path("/d/llamad")
+    assert paths.data_dir({"HOME": "/h"}) == Path("/h/.local/share/llamad")
+
+
+def test_config_search_path() -> None:
+    env = {"HOME": "/h", "LLAMAD_CONFIG": "/c.toml"}
+    assert paths.config_search_path(env, Path("/w")) == [
+        Path("/c.toml"),
+        Path("/h/.config/llamad/models.toml"),
+        Path("/w/models.toml"),
+    ]
+    assert paths.config_search_path({"HOME": "/h", "XDG_CONFIG_HOME": "/x"}, Path("/w")) == [
+        Path("/x/llamad/models.toml"),
+        Path("/w/models.toml"),
+    ]
