@@ -55,7 +55,7 @@ class DemoSpec:
     n_layer: int = 2
     n_head: int = 4
     n_ff: int = 128
-    n_ctx: int = 2048
+    n_ctx: int = 65536  # trained context: lets tests and benchmarks run long replies
 
 
 DEMO_VARIANTS: Mapping[str, DemoSpec] = {

@@ -486,7 +486,8 @@ class HistoryStore:
     @property
     def map_size(self) -> int:
         """The current size of the memory map in bytes (grows on demand)."""
-        return self._env.info()["map_size"]
+        with self._gate.shared():
+            return self._env.info()["map_size"]
 
     def _grow(self, seen: int) -> None:
         with self._gate.exclusive():
@@ -508,8 +509,9 @@ class HistoryStore:
         """
         while True:
             try:
-                size = self._env.info()["map_size"]
                 with self._gate.shared():
+                    # Read inside the gate: env info is not safe during a resize.
+                    size = self._env.info()["map_size"]
                     txn = self._env.begin(write=True)
                     try:
                         result = change(txn)
