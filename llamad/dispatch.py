@@ -21,7 +21,7 @@ import trio
 
 from llamad import __version__
 from llamad.chat import ChatEngine, ConversationBusy
-from llamad.concurrency import beside
+from llamad.concurrency import beside, consists_of
 from llamad.config import Config
 from llamad.errors import (
     ConfigError,
@@ -87,6 +87,31 @@ class PeerGone(Exception):
 
 class SubscriberTooSlow(Exception):
     """The client did not read its events fast enough and is disconnected."""
+
+
+# How a client disappearing shows up; worth a debug line, nothing more.
+DISCONNECTS: tuple[type[BaseException], ...] = (
+    PeerGone,
+    SubscriberTooSlow,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    OSError,
+)
+
+
+async def contain_client(
+    serve: Callable[[], Awaitable[None]],
+    what: str,
+    disconnects: tuple[type[BaseException], ...] = DISCONNECTS,
+) -> None:
+    """Run one client's connection; whatever it does, the daemon carries on."""
+    try:
+        await serve()
+    except Exception as exc:
+        if consists_of(exc, disconnects):
+            log.debug("%s went away: %r", what, exc)
+        else:
+            log.exception("%s failed", what)
 
 
 def error_code(exc: LlamadError) -> ErrorCode:

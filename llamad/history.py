@@ -508,6 +508,7 @@ class HistoryStore:
         and raises ``HistoryWriteError``.
         """
         while True:
+            size = 0
             try:
                 with self._gate.shared():
                     # Read inside the gate: env info is not safe during a resize.

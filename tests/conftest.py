@@ -214,3 +214,13 @@ def _toml(value: object) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
     return str(value)
+
+
+def ready_daemon(
+    make_llamad: Callable[..., Llamad], demo_models: dict[str, Path], **overrides: object
+) -> Llamad:
+    """A llamad with demo and demo-b configured and demo loaded and ready."""
+    daemon = make_llamad(demo_config(demo_models, **overrides), 'default_model = "demo"\n')
+    daemon.start()
+    daemon.wait_for("demo", lambda s: s.state == "ready")
+    return daemon

@@ -33,7 +33,7 @@ from llamad.protocol import (
     TextPart,
     Watch,
 )
-from tests.conftest import Llamad, demo_config
+from tests.conftest import Llamad, demo_config, ready_daemon
 
 pytestmark = pytest.mark.server
 
@@ -42,21 +42,12 @@ MakeLlamad = Callable[..., Llamad]
 LONG = ChatOptions(max_tokens=4000, ignore_eos=True, seed=7)
 
 
-def chat_daemon(
-    make_llamad: MakeLlamad, demo_models: dict[str, Path], **overrides: object
-) -> Llamad:
-    daemon = make_llamad(demo_config(demo_models, **overrides), 'default_model = "demo"\n')
-    daemon.start()
-    daemon.wait_for("demo", lambda s: s.state == "ready")
-    return daemon
-
-
 def run_chat(client: Client, **fields: object) -> list[ServerMessage]:
     return list(client.stream(lambda i: Chat(id=i, **fields)))  # type: ignore[arg-type]
 
 
 def test_chat_streams_and_is_stored(make_llamad: MakeLlamad, demo_models: dict[str, Path]) -> None:
-    daemon = chat_daemon(make_llamad, demo_models)
+    daemon = ready_daemon(make_llamad, demo_models)
     result = daemon.ctl("chat", "-v", "--max-tokens", "24", "--seed", "3", "hello there")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
@@ -91,7 +82,7 @@ def test_chat_streams_and_is_stored(make_llamad: MakeLlamad, demo_models: dict[s
 def test_two_clients_on_one_conversation_see_the_same_deltas(
     make_llamad: MakeLlamad, demo_models: dict[str, Path]
 ) -> None:
-    daemon = chat_daemon(make_llamad, demo_models)
+    daemon = ready_daemon(make_llamad, demo_models)
     with daemon.client() as first:
         started = run_chat(first, content="start", options=ChatOptions(max_tokens=3))
     conversation = next(m for m in started if isinstance(m, ChatStarted)).conversation.id
@@ -127,7 +118,7 @@ def test_four_conversations_stream_together_and_a_fifth_queues(
     make_llamad: MakeLlamad, demo_models: dict[str, Path]
 ) -> None:
     # 4 slots share one unified KV cache: room for four 4,000-token replies.
-    daemon = chat_daemon(make_llamad, demo_models, parallel=4, ctx_size=20480)
+    daemon = ready_daemon(make_llamad, demo_models, parallel=4, ctx_size=20480)
     results: dict[int, list[tuple[float, ServerMessage]]] = {}
 
     def one(index: int) -> None:
@@ -164,7 +155,7 @@ def test_four_conversations_stream_together_and_a_fifth_queues(
 
 
 def test_cancel_keeps_what_came(make_llamad: MakeLlamad, demo_models: dict[str, Path]) -> None:
-    daemon = chat_daemon(make_llamad, demo_models, ctx_size=8192)
+    daemon = ready_daemon(make_llamad, demo_models, ctx_size=8192)
     with daemon.client(timeout=60) as client, daemon.client() as canceller:
         stream = client.stream(lambda i: Chat(id=i, content="talk", options=LONG))
         received: list[str] = []
@@ -195,7 +186,7 @@ def test_cancel_keeps_what_came(make_llamad: MakeLlamad, demo_models: dict[str, 
 def test_chat_naming_another_model_switches_first(
     make_llamad: MakeLlamad, demo_models: dict[str, Path]
 ) -> None:
-    daemon = chat_daemon(make_llamad, demo_models)
+    daemon = ready_daemon(make_llamad, demo_models)
     with daemon.client(timeout=60) as client:
         messages = run_chat(client, content="hi", model="demo-b", options=ChatOptions(max_tokens=5))
     states = [(m.model.name, m.model.state) for m in messages if isinstance(m, StateChanged)]
@@ -209,7 +200,7 @@ def test_chat_naming_another_model_switches_first(
 def test_unknown_model_is_refused_before_anything_is_stored(
     make_llamad: MakeLlamad, demo_models: dict[str, Path]
 ) -> None:
-    daemon = chat_daemon(make_llamad, demo_models)
+    daemon = ready_daemon(make_llamad, demo_models)
     result = daemon.ctl("chat", "-m", "nope", "hi")
     assert result.returncode == 1
     assert "unknown model 'nope'" in result.stderr
@@ -219,7 +210,7 @@ def test_unknown_model_is_refused_before_anything_is_stored(
 def test_llamad_killed_mid_reply_keeps_the_partial_reply(
     make_llamad: MakeLlamad, demo_models: dict[str, Path]
 ) -> None:
-    daemon = chat_daemon(make_llamad, demo_models, ctx_size=65536)
+    daemon = ready_daemon(make_llamad, demo_models, ctx_size=65536)
     options = ChatOptions(max_tokens=60000, ignore_eos=True)
     deltas = 0
     with daemon.client(timeout=60) as client:
@@ -283,7 +274,7 @@ def test_list_and_search_over_a_thousand_conversations(
 def test_long_history_is_trimmed_to_fit_the_context(
     make_llamad: MakeLlamad, demo_models: dict[str, Path]
 ) -> None:
-    daemon = chat_daemon(make_llamad, demo_models, ctx_size=256)
+    daemon = ready_daemon(make_llamad, demo_models, ctx_size=256)
     # The demo vocabulary spells most words letter by letter: ~90 tokens a turn,
     # so three turns overflow a 256-token context.
     filler = "the word " * 10
@@ -309,7 +300,7 @@ def test_long_history_is_trimmed_to_fit_the_context(
 def test_a_message_too_big_for_the_context_is_a_clear_error(
     make_llamad: MakeLlamad, demo_models: dict[str, Path]
 ) -> None:
-    daemon = chat_daemon(make_llamad, demo_models, ctx_size=256)
+    daemon = ready_daemon(make_llamad, demo_models, ctx_size=256)
     result = daemon.ctl("chat", "the word " * 400)
     assert result.returncode == 1
     assert "raise ctx_size" in result.stderr

@@ -30,20 +30,11 @@ from llamad.protocol import (
     encode,
     frame,
 )
-from tests.conftest import FAKE_SERVER, Llamad, demo_config
+from tests.conftest import FAKE_SERVER, Llamad, demo_config, ready_daemon
 
 pytestmark = pytest.mark.server
 
 MakeLlamad = Callable[..., Llamad]
-
-
-def ready_daemon(
-    make_llamad: MakeLlamad, demo_models: dict[str, Path], **overrides: object
-) -> Llamad:
-    daemon = make_llamad(demo_config(demo_models, **overrides), 'default_model = "demo"\n')
-    daemon.start()
-    daemon.wait_for("demo", lambda s: s.state == "ready")
-    return daemon
 
 
 def pid_gone(pid: int, timeout: float = 5.0) -> bool:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import trio
 import trio.lowlevel
-from llamad.config import parse_config
 
+from llamad.config import parse_config
 from llamad.events import EventHub
 from llamad.llama_server import ServerBinary
 from llamad.manager import ModelManager, health_verdict

@@ -16,7 +16,7 @@ import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from llamad.protocol import Status, StatusReply
-from tests.conftest import Llamad, demo_config
+from tests.conftest import Llamad, ready_daemon
 
 pytestmark = pytest.mark.server
 
@@ -24,9 +24,7 @@ MakeLlamad = Callable[..., Llamad]
 
 
 def ws_daemon(make_llamad: MakeLlamad, demo_models: dict[str, Path]) -> tuple[Llamad, str, str]:
-    daemon = make_llamad(demo_config(demo_models), 'default_model = "demo"\n')
-    daemon.start()
-    daemon.wait_for("demo", lambda s: s.state == "ready")
+    daemon = ready_daemon(make_llamad, demo_models)
     with daemon.client() as client:
         reply = client.call(lambda i: Status(id=i))
     assert isinstance(reply, StatusReply) and reply.websocket is not None

@@ -9,6 +9,7 @@ disturbed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -17,8 +18,7 @@ from pathlib import Path
 
 import trio
 
-from llamad.concurrency import consists_of
-from llamad.dispatch import Dispatcher, PeerGone, SubscriberTooSlow
+from llamad.dispatch import Dispatcher, PeerGone, SubscriberTooSlow, contain_client
 from llamad.errors import StartupError
 from llamad.protocol import (
     Error,
@@ -33,14 +33,6 @@ from llamad.protocol import (
 
 log = logging.getLogger(__name__)
 
-# How a client disappearing shows up; not worth more than a debug line.
-_DISCONNECTS = (
-    PeerGone,
-    SubscriberTooSlow,
-    trio.BrokenResourceError,
-    trio.ClosedResourceError,
-    OSError,
-)
 
 FRAME_READ_TIMEOUT_SEC = 10.0  # a frame that has started must finish within this
 _UNIX_PATH_MAX = 107
@@ -122,15 +114,8 @@ class ControlServer:
         await trio.serve_listeners(self.handle, [trio_listener], task_status=task_status)
 
     async def handle(self, stream: trio.SocketStream) -> None:
-        # One client must never take the daemon down, whatever it does.
-        try:
-            async with stream:
-                await self._serve_client(stream)
-        except Exception as exc:
-            if consists_of(exc, _DISCONNECTS):
-                log.debug("control client went away: %r", exc)
-            else:
-                log.exception("control connection failed")
+        async with stream:
+            await contain_client(functools.partial(self._serve_client, stream), "control client")
 
     async def _serve_client(self, stream: trio.SocketStream) -> None:
         peer = _FramePeer(stream)

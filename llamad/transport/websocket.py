@@ -22,8 +22,13 @@ from urllib.parse import parse_qs, urlsplit
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
-from llamad.concurrency import consists_of
-from llamad.dispatch import Dispatcher, PeerGone, SubscriberTooSlow
+from llamad.dispatch import (
+    DISCONNECTS,
+    Dispatcher,
+    PeerGone,
+    SubscriberTooSlow,
+    contain_client,
+)
 from llamad.errors import ConfigError
 from llamad.protocol import (
     Error,
@@ -37,15 +42,6 @@ from llamad.protocol import (
 
 log = logging.getLogger(__name__)
 
-# How a client disappearing shows up; not worth more than a debug line.
-_DISCONNECTS = (
-    ConnectionClosed,
-    PeerGone,
-    SubscriberTooSlow,
-    trio.BrokenResourceError,
-    trio.ClosedResourceError,
-    OSError,
-)
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 PING_INTERVAL_SEC = 20.0
@@ -176,14 +172,11 @@ class WebSocketServer:
             task_status.started(server.port)
 
     async def _handle(self, request: WebSocketRequest) -> None:
-        # One client must never take the daemon down, whatever it does.
-        try:
-            await self._serve_client(request)
-        except Exception as exc:
-            if consists_of(exc, _DISCONNECTS):
-                log.debug("WebSocket client went away: %r", exc)
-            else:
-                log.exception("WebSocket connection failed")
+        await contain_client(
+            functools.partial(self._serve_client, request),
+            "WebSocket client",
+            (*DISCONNECTS, ConnectionClosed),
+        )
 
     async def _serve_client(self, request: WebSocketRequest) -> None:
         if self.dispatcher is None:  # llamad is still starting
