@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
 from llamactl.client import Client
@@ -154,6 +155,15 @@ def test_four_conversations_stream_together_and_a_fifth_queues(
     # Which one waits, and that it waits its turn, is SlotQueue's job: see test_slots.py.
 
 
+def _wait_slots_idle(socket_path: str) -> float:
+    """When llama-server reports no slot processing (polled every 2 ms)."""
+    transport = httpx.HTTPTransport(uds=socket_path)
+    with httpx.Client(transport=transport, base_url="http://x", timeout=5) as client:
+        while any(slot["is_processing"] for slot in client.get("/slots").json()):
+            time.sleep(0.002)
+    return time.monotonic()
+
+
 def test_cancel_keeps_what_came(make_llamad: MakeLlamad, demo_models: dict[str, Path]) -> None:
     daemon = ready_daemon(make_llamad, demo_models, ctx_size=8192)
     with daemon.client(timeout=60) as client, daemon.client() as canceller:
@@ -166,13 +176,21 @@ def test_cancel_keeps_what_came(make_llamad: MakeLlamad, demo_models: dict[str, 
             if isinstance(message, ChatDelta):
                 received.append(message.text)
                 if len(received) == 20:
+                    endpoint = daemon.status("demo").endpoint
+                    idle_at: list[float] = []
+                    poller = threading.Thread(
+                        target=lambda: idle_at.append(_wait_slots_idle(endpoint))  # noqa: B023
+                    )
                     began = time.monotonic()
+                    poller.start()
                     target = conversation
                     canceller.call(lambda i: Cancel(id=i, conversation=target))  # noqa: B023
             if isinstance(message, ChatDone):
                 stopped_after = time.monotonic() - began
                 done = message
+    poller.join(timeout=10)
     assert done.message.status == "cancelled"
+    assert idle_at[0] - began < 0.1  # llama-server itself stopped generating
     assert done.message.text == "".join(received)
     assert 20 <= len(received) < 4000
     assert stopped_after < 0.5
