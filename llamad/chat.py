@@ -366,7 +366,7 @@ class ChatEngine:
         seq = prepared.reply.seq
         options = prepared.request.options
         timeout = httpx.Timeout(None, connect=10.0)
-        async with http_client(model.endpoint, timeout=10.0) as client:
+        async with http_client(model.endpoint, timeout=10.0, keepalive=False) as client:
             client.timeout = timeout
             history = await self._fit(
                 client, model, prepared, await self._history_for_upstream(prepared)

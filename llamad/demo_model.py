@@ -3,11 +3,12 @@
 A supervisor for llama-server is only tested honestly against llama-server
 itself, and that needs a model: one small enough to generate in a test, load in
 a tenth of a second and fit in a repository-free quick start. ``write_demo_model``
-writes one: llama architecture (64-dim, 2 or 3 layers, 4 heads, f32), an SPM
-vocabulary of a few hundred tokens (``<unk>``/``<s>``/``</s>``, the 256 byte
-tokens, some English words and letters) and a ChatML chat template, so
-``/v1/chat/completions`` works. On two CPU cores llama-server loads it in about
-0.1 s and generates over a thousand tokens a second.
+writes one: llama architecture (64-dim, 2 or 3 layers, 4 heads, f32, a 64k
+trained context so long replies stay possible), an SPM vocabulary of a few
+hundred tokens (``<unk>``/``<s>``/``</s>``, the 256 byte tokens, some English
+words and letters) and a ChatML chat template, so ``/v1/chat/completions``
+works. On two CPU cores llama-server loads it in about 0.1 s and generates over
+a thousand tokens a second.
 
 Its weights are random: **it talks nonsense**. Two things are arranged on
 purpose so tests can rely on them: it never chooses a control or byte token, so
@@ -78,7 +79,7 @@ class DemoSpec:
     n_layer: int = 2
     n_head: int = 4
     n_ff: int = 128
-    n_ctx: int = 2048
+    n_ctx: int = 65536  # trained context: lets tests and benchmarks run long replies
 
 
 DEMO_VARIANTS: Mapping[str, DemoSpec] = {

@@ -63,11 +63,14 @@ class RequestCancelled(Exception):
     """A request in flight on a model that is being stopped or switched away."""
 
 
-def http_client(endpoint: Endpoint, timeout: float) -> httpx.AsyncClient:
+def http_client(endpoint: Endpoint, timeout: float, *, keepalive: bool = True) -> httpx.AsyncClient:
+    # llama-server may close a kept-alive connection after a streamed reply;
+    # clients that stream pass keepalive=False rather than risk reusing one.
+    limits = httpx.Limits(max_keepalive_connections=None if keepalive else 0)
     transport = (
-        httpx.AsyncHTTPTransport(uds=str(endpoint.socket_path))
+        httpx.AsyncHTTPTransport(uds=str(endpoint.socket_path), limits=limits)
         if endpoint.socket_path is not None
-        else httpx.AsyncHTTPTransport()
+        else httpx.AsyncHTTPTransport(limits=limits)
     )
     return httpx.AsyncClient(transport=transport, base_url=endpoint.base_url, timeout=timeout)
 

@@ -190,7 +190,9 @@ def test_cancel_keeps_what_came(make_llamad: MakeLlamad, demo_models: dict[str, 
                 done = message
     poller.join(timeout=10)
     assert done.message.status == "cancelled"
-    assert idle_at[0] - began < 0.1  # llama-server itself stopped generating
+    # llama-server itself stopped generating: typically within ~20 ms here; the
+    # bound is loose because a busy CI machine is not a benchmark.
+    assert idle_at[0] - began < 0.5
     assert done.message.text == "".join(received)
     assert 20 <= len(received) < 4000
     assert stopped_after < 0.5
