@@ -8,6 +8,7 @@ and answers ``/health`` with 200. Extra flags choose the fault:
   --fake-crash            exit 1 at once, before listening (a crash loop)
   --fake-children N       fork N children that sleep in the same process group
   --fake-never-ready      answer /health with 503 forever
+  --fake-ready-after S    answer /health with 503 for S seconds (a slow model load)
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def main() -> None:
     parser.add_argument("--fake-crash", action="store_true")
     parser.add_argument("--fake-children", type=int, default=0)
     parser.add_argument("--fake-never-ready", action="store_true")
+    parser.add_argument("--fake-ready-after", type=float, default=0.0)
     args, _unknown = parser.parse_known_args()
     print(f"fake llama-server pid {os.getpid()} starting", flush=True)
     if args.fake_crash:
@@ -68,6 +70,7 @@ def main() -> None:
             while True:
                 time.sleep(1)
     Handler.never_ready = args.fake_never_ready
+    Handler.ready_at = time.monotonic() + args.fake_ready_after
     server: socketserver.BaseServer
     if args.host.endswith(".sock") or args.host.startswith("/"):
         server = UnixHTTPServer(args.host, Handler)
