@@ -1,13 +1,55 @@
-"""``llama-tui``: the terminal chat client (built in a later milestone)."""
+"""``llama-tui``: chat with your local models in the terminal, through llamad."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import sys
+from pathlib import Path
+
+from llama_tui.app import App, Options
 
 
-def main() -> int:
-    print("llama-tui is not available yet; use `llamactl` to control llamad.", file=sys.stderr)
-    return 1
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llama-tui",
+        description="Terminal chat client for llamad. F1 in the app lists the keys.",
+    )
+    parser.add_argument(
+        "--socket", type=Path, help="use llamad's Unix socket instead of the WebSocket"
+    )
+    parser.add_argument("--url", help="WebSocket URL (default ws://127.0.0.1:8765/)")
+    parser.add_argument(
+        "--token-file", type=Path, help="WebSocket token (default $XDG_RUNTIME_DIR/llamad/token)"
+    )
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--conversation", "-c", metavar="ID", help="open this conversation")
+    which.add_argument("--new", action="store_true", help="start with a new conversation")
+    parser.add_argument("--model", "-m", help="load this model at start")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if not sys.stdin.isatty() or not sys.stdout.isatty():
+        print("llama-tui: needs a terminal (stdin and stdout must be a tty)", file=sys.stderr)
+        return 2
+    import blessed
+    import trio
+
+    term = blessed.Terminal()
+    options = Options(
+        args.socket, args.url, args.conversation, args.new, args.model, args.token_file
+    )
+    # The context managers restore the terminal on any exit, a crash included.
+    with (
+        term.fullscreen(),
+        term.cbreak(),
+        term.hidden_cursor(),
+        contextlib.suppress(KeyboardInterrupt),
+    ):
+        trio.run(App(term, options).run)
+    return 0
 
 
 if __name__ == "__main__":

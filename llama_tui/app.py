@@ -1,0 +1,340 @@
+"""The TUI's I/O shell: terminal, keys, llamad, repaint.
+
+Four tasks in one nursery: ``_keys`` (waits for stdin with
+``trio.lowlevel.wait_readable``, then reads with ``inkey(timeout=0)``, since
+blessed's async reader is asyncio-only), ``_network`` (connects, reconnects
+with backoff, applies every message to the view), ``_painter`` (the only task
+that writes to the terminal: at most 30 frames a second, only changed rows,
+inside synchronized output) and ``_signals`` (SIGWINCH). Decisions live in
+``llama_tui.view``.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import blessed
+import trio
+
+from llama_tui.connection import Connection, Disconnected, connect
+from llama_tui.markdown import Line
+from llama_tui.view import (
+    CancelReply,
+    Intent,
+    LoadModel,
+    OpenConversation,
+    Quit,
+    Send,
+    View,
+)
+from llamad.protocol import (
+    Cancel,
+    Chat,
+    ChatDelta,
+    ChatDone,
+    ChatStarted,
+    Conversation,
+    ConversationReply,
+    Conversations,
+    Error,
+    GetConversation,
+    ListConversations,
+    Load,
+    QueuePosition,
+    Request,
+    ServerMessage,
+    StateChanged,
+    Status,
+    StatusReply,
+    Subscribe,
+)
+
+FRAME_INTERVAL_SEC = 1 / 30
+ANIMATION_INTERVAL_SEC = 0.1
+
+# Pygments token types to terminal colours (the first matching prefix wins).
+_TOKEN_COLOURS = (
+    ("Comment", "bright_black"),
+    ("Keyword", "magenta"),
+    ("Name.Function", "blue"),
+    ("Name.Class", "blue"),
+    ("Name.Builtin", "cyan"),
+    ("Literal.String", "green"),
+    ("Literal.Number", "yellow"),
+    ("Operator", "cyan"),
+)
+_STYLE_ATTRS = (
+    ("bold", "bold"),
+    ("heading", "bold"),
+    ("italic", "italic"),
+    ("link", "underline"),
+    ("code", "cyan"),
+    ("quote", "dim"),
+    ("dim", "dim"),
+    ("rule", "dim"),
+    ("fence", "dim"),
+    ("reverse", "reverse"),
+)
+
+
+@dataclass
+class Options:
+    socket: Path | None = None
+    url: str | None = None
+    conversation: str | None = None
+    new: bool = False
+    model: str | None = None
+    token_file: Path | None = None
+
+
+class App:
+    def __init__(self, term: blessed.Terminal, options: Options) -> None:
+        self.term = term
+        self.options = options
+        self.view = View()
+        self._ids = itertools.count(1)
+        self._connection: Connection | None = None
+        self._dirty = trio.Event()
+        self._frame: list[str] = []
+        self._pending_new: set[int] = set()  # chat request ids that start a conversation
+        self._opened = False
+
+    # ----------------------------------------------------------- plumbing
+
+    def invalidate(self, full: bool = False) -> None:
+        if full:
+            self._frame = []
+        self._dirty.set()
+
+    async def request(self, make: Callable[..., Request]) -> int:
+        request_id = next(self._ids)
+        if self._connection is None:
+            self.view.notice = "not connected to llamad; try again in a moment"
+            self.invalidate()
+            return request_id
+        try:
+            await self._connection.send(make(id=request_id))
+        except Disconnected as exc:
+            self.view.notice = str(exc)
+        return request_id
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._painter)
+            nursery.start_soon(self._network)
+            nursery.start_soon(self._signals)
+            nursery.start_soon(self._animate)
+            await self._keys()
+            nursery.cancel_scope.cancel()
+
+    # --------------------------------------------------------------- keys
+
+    async def _keys(self) -> None:
+        stdin = sys.stdin.fileno()
+        while True:
+            await trio.lowlevel.wait_readable(stdin)
+            while True:
+                key = self.term.inkey(timeout=0)
+                if not key:
+                    break
+                name = key.name or "" if key.is_sequence else ""
+                intent = self.view.key(name, "" if key.is_sequence else str(key))
+                if isinstance(intent, Quit):
+                    return
+                if intent is not None:
+                    await self._carry_out(intent)
+                self.invalidate()
+
+    async def _carry_out(self, intent: Intent) -> None:
+        view = self.view
+        match intent:
+            case Send(text):
+                request_id = await self.request(
+                    functools.partial(Chat, content=text, conversation=view.current)
+                )
+                if view.current is None:
+                    self._pending_new.add(request_id)
+            case LoadModel(name):
+                await self.request(functools.partial(Load, model=name, wait=False))
+            case OpenConversation(None):
+                view.current = None
+                view.scroll = 0
+            case OpenConversation(conversation):
+                assert conversation is not None
+                view.current = conversation
+                view.scroll = 0
+                if conversation not in view.generating:
+                    await self.request(
+                        functools.partial(GetConversation, conversation=conversation)
+                    )
+            case CancelReply(conversation):
+                await self.request(functools.partial(Cancel, conversation=conversation))
+            case Quit():
+                pass
+
+    # ------------------------------------------------------------ network
+
+    async def _network(self) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                async with trio.open_nursery() as nursery:
+                    self._connection = await connect(
+                        nursery,
+                        socket_path=self.options.socket,
+                        url=self.options.url,
+                        token_file=self.options.token_file,
+                    )
+                    backoff = 0.5
+                    await self._on_connected()
+                    while True:
+                        self._apply(await self._connection.receive())
+                        self.invalidate()
+            except Exception as exc:
+                reason = _reason(exc)
+            self._connection = None
+            self.view.connected = False
+            deadline = time.monotonic() + backoff
+            while (left := deadline - time.monotonic()) > 0:
+                self.view.connection = f"{reason}; retrying in {left:.0f} s"
+                self.invalidate()
+                await trio.sleep(min(left, 1.0))
+            self.view.connection = "connecting…"
+            backoff = min(backoff * 2, 5.0)
+
+    async def _on_connected(self) -> None:
+        self.view.connected = True
+        self.view.connection = "connected"
+        self.view.notice = ""
+        await self.request(functools.partial(Subscribe, topics=["state"]))
+        await self.request(functools.partial(Status))
+        await self.request(functools.partial(ListConversations, limit=200))
+        if self.view.current is not None:  # back after a reconnect: where we were
+            await self.request(functools.partial(GetConversation, conversation=self.view.current))
+        if self.options.model and not self._opened:
+            await self.request(functools.partial(Load, model=self.options.model, wait=False))
+
+    def _apply(self, message: ServerMessage) -> None:
+        view = self.view
+        match message:
+            case StatusReply(models=models, active=active):
+                view.models = {m.name: m for m in models}
+                view.active_model = active
+            case StateChanged(model=status):
+                view.models[status.name] = status
+                if status.state in ("starting", "ready"):
+                    view.active_model = status.name
+                if status.state == "ready" and view.notice.startswith("Loading"):
+                    view.notice = ""
+                if status.state == "failed":
+                    view.notice = f"{status.name} failed: {status.reason}"
+            case Conversations(conversations=conversations):
+                view.conversations = conversations
+                if not self._opened:
+                    self._opened = True
+                    first = self.options.conversation or (
+                        None if self.options.new or not conversations else conversations[0].id
+                    )
+                    if first is not None:
+                        self._nursery.start_soon(
+                            self._carry_out, OpenConversation(_resolve(first, conversations))
+                        )
+            case ConversationReply(conversation=conversation, messages=messages):
+                view.set_messages(conversation.id, messages)
+            case ChatStarted(id=request_id, conversation=conversation, user=user):
+                if request_id in self._pending_new:
+                    self._pending_new.discard(request_id)
+                    view.current = conversation.id
+                if all(c.id != conversation.id for c in view.conversations):
+                    view.conversations.insert(0, conversation)
+                view.add_user(conversation.id, user)
+            case ChatDelta(conversation=conversation, text=text):
+                view.add_delta(conversation, text)
+            case ChatDone(message=reply):
+                view.finish(reply.conversation, reply)
+                self._nursery.start_soon(
+                    self.request, functools.partial(ListConversations, limit=200)
+                )
+            case QueuePosition(position=position):
+                view.notice = f"waiting for a free slot: position {position}"
+            case Error(message=text):
+                view.notice = text
+            case _:
+                pass
+
+    # ----------------------------------------------------------- painting
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGWINCH) as signals:
+            async for _ in signals:
+                self.invalidate(full=True)
+
+    async def _animate(self) -> None:
+        """Spinner and loading timer tick while something is in progress."""
+        while True:
+            await trio.sleep(ANIMATION_INTERVAL_SEC)
+            if self.view.loading() is not None or self.view.waiting_first_token:
+                self.invalidate()
+
+    async def _painter(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty = trio.Event()
+            self.paint()
+            await trio.sleep(FRAME_INTERVAL_SEC)  # at most 30 frames a second
+
+    def paint(self) -> None:
+        term = self.term
+        width, height = term.width, term.height
+        rows = [self.encode_line(line, width) for line in self.view.layout(width, height)]
+        if len(self._frame) != len(rows):
+            self._frame = [""] * len(rows)
+            out = [term.home + term.clear]
+        else:
+            out = []
+        for y, row in enumerate(rows):
+            if row != self._frame[y]:
+                out.append(term.move_yx(y, 0) + row + term.normal + term.clear_eol)
+        self._frame = rows
+        cursor_row = height - 2
+        with term.synchronized_output():
+            sys.stdout.write("".join(out) + term.move_yx(cursor_row, 0))
+            sys.stdout.flush()
+
+    def encode_line(self, line: Line, width: int) -> str:
+        term = self.term
+        out: list[str] = []
+        for span in line:
+            codes = "".join(
+                getattr(term, attr) for style, attr in _STYLE_ATTRS if style in span.style
+            )
+            if span.color is not None:
+                colour = next(
+                    (c for prefix, c in _TOKEN_COLOURS if span.color.startswith(prefix)), None
+                )
+                if colour is not None:
+                    codes += getattr(term, colour)
+            out.append(f"{codes}{span.text}{term.normal}" if codes else span.text)
+        return "".join(out)
+
+
+def _resolve(prefix: str, conversations: Sequence[Conversation]) -> str:
+    for conversation in conversations:
+        if conversation.id.startswith(prefix):
+            return conversation.id
+    return prefix
+
+
+def _reason(exc: BaseException) -> str:
+    """One line for the status bar, from whatever ended the connection."""
+    if isinstance(exc, BaseExceptionGroup):
+        return _reason(exc.exceptions[0])
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,417 @@
+"""The TUI's pure core: what is on screen, what a key means, where things go.
+
+No terminal and no I/O here: ``View`` holds the state, ``View.key`` turns a
+key into an ``Intent`` for the app to carry out, and ``View.layout`` turns the
+state into rows of styled spans for a given terminal size. The app owns the
+terminal and paints those rows; tests check them as plain text.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from llama_tui.markdown import IncrementalRenderer, Line, Span, display_width
+from llamad.protocol import Conversation, Message, MessageStats, ModelStatus
+
+SIDEBAR_WIDTH = 26
+SIDEBAR_MIN_TERMINAL = 80  # narrower terminals hide the sidebar automatically
+SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+
+Mode = Literal["chat", "picker", "help"]
+
+
+@dataclass(frozen=True)
+class Send:
+    text: str
+
+
+@dataclass(frozen=True)
+class LoadModel:
+    name: str
+
+
+@dataclass(frozen=True)
+class OpenConversation:
+    conversation: str | None  # None: a new one
+
+
+@dataclass(frozen=True)
+class CancelReply:
+    conversation: str
+
+
+@dataclass(frozen=True)
+class Quit:
+    pass
+
+
+Intent = Send | LoadModel | OpenConversation | CancelReply | Quit
+
+HELP = [
+    ("Enter", "send the message"),
+    ("Alt+Enter, Ctrl+J", "new line in the message"),
+    ("↑ / ↓", "earlier prompts (on the first line of the input)"),
+    ("PgUp / PgDn, Home / End", "scroll the conversation"),
+    ("Ctrl+L, /model", "choose a model"),
+    ("Ctrl+N", "new conversation"),
+    ("Ctrl+↑ / Ctrl+↓", "previous / next conversation"),
+    ("Ctrl+B", "show or hide the conversation list"),
+    ("Esc", "stop the reply being generated"),
+    ("Ctrl+C", "stop the reply; twice: quit"),
+    ("Ctrl+Q", "quit"),
+    ("F1, ?", "this help (any key closes it)"),
+]
+
+
+@dataclass
+class Entry:
+    """One message on screen, with its Markdown rendered once per width."""
+
+    role: str
+    text: str
+    status: str = "complete"
+    model: str | None = None
+    error: str = ""
+    _renderer: IncrementalRenderer | None = None
+    _width: int = 0
+
+    def lines(self, width: int) -> list[Line]:
+        if self._renderer is None or self._width != width:
+            self._renderer = IncrementalRenderer(width)
+            self._width = width
+        return self._renderer.update(self.text)
+
+
+def _entry(message: Message) -> Entry:
+    return Entry(message.role, message.text, message.status, message.model, message.error)
+
+
+@dataclass
+class View:
+    conversations: list[Conversation] = field(default_factory=list)
+    current: str | None = None
+    entries: dict[str, list[Entry]] = field(default_factory=dict)
+    generating: set[str] = field(default_factory=set)
+    waiting_first_token: set[str] = field(default_factory=set)
+    models: dict[str, ModelStatus] = field(default_factory=dict)
+    active_model: str | None = None
+    connection: str = "connecting…"
+    connected: bool = False
+    input: str = ""
+    history: list[str] = field(default_factory=list)
+    history_index: int | None = None
+    scroll: int = 0  # rows above the bottom; 0 follows new text
+    new_below: bool = False
+    mode: Mode = "chat"
+    picker_index: int = 0
+    sidebar: bool = True
+    last_stats: MessageStats | None = None
+    notice: str = ""
+    interrupts: int = 0  # Ctrl+C presses in a row
+
+    # ------------------------------------------------------------ updates
+
+    def set_messages(self, conversation: str, messages: list[Message]) -> None:
+        self.entries[conversation] = [_entry(m) for m in messages if m.role != "system"]
+
+    def add_user(self, conversation: str, message: Message) -> None:
+        self.entries.setdefault(conversation, []).append(_entry(message))
+        self.entries[conversation].append(Entry("assistant", "", "incomplete"))
+        self.generating.add(conversation)
+        self.waiting_first_token.add(conversation)
+
+    def add_delta(self, conversation: str, text: str) -> None:
+        entries = self.entries.setdefault(conversation, [Entry("assistant", "", "incomplete")])
+        if entries[-1].role != "assistant":
+            entries.append(Entry("assistant", "", "incomplete"))
+        entries[-1].text += text
+        self.waiting_first_token.discard(conversation)
+        if conversation == self.current and self.scroll > 0:
+            self.new_below = True
+
+    def finish(self, conversation: str, message: Message) -> None:
+        entries = self.entries.setdefault(conversation, [])
+        if entries and entries[-1].role == "assistant":
+            entries[-1] = _entry(message)
+        else:
+            entries.append(_entry(message))
+        self.generating.discard(conversation)
+        self.waiting_first_token.discard(conversation)
+        if message.stats is not None:
+            self.last_stats = message.stats
+        if message.status == "error":
+            self.notice = message.error
+
+    def loading(self) -> ModelStatus | None:
+        for status in self.models.values():
+            if status.state in ("starting", "backoff"):
+                return status
+        return None
+
+    # --------------------------------------------------------------- keys
+
+    def key(self, name: str, char: str) -> Intent | None:
+        """Apply a key; returns what the app must do, if anything.
+
+        ``name`` is blessed's key name (``KEY_ENTER``…) or "" for a plain
+        character in ``char``.
+        """
+        if name != "CTRL_C" and char != "\x03":
+            self.interrupts = 0
+        if self.mode == "help":
+            self.mode = "chat"
+            return None
+        if self.mode == "picker":
+            return self._picker_key(name, char)
+        if char == "\x11":  # Ctrl+Q
+            return Quit()
+        if char == "\x03":  # Ctrl+C: stop the reply; twice in a row quits
+            self.interrupts += 1
+            if self.interrupts >= 2:
+                return Quit()
+            if self.current in self.generating:
+                return CancelReply(self.current)
+            self.notice = "Ctrl+C again quits"
+            return None
+        if name == "KEY_ESCAPE":
+            if self.current in self.generating:
+                return CancelReply(self.current)
+            return None
+        if name == "KEY_F1" or (char == "?" and not self.input):
+            self.mode = "help"
+            return None
+        if char == "\x0c":  # Ctrl+L
+            self._open_picker()
+            return None
+        if char == "\x0e":  # Ctrl+N
+            return OpenConversation(None)
+        if char == "\x02":  # Ctrl+B
+            self.sidebar = not self.sidebar
+            return None
+        if name in ("KEY_ENTER",) and char != "\n":
+            return self._submit()
+        if char in ("\r",):
+            return self._submit()
+        if char == "\n" or name == "KEY_ALT_ENTER":  # Ctrl+J / Alt+Enter: a new line
+            self.input += "\n"
+            return None
+        if name == "KEY_BACKSPACE" or char in ("\x7f", "\x08"):
+            self.input = self.input[:-1]
+            return None
+        if name == "KEY_PGUP":
+            self.scroll += 10
+            return None
+        if name == "KEY_PGDOWN":
+            self.scroll = max(self.scroll - 10, 0)
+            self.new_below = self.new_below and self.scroll > 0
+            return None
+        if name == "KEY_HOME":
+            self.scroll = 10**9  # clamped by layout
+            return None
+        if name == "KEY_END":
+            self.scroll = 0
+            self.new_below = False
+            return None
+        if name in ("KEY_SUP", "KEY_SDOWN") or name.startswith("KEY_CTRL_"):
+            return self._switch_conversation(-1 if "UP" in name else 1)
+        if name in ("KEY_UP", "KEY_DOWN") and "\n" not in self.input:
+            self._recall(-1 if name == "KEY_UP" else 1)
+            return None
+        if char and not name and char.isprintable():
+            self.input += char
+            return None
+        return None
+
+    def _submit(self) -> Intent | None:
+        text = self.input.strip()
+        if not text:
+            return None
+        self.input = ""
+        self.history_index = None
+        if not self.history or self.history[-1] != text:
+            self.history.append(text)
+        if text in ("/model", "/models"):
+            self._open_picker()
+            return None
+        if text == "/new":
+            return OpenConversation(None)
+        if text == "/help":
+            self.mode = "help"
+            return None
+        self.scroll = 0
+        self.new_below = False
+        return Send(text)
+
+    def _recall(self, step: int) -> None:
+        if not self.history:
+            return
+        index = len(self.history) if self.history_index is None else self.history_index
+        index = min(max(index + step, 0), len(self.history))
+        self.history_index = index
+        self.input = self.history[index] if index < len(self.history) else ""
+
+    def _switch_conversation(self, step: int) -> Intent | None:
+        ids = [c.id for c in self.conversations]
+        if not ids:
+            return None
+        index = ids.index(self.current) if self.current in ids else -1
+        return OpenConversation(ids[(index + step) % len(ids)])
+
+    def _open_picker(self) -> None:
+        self.mode = "picker"
+        names = list(self.models)
+        self.picker_index = names.index(self.active_model) if self.active_model in names else 0
+
+    def _picker_key(self, name: str, char: str) -> Intent | None:
+        names = list(self.models)
+        if name == "KEY_ESCAPE" or char in ("\x0c", "\x03"):
+            self.mode = "chat"
+        elif name == "KEY_UP":
+            self.picker_index = max(self.picker_index - 1, 0)
+        elif name == "KEY_DOWN":
+            self.picker_index = min(self.picker_index + 1, len(names) - 1)
+        elif (name == "KEY_ENTER" or char in ("\r", "\n")) and names:
+            self.mode = "chat"
+            return LoadModel(names[self.picker_index])
+        return None
+
+    # ------------------------------------------------------------- layout
+
+    def layout(self, width: int, height: int, now: float | None = None) -> list[Line]:
+        """The whole screen as ``height`` rows of spans, none wider than ``width``."""
+        now = time.time() if now is None else now
+        show_sidebar = self.sidebar and width >= SIDEBAR_MIN_TERMINAL
+        side = SIDEBAR_WIDTH if show_sidebar else 0
+        main_width = width - side - (1 if show_sidebar else 0)
+        input_lines = self._input_lines(main_width)
+        body_height = max(height - 1 - len(input_lines) - 1, 1)  # status bar, separator
+        if self.mode == "help":
+            body = self._help_rows(main_width, body_height)
+        elif self.mode == "picker":
+            body = self._picker_rows(main_width, body_height, now)
+        else:
+            body = self._chat_rows(main_width, body_height, now)
+        separator: Line = (Span("─" * main_width, frozenset({"dim"})),)
+        main = [*body, separator, *input_lines]
+        rows: list[Line] = []
+        sidebar = self._sidebar_rows(side, height - 1) if show_sidebar else []
+        for index in range(height - 1):
+            row = main[index] if index < len(main) else ()
+            if show_sidebar:
+                left = sidebar[index] if index < len(sidebar) else ()
+                row = (*_pad(left, side), Span("│", frozenset({"dim"})), *row)
+            rows.append(row)
+        rows.append(self._status_row(width, now))
+        return rows
+
+    def _chat_rows(self, width: int, height: int, now: float) -> list[Line]:
+        lines: list[Line] = []
+        for entry in self.entries.get(self.current or "", []):
+            lines += list(self._entry_lines(entry, width, now))
+        if not lines:
+            hint = "Type a message and press Enter.  F1 for help, Ctrl+L for models."
+            lines = [(Span(hint[:width], frozenset({"dim"})),)]
+        max_scroll = max(len(lines) - height, 0)
+        self.scroll = min(self.scroll, max_scroll)
+        end = len(lines) - self.scroll
+        visible = lines[max(end - height, 0) : end]
+        if self.new_below and self.scroll > 0 and visible:
+            visible[-1] = (Span("↓ new".rjust(width), frozenset({"bold"})),)
+        return visible + [()] * (height - len(visible))
+
+    def _entry_lines(self, entry: Entry, width: int, now: float) -> Iterator[Line]:
+        if entry.role == "user":
+            yield (Span("you", frozenset({"bold"})),)
+        else:
+            label = entry.model or self.active_model or "assistant"
+            flag = "" if entry.status == "complete" else f" [{entry.status}]"
+            yield (Span(f"{label}{flag}", frozenset({"bold", "heading"})),)
+        if entry.role == "assistant" and not entry.text and entry.status == "incomplete":
+            frame = SPINNER[int(now * 10) % len(SPINNER)]
+            yield (Span(f"{frame} thinking…", frozenset({"dim"})),)
+        else:
+            yield from entry.lines(width)
+        if entry.error:
+            yield (Span(f"error: {entry.error}"[:width], frozenset({"bold"})),)
+        yield ()
+
+    def _input_lines(self, width: int) -> list[Line]:
+        prompt = "> "
+        lines: list[Line] = []
+        for index, text in enumerate(self.input.split("\n")[-5:]):
+            lead = prompt if index == 0 else "  "
+            shown = text[-(width - 3) :] if display_width(text) > width - 3 else text
+            lines.append((Span(lead, frozenset({"bold"})), Span(shown)))
+        return lines
+
+    def _sidebar_rows(self, width: int, height: int) -> list[Line]:
+        rows: list[Line] = [(Span("Conversations"[:width], frozenset({"bold"})),)]
+        for conversation in self.conversations[: height - 1]:
+            marker = "●" if conversation.id in self.generating else " "
+            title = conversation.title or "(new)"
+            text = f"{marker} {title}"
+            text = text if display_width(text) <= width else text[: width - 1] + "…"
+            style = frozenset({"bold"}) if conversation.id == self.current else frozenset()
+            rows.append((Span(text, style),))
+        return rows
+
+    def _picker_rows(self, width: int, height: int, now: float) -> list[Line]:
+        rows: list[Line] = [
+            (Span("Choose a model (Enter loads it, Esc closes)", frozenset({"bold"})),),
+            (),
+        ]
+        for index, (name, status) in enumerate(self.models.items()):
+            marker = "›" if index == self.picker_index else " "
+            state = status.state + (f": {status.reason}" if status.reason else "")
+            text = f"{marker} {name:<16} {state}"[:width]
+            rows.append(
+                (Span(text, frozenset({"bold"}) if index == self.picker_index else frozenset()),)
+            )
+        return rows[:height] + [()] * (height - len(rows))
+
+    def _help_rows(self, width: int, height: int) -> list[Line]:
+        rows: list[Line] = [(Span("Keys (any key closes this)", frozenset({"bold"})),), ()]
+        for keys, meaning in HELP:
+            rows.append(
+                (
+                    Span(f"{keys:<26}"[:width], frozenset({"bold"})),
+                    Span(meaning[: max(width - 26, 0)]),
+                )
+            )
+        return rows[:height] + [()] * (height - len(rows))
+
+    def _status_row(self, width: int, now: float) -> Line:
+        parts: list[str] = []
+        loading = self.loading()
+        if loading is not None:
+            parts.append(f"Loading {loading.name}… {max(now - loading.since, 0.0):.1f} s")
+        elif self.active_model is not None:
+            state = self.models.get(self.active_model)
+            parts.append(f"{self.active_model} {state.state if state else ''}".strip())
+        else:
+            parts.append("no model")
+        parts.append(self.connection)
+        if self.last_stats is not None:
+            stats = self.last_stats
+            if stats.tokens_per_second:
+                parts.append(f"{stats.tokens_per_second:.0f} tok/s")
+            if stats.time_to_first_token_ms is not None:
+                parts.append(f"first token {stats.time_to_first_token_ms:.0f} ms")
+            if stats.prompt_tokens is not None and stats.completion_tokens is not None:
+                parts.append(f"context {stats.prompt_tokens + stats.completion_tokens}")
+        if self.notice:
+            parts.append(self.notice)
+        parts.append("F1 help")
+        text = " │ ".join(parts)
+        text = text if display_width(text) <= width else text[: max(width - 1, 0)] + "…"
+        return (Span(text.ljust(width), frozenset({"reverse"})),)
+
+
+def _pad(line: Line, width: int) -> Line:
+    used = sum(display_width(span.text) for span in line)
+    if used >= width:
+        return line
+    return (*line, Span(" " * (width - used)))

@@ -1,0 +1,215 @@
+"""llama-tui in a real terminal: tmux runs it against a real llamad; we read the screen."""
+
+from __future__ import annotations
+
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from llamad.protocol import Status, StatusReply
+from tests.conftest import FAKE_SERVER, Llamad, ready_daemon
+
+pytestmark = pytest.mark.server
+
+MakeLlamad = Callable[..., Llamad]
+
+
+class Tmux:
+    """One tmux session running llama-tui, at a fixed size."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str], size: tuple[int, int]):
+        self.name = name
+        width, height = size
+        exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items() if k.isidentifier())
+        script = f"env -i {exports} TERM=xterm-256color {shlex.join(command)}"
+        subprocess.run(
+            ["tmux", "new-session", "-d", "-s", name, "-x", str(width), "-y", str(height), script],
+            check=True,
+        )
+
+    def send(self, *keys: str) -> None:
+        subprocess.run(["tmux", "send-keys", "-t", self.name, *keys], check=True)
+
+    def type(self, text: str) -> None:
+        subprocess.run(["tmux", "send-keys", "-t", self.name, "-l", text], check=True)
+
+    def screen(self) -> str:
+        return subprocess.run(
+            ["tmux", "capture-pane", "-p", "-t", self.name],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
+    def wait_for(self, text: str, timeout: float = 15.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            screen = self.screen()
+            if text in screen:
+                return screen
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} never appeared; the screen:\n{screen}")
+            time.sleep(0.05)
+
+    def resize(self, width: int, height: int) -> None:
+        subprocess.run(
+            ["tmux", "resize-window", "-t", self.name, "-x", str(width), "-y", str(height)],
+            check=True,
+        )
+
+    def kill(self) -> None:
+        subprocess.run(["tmux", "kill-session", "-t", self.name], check=False, capture_output=True)
+
+
+@pytest.fixture
+def tui(request: pytest.FixtureRequest) -> Iterator[Callable[..., Tmux]]:
+    sessions: list[Tmux] = []
+
+    def start(daemon: Llamad, *args: str, size: tuple[int, int] = (100, 30)) -> Tmux:
+        with daemon.client() as client:
+            reply = client.call(lambda i: Status(id=i))
+        assert isinstance(reply, StatusReply) and reply.websocket is not None
+        command = [
+            sys.executable,
+            "-m",
+            "llama_tui",
+            "--url",
+            f"ws://{reply.websocket}/",
+            "--token-file",
+            str(daemon.runtime_dir / "token"),
+            *args,
+        ]
+        session = Tmux(
+            f"llamad-test-{len(sessions)}-{time.monotonic_ns()}", command, daemon.env, size
+        )
+        sessions.append(session)
+        return session
+
+    yield start
+    for session in sessions:
+        session.kill()
+
+
+def test_history_at_start_and_a_streamed_reply(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path], tui: Callable[..., Tmux]
+) -> None:
+    daemon = ready_daemon(make_llamad, demo_models)
+    assert daemon.ctl("chat", "--max-tokens", "5", "an earlier question").returncode == 0
+    screen = tui(daemon)
+    shown = screen.wait_for("an earlier question")
+    assert "Conversations" in shown  # the sidebar, at 100 columns
+    assert "demo ready" in shown
+    screen.type("hello from the terminal")
+    screen.send("Enter")
+    done = screen.wait_for("tok/s")
+    assert "hello from the terminal" in done
+    listing = daemon.ctl("history", "show", daemon_last_conversation(daemon)).stdout
+    reply_words = listing.strip().splitlines()[-1].split()[:3]
+    assert " ".join(reply_words) in done.replace("\n", " ") or all(w in done for w in reply_words)
+
+
+def daemon_last_conversation(daemon: Llamad) -> str:
+    import json
+
+    return str(json.loads(daemon.ctl("history", "list", "--json").stdout)[0]["id"])
+
+
+def test_model_picker_shows_loading_then_ready(
+    make_llamad: MakeLlamad, tmp_path: Path, tui: Callable[..., Tmux]
+) -> None:
+    model = tmp_path / "fake.gguf"
+    model.write_bytes(b"GGUF")
+    daemon = make_llamad(
+        f'[models.fast]\npath = "{model}"\n'
+        f'[models.slow]\npath = "{model}"\nargs = ["--fake-ready-after", "2"]\n',
+        'default_model = "fast"\n',
+        binary=FAKE_SERVER,
+    )
+    daemon.start()
+    daemon.wait_for("fast", lambda s: s.state == "ready")
+    screen = tui(daemon)
+    screen.wait_for("fast ready")
+    screen.send("C-l")
+    picker = screen.wait_for("Choose a model")
+    assert "slow" in picker
+    screen.send("Down")
+    screen.send("Enter")
+    loading = screen.wait_for("Loading slow…")
+    assert " s " in loading or " s│" in loading or "s │" in loading
+    screen.wait_for("slow ready", timeout=15)
+    # The input stayed usable meanwhile.
+    screen.type("still typing")
+    screen.wait_for("still typing")
+
+
+def test_resize_reflows(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path], tui: Callable[..., Tmux]
+) -> None:
+    daemon = ready_daemon(make_llamad, demo_models)
+    screen = tui(daemon, size=(100, 30))
+    assert "Conversations" in screen.wait_for("demo ready")
+    screen.resize(70, 20)
+    deadline = time.monotonic() + 5
+    while "Conversations" in screen.screen() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    narrow = screen.screen()
+    assert "Conversations" not in narrow  # the sidebar hides on a narrow terminal
+    assert max(len(line) for line in narrow.splitlines()) <= 70
+    assert "demo ready" in narrow
+    screen.resize(100, 30)
+    screen.wait_for("Conversations")
+
+
+def test_help_overlay(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path], tui: Callable[..., Tmux]
+) -> None:
+    daemon = ready_daemon(make_llamad, demo_models)
+    screen = tui(daemon)
+    screen.wait_for("demo ready")
+    screen.send("F1")
+    shown = screen.wait_for("Keys (any key closes this)")
+    assert "Ctrl+L" in shown and "Ctrl+Q" in shown
+    screen.send("x")
+    deadline = time.monotonic() + 5
+    while "Keys (any key" in screen.screen() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "Keys (any key" not in screen.screen()
+
+
+def test_llamad_restart_while_open(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path], tui: Callable[..., Tmux]
+) -> None:
+    daemon = ready_daemon(make_llamad, demo_models)
+    daemon.config_path.write_text(
+        daemon.config_path.read_text().replace(
+            'websocket = "127.0.0.1:0"', f'websocket = "127.0.0.1:{_free_port()}"'
+        )
+    )
+    daemon.stop()
+    daemon.start()
+    daemon.wait_for("demo", lambda s: s.state == "ready")
+    screen = tui(daemon)
+    screen.wait_for("connected")
+    daemon.stop(signal.SIGTERM)
+    screen.wait_for("retrying")
+    assert "Traceback" not in screen.screen()
+    daemon.start()
+    daemon.wait_for("demo", lambda s: s.state == "ready")
+    screen.wait_for("connected", timeout=20)
+    screen.type("are you back")
+    screen.send("Enter")
+    assert "are you back" in screen.wait_for("tok/s", timeout=20)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
