@@ -11,6 +11,7 @@ inside synchronized output) and ``_signals`` (SIGWINCH). Decisions live in
 
 from __future__ import annotations
 
+import base64
 import functools
 import itertools
 import signal
@@ -27,10 +28,15 @@ from llama_tui.connection import Connection, Disconnected, connect
 from llama_tui.markdown import Line
 from llama_tui.view import (
     CancelReply,
+    CopyLastReply,
+    Delete,
+    Export,
     Intent,
     LoadModel,
     OpenConversation,
     Quit,
+    Rename,
+    SearchAll,
     Send,
     View,
 )
@@ -43,12 +49,19 @@ from llamad.protocol import (
     Conversation,
     ConversationReply,
     Conversations,
+    DeleteConversation,
     Error,
+    ExportConversation,
+    Exported,
     GetConversation,
     ListConversations,
     Load,
+    Ok,
     QueuePosition,
+    RenameConversation,
     Request,
+    SearchHistory,
+    SearchResults,
     ServerMessage,
     StateChanged,
     Status,
@@ -104,6 +117,10 @@ class App:
         self._dirty = trio.Event()
         self._frame: list[str] = []
         self._pending_new: set[int] = set()  # chat request ids that start a conversation
+        self._searches: dict[int, str] = {}  # request id -> the text searched for
+        self._exports: dict[int, str] = {}  # request id -> where to write it
+        self._refresh_on_ok: set[int] = set()  # renames and deletes: reload the list after
+        self._escape_out = ""  # a control sequence (OSC 52) for the painter to write
         self._opened = False
 
     # ----------------------------------------------------------- plumbing
@@ -177,6 +194,40 @@ class App:
                     )
             case CancelReply(conversation):
                 await self.request(functools.partial(Cancel, conversation=conversation))
+            case SearchAll(text):
+                request_id = await self.request(functools.partial(SearchHistory, text=text))
+                self._searches[request_id] = text
+            case Rename(conversation, title):
+                self._refresh_on_ok.add(
+                    await self.request(
+                        functools.partial(
+                            RenameConversation, conversation=conversation, title=title
+                        )
+                    )
+                )
+            case Delete(conversation):
+                self._refresh_on_ok.add(
+                    await self.request(
+                        functools.partial(DeleteConversation, conversation=conversation)
+                    )
+                )
+                view.current = None
+            case Export(conversation, path):
+                request_id = await self.request(
+                    functools.partial(ExportConversation, conversation=conversation, format="md")
+                )
+                self._exports[request_id] = path or _export_name(view, conversation)
+            case CopyLastReply():
+                replies = [
+                    e for e in view.entries.get(view.current or "", []) if e.role == "assistant"
+                ]
+                if replies:
+                    payload = base64.b64encode(replies[-1].text.encode()).decode()
+                    # OSC 52: the terminal puts it on the clipboard, even over ssh.
+                    self._escape_out = f"\x1b]52;c;{payload}\x07"
+                    view.notice = "copied the last reply"
+                else:
+                    view.notice = "no reply to copy yet"
             case Quit():
                 pass
 
@@ -263,6 +314,21 @@ class App:
                 self._nursery.start_soon(
                     self.request, functools.partial(ListConversations, limit=200)
                 )
+            case SearchResults(id=request_id, hits=hits):
+                view.show_results(hits, self._searches.pop(request_id, ""))
+            case Exported(id=request_id, content=content):
+                path = Path(self._exports.pop(request_id, "conversation.md")).expanduser()
+                try:
+                    path.write_text(content)
+                    view.notice = f"exported to {path}"
+                except OSError as exc:
+                    view.notice = f"cannot write {path}: {exc.strerror}"
+            case Ok(id=request_id, message=text) if request_id in self._refresh_on_ok:
+                self._refresh_on_ok.discard(request_id)
+                view.notice = text
+                self._nursery.start_soon(
+                    self.request, functools.partial(ListConversations, limit=200)
+                )
             case QueuePosition(position=position):
                 view.notice = f"waiting for a free slot: position {position}"
             case Error(message=text):
@@ -305,6 +371,8 @@ class App:
                 out.append(term.move_yx(y, 0) + row + term.normal + term.clear_eol)
         self._frame = rows
         cursor_row = height - 2
+        out.append(self._escape_out)
+        self._escape_out = ""
         with term.synchronized_output():
             sys.stdout.write("".join(out) + term.move_yx(cursor_row, 0))
             sys.stdout.flush()
@@ -324,6 +392,12 @@ class App:
                     codes += getattr(term, colour)
             out.append(f"{codes}{span.text}{term.normal}" if codes else span.text)
         return "".join(out)
+
+
+def _export_name(view: View, conversation: str) -> str:
+    title = next((c.title for c in view.conversations if c.id == conversation), "") or conversation
+    slug = "".join(ch if ch.isalnum() else "-" for ch in title.lower()).strip("-")[:40]
+    return f"{slug or 'conversation'}.md"
 
 
 def _resolve(prefix: str, conversations: Sequence[Conversation]) -> str:

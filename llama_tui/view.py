@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from llama_tui.markdown import IncrementalRenderer, Line, Span, display_width
-from llamad.protocol import Conversation, Message, MessageStats, ModelStatus
+from llamad.protocol import Conversation, Message, MessageStats, ModelStatus, SearchHit
 
 SIDEBAR_WIDTH = 26
 SIDEBAR_MIN_TERMINAL = 80  # narrower terminals hide the sidebar automatically
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 
-Mode = Literal["chat", "picker", "help"]
+Mode = Literal["chat", "picker", "help", "find", "results", "confirm"]
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,49 @@ class CancelReply:
 
 
 @dataclass(frozen=True)
+class SearchAll:
+    text: str
+
+
+@dataclass(frozen=True)
+class Rename:
+    conversation: str
+    title: str
+
+
+@dataclass(frozen=True)
+class Delete:
+    conversation: str
+
+
+@dataclass(frozen=True)
+class Export:
+    conversation: str
+    path: str  # "" for a name made from the title
+
+
+@dataclass(frozen=True)
+class CopyLastReply:
+    pass
+
+
+@dataclass(frozen=True)
 class Quit:
     pass
 
 
-Intent = Send | LoadModel | OpenConversation | CancelReply | Quit
+Intent = (
+    Send
+    | LoadModel
+    | OpenConversation
+    | CancelReply
+    | SearchAll
+    | Rename
+    | Delete
+    | Export
+    | CopyLastReply
+    | Quit
+)
 
 HELP = [
     ("Enter", "send the message"),
@@ -56,7 +94,12 @@ HELP = [
     ("↑ / ↓", "earlier prompts (on the first line of the input)"),
     ("PgUp / PgDn, Home / End", "scroll the conversation"),
     ("Ctrl+L, /model", "choose a model"),
-    ("Ctrl+N", "new conversation"),
+    ("Ctrl+N, /new", "new conversation"),
+    ("Ctrl+F, /find TEXT", "find in this conversation; n / N: next / previous"),
+    ("/search TEXT", "search every conversation; Enter opens a hit"),
+    ("/rename TITLE, /delete", "rename or delete this conversation"),
+    ("/export [PATH]", "save this conversation as Markdown"),
+    ("/copy", "copy the last reply to the clipboard (OSC 52)"),
     ("Ctrl+↑ / Ctrl+↓", "previous / next conversation"),
     ("Ctrl+B", "show or hide the conversation list"),
     ("Esc", "stop the reply being generated"),
@@ -111,6 +154,13 @@ class View:
     last_stats: MessageStats | None = None
     notice: str = ""
     interrupts: int = 0  # Ctrl+C presses in a row
+    find_query: str = ""
+    find_index: int = 0  # which hit, counting from the newest
+    find_hits: int = 0  # hits found by the last layout
+    search_results: list[SearchHit] = field(default_factory=list)
+    result_index: int = 0
+    _draft: str = ""  # the message being written while the find prompt is open
+    _result_query: str = ""
 
     # ------------------------------------------------------------ updates
 
@@ -166,6 +216,16 @@ class View:
             return None
         if self.mode == "picker":
             return self._picker_key(name, char)
+        if self.mode == "find":
+            return self._find_key(name, char)
+        if self.mode == "results":
+            return self._results_key(name, char)
+        if self.mode == "confirm":
+            self.mode = "chat"
+            if char in ("y", "Y") and self.current is not None:
+                return Delete(self.current)
+            self.notice = "not deleted"
+            return None
         if char == "\x11":  # Ctrl+Q
             return Quit()
         if char == "\x03":  # Ctrl+C: stop the reply; twice in a row quits
@@ -179,6 +239,7 @@ class View:
         if name == "KEY_ESCAPE":
             if self.current in self.generating:
                 return CancelReply(self.current)
+            self.find_query = ""
             return None
         if name == "KEY_F1" or (char == "?" and not self.input):
             self.mode = "help"
@@ -188,6 +249,13 @@ class View:
             return None
         if char == "\x0e":  # Ctrl+N
             return OpenConversation(None)
+        if char == "\x06":  # Ctrl+F
+            self._draft, self.input, self.mode = self.input, "", "find"
+            return None
+        if char in ("n", "N") and not self.input and self.find_query:
+            self.find_index += 1 if char == "n" else -1
+            self.find_index %= max(self.find_hits, 1)
+            return None
         if char == "\x02":  # Ctrl+B
             self.sidebar = not self.sidebar
             return None
@@ -241,9 +309,71 @@ class View:
         if text == "/help":
             self.mode = "help"
             return None
+        command, _, argument = text.partition(" ")
+        argument = argument.strip()
+        if command == "/find" and argument:
+            self._start_find(argument)
+            return None
+        if command == "/search" and argument:
+            return SearchAll(argument)
+        if command == "/copy":
+            return CopyLastReply()
+        if command in ("/rename", "/delete", "/export"):
+            if self.current is None:
+                self.notice = "open a conversation first"
+                return None
+            if command == "/rename" and argument:
+                return Rename(self.current, argument)
+            if command == "/delete":
+                self.mode = "confirm"
+                return None
+            if command == "/export":
+                return Export(self.current, argument)
         self.scroll = 0
         self.new_below = False
         return Send(text)
+
+    def _start_find(self, query: str) -> None:
+        self.find_query = query
+        self.find_index = 0
+        self.scroll = 0
+
+    def _find_key(self, name: str, char: str) -> Intent | None:
+        if name == "KEY_ESCAPE":
+            self.mode, self.input = "chat", self._draft
+        elif name == "KEY_ENTER" or char in ("\r", "\n"):
+            query = self.input.strip()
+            self.mode, self.input = "chat", self._draft
+            if query:
+                self._start_find(query)
+        elif name == "KEY_BACKSPACE" or char in ("\x7f", "\x08"):
+            self.input = self.input[:-1]
+        elif char and not name and char.isprintable():
+            self.input += char
+        return None
+
+    def show_results(self, hits: list[SearchHit], text: str) -> None:
+        self.search_results = hits
+        self.result_index = 0
+        self.mode = "results"
+        self.notice = (
+            f"{len(hits)} messages contain {text!r}" if hits else f"nothing contains {text!r}"
+        )
+        self._result_query = text
+
+    def _results_key(self, name: str, char: str) -> Intent | None:
+        if name == "KEY_ESCAPE" or not self.search_results:
+            self.mode = "chat"
+        elif name == "KEY_UP":
+            self.result_index = max(self.result_index - 1, 0)
+        elif name == "KEY_DOWN":
+            self.result_index = min(self.result_index + 1, len(self.search_results) - 1)
+        elif name == "KEY_ENTER" or char in ("\r", "\n"):
+            hit = self.search_results[self.result_index]
+            self.mode = "chat"
+            self._start_find(self._result_query)
+            return OpenConversation(hit.conversation)
+        return None
 
     def _recall(self, step: int) -> None:
         if not self.history:
@@ -292,6 +422,8 @@ class View:
             body = self._help_rows(main_width, body_height)
         elif self.mode == "picker":
             body = self._picker_rows(main_width, body_height, now)
+        elif self.mode == "results":
+            body = self._result_rows(main_width, body_height)
         else:
             body = self._chat_rows(main_width, body_height, now)
         separator: Line = (Span("─" * main_width, frozenset({"dim"})),)
@@ -315,6 +447,13 @@ class View:
             hint = "Type a message and press Enter.  F1 for help, Ctrl+L for models."
             lines = [(Span(hint[:width], frozenset({"dim"})),)]
         max_scroll = max(len(lines) - height, 0)
+        if self.find_query:
+            lines, hits = _highlight(lines, self.find_query)
+            self.find_hits = len(hits)
+            if hits:
+                # n / N walk from the newest hit backwards; centre it on screen.
+                target = hits[-1 - (self.find_index % len(hits))]
+                self.scroll = min(max(len(lines) - target - height // 2, 0), max_scroll)
         self.scroll = min(self.scroll, max_scroll)
         end = len(lines) - self.scroll
         visible = lines[max(end - height, 0) : end]
@@ -339,10 +478,12 @@ class View:
         yield ()
 
     def _input_lines(self, width: int) -> list[Line]:
-        prompt = "> "
+        if self.mode == "confirm":
+            return [(Span("Delete this conversation? y / n", frozenset({"bold"})),)]
+        prompt = "find: " if self.mode == "find" else "> "
         lines: list[Line] = []
         for index, text in enumerate(self.input.split("\n")[-5:]):
-            lead = prompt if index == 0 else "  "
+            lead = prompt if index == 0 else " " * len(prompt)
             shown = text[-(width - 3) :] if display_width(text) > width - 3 else text
             lines.append((Span(lead, frozenset({"bold"})), Span(shown)))
         return lines
@@ -370,6 +511,21 @@ class View:
             rows.append(
                 (Span(text, frozenset({"bold"}) if index == self.picker_index else frozenset()),)
             )
+        return rows[:height] + [()] * (height - len(rows))
+
+    def _result_rows(self, width: int, height: int) -> list[Line]:
+        rows: list[Line] = [
+            (Span("Search results (Enter opens, Esc closes)", frozenset({"bold"})),),
+            (),
+        ]
+        titles = {c.id: c.title for c in self.conversations}
+        for index, hit in enumerate(self.search_results[: height - 2]):
+            marker = "›" if index == self.result_index else " "
+            title = titles.get(hit.conversation, hit.title)
+            text = f"{marker} {title[:24]:<24} {hit.role[:9]:<9} {hit.snippet}"
+            text = text if display_width(text) <= width else text[: max(width - 1, 0)] + "…"
+            bold = frozenset({"bold"}) if index == self.result_index else frozenset()
+            rows.append((Span(text, bold),))
         return rows[:height] + [()] * (height - len(rows))
 
     def _help_rows(self, width: int, height: int) -> list[Line]:
@@ -402,6 +558,13 @@ class View:
                 parts.append(f"first token {stats.time_to_first_token_ms:.0f} ms")
             if stats.prompt_tokens is not None and stats.completion_tokens is not None:
                 parts.append(f"context {stats.prompt_tokens + stats.completion_tokens}")
+        if self.find_query:
+            found = (
+                f"{self.find_index % self.find_hits + 1}/{self.find_hits}"
+                if self.find_hits
+                else "0"
+            )
+            parts.append(f"find {self.find_query!r}: {found} (n/N, Esc)")
         if self.notice:
             parts.append(self.notice)
         parts.append("F1 help")
@@ -415,3 +578,41 @@ def _pad(line: Line, width: int) -> Line:
     if used >= width:
         return line
     return (*line, Span(" " * (width - used)))
+
+
+def _highlight(lines: list[Line], query: str) -> tuple[list[Line], list[int]]:
+    """Mark every occurrence of ``query`` (case-insensitive); returns the hit line indices."""
+    needle = query.lower()
+    out: list[Line] = []
+    hits: list[int] = []
+    for number, line in enumerate(lines):
+        text = "".join(span.text for span in line)
+        if needle not in text.lower():
+            out.append(line)
+            continue
+        hits.append(number)
+        marked = [False] * len(text)
+        start = text.lower().find(needle)
+        while start >= 0:
+            for index in range(start, min(start + len(needle), len(text))):
+                marked[index] = True
+            start = text.lower().find(needle, start + 1)
+        spans: list[Span] = []
+        offset = 0
+        for span in line:
+            piece = ""
+            state = None
+            for index, char in enumerate(span.text):
+                flag = marked[offset + index]
+                if state is not None and flag != state:
+                    style = span.style | {"reverse"} if state else span.style
+                    spans.append(Span(piece, style, span.color))
+                    piece = ""
+                piece += char
+                state = flag
+            if piece:
+                style = span.style | {"reverse"} if state else span.style
+                spans.append(Span(piece, style, span.color))
+            offset += len(span.text)
+        out.append(tuple(spans))
+    return out, hits

@@ -23,11 +23,18 @@ MakeLlamad = Callable[..., Llamad]
 class Tmux:
     """One tmux session running llama-tui, at a fixed size."""
 
-    def __init__(self, name: str, command: list[str], env: dict[str, str], size: tuple[int, int]):
+    def __init__(
+        self, name: str, command: list[str], env: dict[str, str], size: tuple[int, int], log: Path
+    ):
         self.name = name
+        self.log = log
         width, height = size
         exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items() if k.isidentifier())
-        script = f"env -i {exports} TERM=xterm-256color {shlex.join(command)}"
+        # stderr goes to a file: if the TUI dies, its session (and screen) goes with it.
+        script = (
+            f"env -i {exports} TERM=xterm-256color {shlex.join(command)} "
+            f"2>>{shlex.quote(str(log))}; echo exit=$? >> {shlex.quote(str(log))}"
+        )
         subprocess.run(
             ["tmux", "new-session", "-d", "-s", name, "-x", str(width), "-y", str(height), script],
             check=True,
@@ -40,22 +47,30 @@ class Tmux:
         subprocess.run(["tmux", "send-keys", "-t", self.name, "-l", text], check=True)
 
     def screen(self) -> str:
-        return subprocess.run(
+        result = subprocess.run(
             ["tmux", "capture-pane", "-p", "-t", self.name],
             capture_output=True,
             text=True,
-            check=True,
-        ).stdout
+            check=False,
+        )
+        if result.returncode != 0:
+            died = self.log.read_text() if self.log.exists() else "(no output)"
+            raise AssertionError(f"llama-tui is gone; what it printed:\n{died}")
+        return result.stdout
 
-    def wait_for(self, text: str, timeout: float = 15.0) -> str:
+    def wait_until(self, done: Callable[[str], bool], what: str, timeout: float = 15.0) -> str:
+        """Poll until the screen satisfies ``done`` (tmux may show half-painted frames)."""
         deadline = time.monotonic() + timeout
         while True:
             screen = self.screen()
-            if text in screen:
+            if done(screen):
                 return screen
             if time.monotonic() > deadline:
-                raise AssertionError(f"{text!r} never appeared; the screen:\n{screen}")
+                raise AssertionError(f"never saw {what}; the screen:\n{screen}")
             time.sleep(0.05)
+
+    def wait_for(self, text: str, timeout: float = 15.0) -> str:
+        return self.wait_until(lambda screen: text in screen, repr(text), timeout)
 
     def resize(self, width: int, height: int) -> None:
         subprocess.run(
@@ -85,9 +100,9 @@ def tui(request: pytest.FixtureRequest) -> Iterator[Callable[..., Tmux]]:
             str(daemon.runtime_dir / "token"),
             *args,
         ]
-        session = Tmux(
-            f"llamad-test-{len(sessions)}-{time.monotonic_ns()}", command, daemon.env, size
-        )
+        name = f"llamad-test-{len(sessions)}-{time.monotonic_ns()}"
+        log = daemon.runtime_dir / f"{name}.stderr"
+        session = Tmux(name, command, daemon.env, size, log)
         sessions.append(session)
         return session
 
@@ -155,11 +170,10 @@ def test_resize_reflows(
     screen = tui(daemon, size=(100, 30))
     assert "Conversations" in screen.wait_for("demo ready")
     screen.resize(70, 20)
-    deadline = time.monotonic() + 5
-    while "Conversations" in screen.screen() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    narrow = screen.screen()
-    assert "Conversations" not in narrow  # the sidebar hides on a narrow terminal
+    # The sidebar hides on a narrow terminal; the status bar stays.
+    narrow = screen.wait_until(
+        lambda s: "Conversations" not in s and "demo ready" in s, "the narrow layout", 10
+    )
     assert max(len(line) for line in narrow.splitlines()) <= 70
     assert "demo ready" in narrow
     screen.resize(100, 30)
@@ -176,10 +190,7 @@ def test_help_overlay(
     shown = screen.wait_for("Keys (any key closes this)")
     assert "Ctrl+L" in shown and "Ctrl+Q" in shown
     screen.send("x")
-    deadline = time.monotonic() + 5
-    while "Keys (any key" in screen.screen() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert "Keys (any key" not in screen.screen()
+    screen.wait_until(lambda s: "Keys (any key" not in s and "demo ready" in s, "help closed", 10)
 
 
 def test_llamad_restart_while_open(
@@ -213,3 +224,34 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def test_find_and_search_jump_to_the_message(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path], tui: Callable[..., Tmux]
+) -> None:
+    daemon = ready_daemon(make_llamad, demo_models)
+    assert daemon.ctl("chat", "--max-tokens", "3", "remember the aardvark").returncode == 0
+    conversation = daemon_last_conversation(daemon)
+    for n in range(12):  # push the aardvark far above the bottom of the screen
+        result = daemon.ctl("chat", "-c", conversation, "--max-tokens", "40", f"filler {n}")
+        assert result.returncode == 0
+    assert daemon.ctl("chat", "--max-tokens", "3", "another conversation").returncode == 0
+    screen = tui(daemon, "--conversation", conversation[:13])
+    assert "aardvark" not in chat_pane(screen.wait_for("filler 11"))
+    screen.send("C-f")
+    screen.type("aardvark")
+    screen.send("Enter")
+    assert "remember the aardvark" in chat_pane(screen.wait_for("find 'aardvark': 1/1"))
+    screen.send("Escape")
+    # Across every conversation: /search lists hits, Enter opens one at its message.
+    screen.send("C-n")
+    screen.type("/search aardvark")
+    screen.send("Enter")
+    screen.wait_for("Search results")
+    screen.send("Enter")
+    assert "remember the aardvark" in chat_pane(screen.wait_for("find 'aardvark'"))
+
+
+def chat_pane(screen: str) -> str:
+    """The screen right of the sidebar's border (the sidebar lists titles too)."""
+    return "\n".join(line.split("│", 1)[-1] for line in screen.splitlines()[:-1])

@@ -5,8 +5,27 @@ from __future__ import annotations
 import pytest
 
 from llama_tui.markdown import display_width
-from llama_tui.view import CancelReply, LoadModel, OpenConversation, Quit, Send, View
-from llamad.protocol import Conversation, Message, MessageStats, ModelStatus, TextPart
+from llama_tui.view import (
+    CancelReply,
+    CopyLastReply,
+    Delete,
+    Export,
+    LoadModel,
+    OpenConversation,
+    Quit,
+    Rename,
+    SearchAll,
+    Send,
+    View,
+)
+from llamad.protocol import (
+    Conversation,
+    Message,
+    MessageStats,
+    ModelStatus,
+    SearchHit,
+    TextPart,
+)
 
 
 def text_of(rows: list[tuple[object, ...]]) -> list[str]:
@@ -113,3 +132,54 @@ def test_streaming_shows_a_spinner_then_text_and_marks_new_text_below() -> None:
     assert "c1" in view.generating
     view.finish("c1", message(4, "assistant", "streamed words, done"))
     assert "c1" not in view.generating
+
+
+def long_view() -> View:
+    view = view_with_chat()
+    messages = [message(n, "user" if n % 2 else "assistant", f"line {n}") for n in range(1, 80)]
+    messages[4] = message(5, "user", "the Zebra sentence")
+    view.set_messages("c1", messages)
+    return view
+
+
+def test_find_jumps_to_the_hit_and_highlights_it() -> None:
+    view = long_view()
+    view.key("", "\x06")  # Ctrl+F
+    assert view.mode == "find"
+    type_text(view, "zebra")
+    view.key("KEY_ENTER", "\r")
+    rows = view.layout(90, 20, now=1.0)
+    screen = "\n".join(text_of(rows))
+    assert "the Zebra sentence" in screen  # scrolled up to it
+    highlighted = [s for row in rows for s in row if "reverse" in s.style and s.text == "Zebra"]
+    assert highlighted
+    assert "find 'zebra': 1/1" in text_of(rows)[-1]
+    view.key("KEY_ESCAPE", "")
+    assert view.find_query == ""
+
+
+def test_search_results_open_a_conversation() -> None:
+    view = view_with_chat()
+    type_text(view, "/search needle")
+    assert view.key("KEY_ENTER", "\r") == SearchAll("needle")
+    hit = SearchHit(conversation="c2", title="second", seq=3, role="assistant", snippet="a needle")
+    view.show_results([hit], "needle")
+    assert "a needle" in "\n".join(text_of(view.layout(90, 20, now=1.0)))
+    assert view.key("KEY_ENTER", "\r") == OpenConversation("c2")
+    assert view.find_query == "needle"
+
+
+def test_rename_delete_export_copy_commands() -> None:
+    view = view_with_chat()
+    type_text(view, "/rename Trip plans")
+    assert view.key("KEY_ENTER", "\r") == Rename("c1", "Trip plans")
+    type_text(view, "/delete")
+    assert view.key("KEY_ENTER", "\r") is None and view.mode == "confirm"
+    assert view.key("", "n") is None and view.mode == "chat"
+    type_text(view, "/delete")
+    view.key("KEY_ENTER", "\r")
+    assert view.key("", "y") == Delete("c1")
+    type_text(view, "/export /tmp/x.md")
+    assert view.key("KEY_ENTER", "\r") == Export("c1", "/tmp/x.md")
+    type_text(view, "/copy")
+    assert view.key("KEY_ENTER", "\r") == CopyLastReply()
