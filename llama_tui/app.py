@@ -14,8 +14,12 @@ from __future__ import annotations
 import base64
 import functools
 import itertools
+import os
+import shlex
 import signal
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +34,7 @@ from llama_tui.view import (
     CancelReply,
     CopyLastReply,
     Delete,
+    EditInEditor,
     Export,
     Intent,
     LoadModel,
@@ -121,6 +126,7 @@ class App:
         self._exports: dict[int, str] = {}  # request id -> where to write it
         self._refresh_on_ok: set[int] = set()  # renames and deletes: reload the list after
         self._escape_out = ""  # a control sequence (OSC 52) for the painter to write
+        self._suspended = False  # $EDITOR has the terminal
         self._opened = False
 
     # ----------------------------------------------------------- plumbing
@@ -217,6 +223,9 @@ class App:
                     functools.partial(ExportConversation, conversation=conversation, format="md")
                 )
                 self._exports[request_id] = path or _export_name(view, conversation)
+            case EditInEditor(text):
+                view.input = await self._edit(text)
+                self.invalidate(full=True)
             case CopyLastReply():
                 replies = [
                     e for e in view.entries.get(view.current or "", []) if e.role == "assistant"
@@ -230,6 +239,23 @@ class App:
                     view.notice = "no reply to copy yet"
             case Quit():
                 pass
+
+    async def _edit(self, text: str) -> str:
+        """Hand the terminal to $EDITOR; the painter stays quiet meanwhile."""
+        editor = shlex.split(os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi")
+        term = self.term
+        self._suspended = True
+        sys.stdout.write(term.exit_fullscreen + term.normal_cursor)
+        sys.stdout.flush()
+        try:
+            return await trio.to_thread.run_sync(_run_editor, editor, text)
+        except OSError as exc:
+            self.view.notice = f"cannot run {editor[0]}: {exc.strerror}"
+            return text
+        finally:
+            sys.stdout.write(term.enter_fullscreen + term.hide_cursor)
+            sys.stdout.flush()
+            self._suspended = False
 
     # ------------------------------------------------------------ network
 
@@ -354,7 +380,8 @@ class App:
         while True:
             await self._dirty.wait()
             self._dirty = trio.Event()
-            self.paint()
+            if not self._suspended:
+                self.paint()
             await trio.sleep(FRAME_INTERVAL_SEC)  # at most 30 frames a second
 
     def paint(self) -> None:
@@ -392,6 +419,18 @@ class App:
                     codes += getattr(term, colour)
             out.append(f"{codes}{span.text}{term.normal}" if codes else span.text)
         return "".join(out)
+
+
+def _run_editor(editor: list[str], text: str) -> str:
+    """Blocking: edit ``text`` in a temporary file; returns what was saved."""
+    with tempfile.NamedTemporaryFile("w+", suffix=".md", delete=False) as handle:
+        handle.write(text)
+        path = Path(handle.name)
+    try:
+        subprocess.run([*editor, str(path)], check=False)
+        return path.read_text().rstrip("\n")
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def _export_name(view: View, conversation: str) -> str:

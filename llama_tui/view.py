@@ -71,6 +71,11 @@ class CopyLastReply:
 
 
 @dataclass(frozen=True)
+class EditInEditor:
+    text: str
+
+
+@dataclass(frozen=True)
 class Quit:
     pass
 
@@ -85,12 +90,14 @@ Intent = (
     | Delete
     | Export
     | CopyLastReply
+    | EditInEditor
     | Quit
 )
 
 HELP = [
     ("Enter", "send the message"),
     ("Alt+Enter, Ctrl+J", "new line in the message"),
+    ("Ctrl+E", "write the message in $EDITOR"),
     ("↑ / ↓", "earlier prompts (on the first line of the input)"),
     ("PgUp / PgDn, Home / End", "scroll the conversation"),
     ("Ctrl+L, /model", "choose a model"),
@@ -249,6 +256,8 @@ class View:
             return None
         if char == "\x0e":  # Ctrl+N
             return OpenConversation(None)
+        if char == "\x05":  # Ctrl+E
+            return EditInEditor(self.input)
         if char == "\x06":  # Ctrl+F
             self._draft, self.input, self.mode = self.input, "", "find"
             return None
@@ -283,8 +292,10 @@ class View:
             self.scroll = 0
             self.new_below = False
             return None
-        if name in ("KEY_SUP", "KEY_SDOWN") or name.startswith("KEY_CTRL_"):
-            return self._switch_conversation(-1 if "UP" in name else 1)
+        if name in ("KEY_CTRL_UP", "KEY_SUP"):
+            return self._switch_conversation(-1)
+        if name in ("KEY_CTRL_DOWN", "KEY_SDOWN"):
+            return self._switch_conversation(1)
         if name in ("KEY_UP", "KEY_DOWN") and "\n" not in self.input:
             self._recall(-1 if name == "KEY_UP" else 1)
             return None

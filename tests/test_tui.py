@@ -255,3 +255,20 @@ def test_find_and_search_jump_to_the_message(
 def chat_pane(screen: str) -> str:
     """The screen right of the sidebar's border (the sidebar lists titles too)."""
     return "\n".join(line.split("│", 1)[-1] for line in screen.splitlines()[:-1])
+
+
+def test_ctrl_e_writes_the_message_in_the_editor(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path], tui: Callable[..., Tmux], tmp_path: Path
+) -> None:
+    daemon = ready_daemon(make_llamad, demo_models)
+    editor = tmp_path / "editor.sh"
+    editor.write_text('#!/bin/sh\nprintf "written in the editor" > "$1"\n')
+    editor.chmod(0o755)
+    daemon.env["EDITOR"] = str(editor)
+    screen = tui(daemon)
+    screen.wait_for("demo ready")
+    screen.send("C-e")
+    screen.wait_for("> written in the editor")
+    screen.send("Enter")
+    screen.wait_for("tok/s")
+    assert daemon.ctl("history", "search", "written in the editor").stdout.count("user") == 1
