@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import blessed
 
 from llama_tui.app import App, Options
 
@@ -29,12 +32,40 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def input_modes(term: blessed.Terminal) -> Iterator[None]:
+    """Bracketed paste and mouse wheel reporting, on for the app's lifetime.
+
+    blessed's ``bracketed_paste()``/``mouse_enabled()`` enable a mode only when
+    the terminal answers a DECRQM query, and tmux, for one, does not answer. A
+    terminal that does not know a DEC mode ignores the request, so set them
+    unconditionally; blessed's setter also tells its key parser to expect the
+    events. Without that (private) setter we simply go without.
+    """
+    from blessed.dec_modes import DecPrivateMode
+
+    modes = (
+        DecPrivateMode.BRACKETED_PASTE,
+        DecPrivateMode.MOUSE_REPORT_CLICK,
+        DecPrivateMode.MOUSE_EXTENDED_SGR,
+    )
+    enable = getattr(term, "_dec_mode_set_enabled", None)
+    disable = getattr(term, "_dec_mode_set_disabled", None)
+    if enable is None or disable is None:
+        yield
+        return
+    enable(*modes)
+    try:
+        yield
+    finally:
+        disable(*modes)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if not sys.stdin.isatty() or not sys.stdout.isatty():
         print("llama-tui: needs a terminal (stdin and stdout must be a tty)", file=sys.stderr)
         return 2
-    import blessed
     import trio
 
     term = blessed.Terminal()
@@ -46,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         term.fullscreen(),
         term.cbreak(),
         term.hidden_cursor(),
+        input_modes(term),
         contextlib.suppress(KeyboardInterrupt),
     ):
         trio.run(App(term, options).run)

@@ -15,6 +15,7 @@ import base64
 import functools
 import itertools
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -75,6 +76,7 @@ from llamad.protocol import (
 )
 
 FRAME_INTERVAL_SEC = 1 / 30
+_CODE_BLOCK = re.compile(r"^(?:```|~~~)[^\n]*\n(.*?)^(?:```|~~~)", re.MULTILINE | re.DOTALL)
 ANIMATION_INTERVAL_SEC = 0.1
 
 # Pygments token types to terminal colours (the first matching prefix wins).
@@ -169,7 +171,8 @@ class App:
                 if not key:
                     break
                 name = key.name or "" if key.is_sequence else ""
-                intent = self.view.key(name, "" if key.is_sequence else str(key))
+                char = (key.text or "") if name == "BRACKETED_PASTE" else ""
+                intent = self.view.key(name, char if key.is_sequence else str(key))
                 if isinstance(intent, Quit):
                     return
                 if intent is not None:
@@ -226,17 +229,24 @@ class App:
             case EditInEditor(text):
                 view.input = await self._edit(text)
                 self.invalidate(full=True)
-            case CopyLastReply():
+            case CopyLastReply(code_block):
                 replies = [
                     e for e in view.entries.get(view.current or "", []) if e.role == "assistant"
                 ]
-                if replies:
-                    payload = base64.b64encode(replies[-1].text.encode()).decode()
+                text = replies[-1].text if replies else ""
+                what = "the last reply"
+                if code_block is not None:
+                    blocks = _CODE_BLOCK.findall(text)
+                    index = code_block - 1 if code_block else len(blocks) - 1
+                    text = blocks[index] if blocks and 0 <= index < len(blocks) else ""
+                    what = f"code block {index + 1}"
+                if text:
+                    payload = base64.b64encode(text.encode()).decode()
                     # OSC 52: the terminal puts it on the clipboard, even over ssh.
                     self._escape_out = f"\x1b]52;c;{payload}\x07"
-                    view.notice = "copied the last reply"
+                    view.notice = f"copied {what}"
                 else:
-                    view.notice = "no reply to copy yet"
+                    view.notice = "nothing to copy"
             case Quit():
                 pass
 

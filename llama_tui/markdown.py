@@ -1,11 +1,24 @@
 """Markdown to styled terminal lines: a pure function of text and width.
 
-``render(text, width)`` returns lines of ``Span``s (text + style names + an
-optional pygments token type for code colour); the app turns them into escape
-codes. ``IncrementalRenderer`` is what streaming uses: a message only grows, so
-blocks that are finished (ended by a blank line, or a closed code fence) are
-rendered once and kept; only the block still being written is rendered again
-on each delta. Half-written input (an unclosed ``**`` or fence) always renders.
+``render(text, width)`` returns lines of ``Span``s (text, style names, and a
+pygments token type name for code colour); the app turns them into escape
+codes. Nothing here touches the terminal.
+
+``IncrementalRenderer`` is what streaming uses: a reply only grows, so blocks
+that are finished (ended by a blank line outside a fence, or a closed fence)
+are rendered once and kept; only the block still being written is rendered
+again on each delta. Its output is always equal to ``render`` of the same text.
+
+Half-written input never raises and renders sensibly: an unclosed ``**`` stays
+literal until it is closed, an unclosed fence is drawn as a code block whose
+footer moves down as lines arrive.
+
+Supported: ATX headings, paragraphs, ``**bold**``, ``*italic*``/``_italic_``,
+```code```, ``[links](url)``, ``<autolinks>``, backslash escapes, bullet and
+numbered lists (nested by indentation, hanging indent on wrap), block quotes
+(nested, with any Markdown inside), horizontal rules, pipe tables (aligned when
+they fit, one row per line when not) and fenced code blocks highlighted by
+pygments.
 """
 
 from __future__ import annotations
@@ -14,329 +27,616 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
-
-from pygments.lexer import Lexer
-from pygments.lexers import get_lexer_by_name, guess_lexer
-from pygments.util import ClassNotFound
+from typing import Any, NamedTuple
 
 Style = frozenset[str]
+"""Style names: bold, italic, code, link, heading, quote, rule, dim, codeblock, fence."""
+
 _NONE: Style = frozenset()
+_BOLD: Style = frozenset({"bold"})
+_HEADING: Style = frozenset({"heading", "bold"})
+_QUOTE: Style = frozenset({"quote"})
+_RULE: Style = frozenset({"rule"})
+_DIM: Style = frozenset({"dim"})
+_FENCE_STYLE: Style = frozenset({"fence"})
+_CODEBLOCK: Style = frozenset({"codeblock"})
 
 
 @dataclass(frozen=True, slots=True)
 class Span:
+    """A run of text drawn in one style.
+
+    ``color`` is set only inside code blocks: the pygments token type name
+    (``"Keyword"``, ``"Name.Function"``, ``"Literal.String"``, ``"Comment"``…)
+    for the app to map to a terminal colour; ``None`` means the default colour.
+    """
+
     text: str
     style: Style = _NONE
-    color: str | None = None  # pygments token type name, for code
+    color: str | None = None
 
 
 Line = tuple[Span, ...]
+"""One terminal row; its spans' display widths add up to at most the render width."""
 
-_FENCE = re.compile(r"^(\s*)(```|~~~)\s*([\w+#.-]*)")
-_HEADING = re.compile(r"^(#{1,6})\s+(.*)$")
-_RULE = re.compile(r"^\s*([-*_])(\s*\1){2,}\s*$")
-_BULLET = re.compile(r"^(\s*)([-*+])\s+(.*)$")
-_NUMBER = re.compile(r"^(\s*)(\d+[.)])\s+(.*)$")
-_QUOTE = re.compile(r"^\s*>\s?(.*)$")
-_INLINE = re.compile(
-    r"(?P<code>`[^`]+`)|(?P<bold>\*\*[^*]+\*\*|__[^_]+__)|(?P<italic>\*[^*\s][^*]*\*|_[^_\s][^_]*_)"
-    r"|(?P<link>\[[^\]]+\]\([^)\s]+\))"
-)
+
+# --- widths -----------------------------------------------------------------
+
+_WIDE = frozenset({"W", "F"})
+_ZERO = frozenset({"Mn", "Me", "Cf"})
+
+
+@lru_cache(maxsize=4096)
+def _char_width(char: str) -> int:
+    if unicodedata.category(char) in _ZERO:
+        return 0  # combining marks, zero-width joiners, variation selectors
+    return 2 if unicodedata.east_asian_width(char) in _WIDE else 1
 
 
 def display_width(text: str) -> int:
-    """Terminal columns: East Asian wide and full-width take 2, combining marks 0."""
+    """Terminal columns ``text`` takes: East Asian wide/full-width 2, combining 0, else 1."""
     if text.isascii():
-        return len(text)
-    width = 0
-    for char in text:
-        if unicodedata.combining(char):
+        return len(text)  # the common case, and the fast one
+    return sum(map(_char_width, text))
+
+
+def _cut(text: str, columns: int) -> tuple[str, str]:
+    """Split ``text`` so the head is at most ``columns`` wide (never splits a wide char)."""
+    if text.isascii():
+        return text[:columns], text[columns:]
+    used = 0
+    for index, char in enumerate(text):
+        size = _char_width(char)
+        if used + size > columns:
+            return text[:index], text[index:]
+        used += size
+    return text, ""
+
+
+def _truncate(spans: list[Span], width: int) -> Line:
+    """Cut a line to ``width`` columns, ending it with "…" when anything was cut."""
+    total = sum(display_width(span.text) for span in spans)
+    if total <= width:
+        return tuple(spans)
+    out: list[Span] = []
+    room = width - 1  # the ellipsis takes one column
+    for span in spans:
+        size = display_width(span.text)
+        if size <= room:
+            out.append(span)
+            room -= size
             continue
-        width += 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
-    return width
+        head, _ = _cut(span.text, room)
+        out.append(Span(head + "…", span.style, span.color))
+        return tuple(out)
+    return tuple(out)  # unreachable: total > width means some span was cut
+
+
+# --- inline -------------------------------------------------------------------
+
+# One pass, left to right, first alternative wins. Emphasis needs a non-space
+# just inside each delimiter (as CommonMark's flanking rule does) so that
+# "2 * 3 * 4" and "a ** b" stay literal; underscores also need a non-word
+# character outside, so snake_case_names are never italicised.
+_INLINE = re.compile(
+    r"(?P<escape>\\[!-/:-@\[-`{-~])"
+    r"|(?P<code>(?P<ticks>`+)(?P<code_body>.+?)(?<!`)(?P=ticks)(?!`))"
+    r"|(?P<image>!)?\[(?P<label>[^\]\n]+)\]\((?P<url>[^()\s]*(?:\([^()\s]*\)[^()\s]*)*)"
+    r"(?:\s+\"[^\"]*\")?\)"
+    r"|<(?P<autolink>(?:https?|ftp|mailto):[^\s<>]+)>"
+    r"|\*\*\*(?=\S)(?P<bold_italic>.+?)(?<=\S)\*\*\*"
+    r"|\*\*(?=\S)(?P<bold>.+?)(?<=\S)\*\*"
+    r"|(?<!\w)__(?=\S)(?P<bold_u>.+?)(?<=\S)__(?!\w)"
+    r"|\*(?=[^\s*])(?P<italic>.+?)(?<=[^\s*])\*"
+    r"|(?<!\w)_(?=[^\s_])(?P<italic_u>.+?)(?<=[^\s_])_(?!\w)"
+)
+_SPECIAL = re.compile(r"[\\`\[<*_]")
 
 
 def _inline(text: str, base: Style = _NONE) -> list[Span]:
+    """Inline Markdown to spans; unmatched delimiters stay as they are."""
+    if not _SPECIAL.search(text):
+        return [Span(text, base)] if text else []
     spans: list[Span] = []
     position = 0
     for match in _INLINE.finditer(text):
         if match.start() > position:
             spans.append(Span(text[position : match.start()], base))
-        token = match.group(0)
-        kind = match.lastgroup
-        if kind == "code":
-            spans.append(Span(token[1:-1], base | {"code"}))
-        elif kind == "bold":
-            spans.append(Span(token[2:-2], base | {"bold"}))
-        elif kind == "italic":
-            spans.append(Span(token[1:-1], base | {"italic"}))
-        else:
-            label, url = token[1:].split("](", 1)
-            spans.append(Span(label, base | {"link"}))
-            spans.append(Span(f" ({url[:-1]})", base | {"dim"}))
         position = match.end()
+        group = match.group
+        if group("escape"):
+            spans.append(Span(match.group(0)[1], base))
+        elif group("code_body") is not None:
+            body = group("code_body")
+            # CommonMark strips one space each side so `` `x` `` can show backticks.
+            if len(body) > 2 and body[0] == body[-1] == " " and body.strip():
+                body = body[1:-1]
+            spans.append(Span(body, base | {"code"}))
+        elif group("label") is not None:
+            spans.extend(_inline(group("label"), base | {"link"}))
+            if group("url"):
+                spans.append(Span(f" ({group('url')})", base | _DIM))
+        elif group("autolink") is not None:
+            spans.append(Span(group("autolink"), base | {"link"}))
+        elif group("bold_italic") is not None:
+            spans.extend(_inline(group("bold_italic"), base | {"bold", "italic"}))
+        elif group("bold") is not None or group("bold_u") is not None:
+            spans.extend(_inline(group("bold") or group("bold_u"), base | {"bold"}))
+        else:
+            spans.extend(_inline(group("italic") or group("italic_u"), base | {"italic"}))
     if position < len(text):
         spans.append(Span(text[position:], base))
     return spans
 
 
-def _split_long(word: str, width: int) -> list[str]:
-    pieces, current = [], ""
-    for char in word:
-        if display_width(current + char) > width:
-            pieces.append(current)
-            current = ""
-        current += char
-    return [*pieces, current] if current else pieces
+# --- wrapping -------------------------------------------------------------------
+
+_SPACES = re.compile(r"[ \t\n]+")
 
 
-def _wrap(spans: list[Span], width: int, first: str, rest: str, lead_style: Style) -> list[Line]:
-    """Word-wrap spans to ``width`` with a first-line prefix and a hanging indent."""
-    width = max(width, 4)
-    lines: list[Line] = []
-    current: list[Span] = [Span(first, lead_style)] if first else []
-    used = display_width(first)
-    indent = display_width(rest)
+def _merge(spans: list[Span]) -> Line:
+    """Join neighbouring spans of the same look: fewer spans to draw."""
+    out: list[Span] = []
     for span in spans:
-        for word in re.split(r"(\s+)", span.text):
-            if not word:
+        if out and out[-1].style == span.style and out[-1].color == span.color:
+            out[-1] = Span(out[-1].text + span.text, span.style, span.color)
+        elif span.text:
+            out.append(span)
+    return tuple(out)
+
+
+def _wrap(spans: list[Span], width: int, first: list[Span], rest: list[Span]) -> list[Line]:
+    """Word-wrap ``spans`` to ``width`` after a first-line prefix, with a hanging indent.
+
+    Words may run across spans ("**bold**," is one word), so a line is only
+    ever broken at whitespace, or inside a word too long for any line.
+    """
+    # Words as lists of fragments; ``gaps[i]`` is the style of the space before word i.
+    words: list[list[Span]] = []
+    gaps: list[Style] = []
+    pending_gap: Style | None = None
+    joined = True  # whether the next fragment continues the last word
+    for span in spans:
+        parts = _SPACES.split(span.text)
+        for index, part in enumerate(parts):
+            if index:
+                joined = False
+                pending_gap = span.style
+            if not part:
                 continue
-            if word.isspace():
-                if used > indent:
-                    current.append(Span(" ", span.style))
-                    used += 1
-                continue
-            for piece in _split_long(word, width - indent):
-                size = display_width(piece)
-                if used + size > width and used > indent:
-                    while current and current[-1].text == " ":
-                        current.pop()
-                    lines.append(tuple(current))
-                    current = [Span(rest, lead_style)] if rest else []
-                    used = indent
-                current.append(Span(piece, span.style, span.color))
-                used += size
-    while current and current[-1].text == " ":
-        current.pop()
-    if current:
-        lines.append(tuple(current))
+            if joined and words:
+                words[-1].append(Span(part, span.style, span.color))
+            else:
+                words.append([Span(part, span.style, span.color)])
+                gaps.append(pending_gap if pending_gap is not None else span.style)
+                joined = True
+                pending_gap = None
+    first_width = sum(display_width(span.text) for span in first)
+    indent = sum(display_width(span.text) for span in rest)
+    lines: list[Line] = []
+    current: list[Span] = list(first)
+    used = first_width
+    empty = True  # nothing but the prefix on the current line
+    for gap, word in zip(gaps, words, strict=True):
+        size = sum(display_width(fragment.text) for fragment in word)
+        if not empty and used + 1 + size <= width:
+            current.append(Span(" ", gap))
+            current.extend(word)
+            used += 1 + size
+            continue
+        if not empty:
+            lines.append(_merge(current))
+            current, used, empty = list(rest), indent, True
+        if used + size <= width:
+            current.extend(word)
+            used += size
+            empty = False
+            continue
+        # Longer than a whole line: hard-wrap it, fragment by fragment.
+        for fragment in word:
+            remaining = fragment.text
+            while remaining:
+                head, remaining = _cut(remaining, width - used)
+                if not head:
+                    if empty:  # not even one character fits beside the prefix
+                        head, remaining = remaining[0], remaining[1:]
+                    else:
+                        lines.append(_merge(current))
+                        current, used, empty = list(rest), indent, True
+                        continue
+                current.append(Span(head, fragment.style, fragment.color))
+                used += display_width(head)
+                empty = False
+    if not empty or not lines:
+        lines.append(_merge(current))
     return lines
+
+
+# --- code -------------------------------------------------------------------------
+
+# pygments' own guess_lexer is slow (it asks every lexer, 1-100 ms) and poor at
+# short snippets ("def f(): ..." comes back as "Tera Term macro"), so the
+# languages models write most are recognised by a few cheap patterns first.
+_GUESSES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (name, re.compile(pattern, re.MULTILINE))
+    for name, pattern in (
+        ("python", r"^\s*(?:def \w+\(.*\).*:|class \w+.*:|from [\w.]+ import |import \w+$|"
+         r"if __name__ ==|elif .*:$|print\(.*\)$)"),
+        ("rust", r"^\s*(?:(?:pub )?fn \w+|let mut |use \w+::|impl\b)|println!\("),
+        ("go", r"^\s*(?:package \w+$|func (?:\(\w+ \*?\w+\) )?\w+\()"),
+        ("c", r"^#include\s*[<\"]"),
+        ("javascript", r"^\s*(?:(?:const|let|var) \w+ = |function \w*\(|export |import .* from )"
+         r"|console\.log\(|=> \{"),
+        ("sql", r"(?i)^\s*(?:select .+ from |insert into |create table |update \w+ set )"),
+        ("html", r"(?i)^\s*<(?:!doctype|html|div|head|body|p|span)\b"),
+        ("bash", r"^(?:#!/bin/(?:ba)?sh|\$ |(?:sudo |apt |apt-get |pip |npm |cd |ls |git |echo |"
+         r"export \w+=|curl |mkdir |cargo ))"),
+        ("json", r"\A\s*[\[{]\s*\"[^\"]*\"\s*:"),
+        ("yaml", r"\A(?:---\n)?[\w-]+:(?: .*)?\n(?:\s+- |\s+[\w-]+:)"),
+    )
+)
+_GUESS_CONFIDENCE = 0.3  # guess_lexer's analyse_text score below which it is a shrug
 
 
 @lru_cache(maxsize=64)
-def _lexer(language: str) -> Lexer | None:
+def _lexer(language: str) -> Any:
+    """A pygments lexer for a fence's language name, or None."""
+    from pygments.lexers import get_lexer_by_name
+    from pygments.util import ClassNotFound
+
     try:
-        lexer: Lexer = get_lexer_by_name(language)
-    except ClassNotFound:
+        # stripnl=False: leading blank lines must not be dropped, or rows shift.
+        return get_lexer_by_name(language.lower(), stripnl=False, ensurenl=False)
+    except (ClassNotFound, ValueError):
         return None
-    return lexer
 
 
-def _code_lines(code: list[str], language: str, width: int) -> list[Line]:
+def _quick_guess(code: str) -> str | None:
+    sample = code[:4000]
+    for name, pattern in _GUESSES:
+        if pattern.search(sample):
+            return name
+    return None
+
+
+@lru_cache(maxsize=256)
+def _slow_guess(code: str) -> str | None:
+    """pygments' guess, only if it is confident; cached, as it is slow."""
+    from pygments.lexers import guess_lexer
+
+    sample = code[:4000]
+    try:
+        lexer = guess_lexer(sample)
+        score = float(type(lexer).analyse_text(sample))
+    except Exception:  # noqa: BLE001 - any lexer may fail on any text; plain is fine
+        return None
+    if score < _GUESS_CONFIDENCE or not lexer.aliases or lexer.aliases[0] == "text":
+        return None
+    return str(lexer.aliases[0])
+
+
+def _guess(code: str, closed: bool) -> str | None:
+    """A language for an unlabelled fence.
+
+    pygments' full guess only runs on a closed fence: an open one is re-rendered
+    on every streamed delta, and its text changes each time, so no cache helps.
+    """
+    if not code.strip():
+        return None
+    return _quick_guess(code) or (_slow_guess(code) if closed else None)
+
+
+def _token_rows(body: str, language: str | None) -> list[list[Span]]:
+    """The code's rows as highlighted spans (colour: pygments token type name)."""
     lexer = _lexer(language) if language else None
-    if lexer is None and code:
-        try:
-            guessed = guess_lexer("\n".join(code))
-            lexer = guessed if guessed.name != "Text only" else None
-        except ClassNotFound:
-            lexer = None
-    label = language or (lexer.name.lower() if lexer is not None else "")
-    lines: list[Line] = [(Span(f"╭─ {label}".rstrip(), frozenset({"fence"})),)]
-    body = "\n".join(line.replace("\t", "    ") for line in code)
-    tokens: list[list[tuple[str, str | None]]] = [[]]
-    if lexer is not None:
-        for token_type, value in lexer.get_tokens(body):
-            name = str(token_type).removeprefix("Token.")
-            for index, part in enumerate(value.split("\n")):
-                if index:
-                    tokens.append([])
-                if part:
-                    tokens[-1].append((part, name))
+    if lexer is None:
+        return [[Span(row, _CODEBLOCK)] if row else [] for row in body.split("\n")]
+    rows: list[list[Span]] = [[]]
+    try:
+        tokens = list(lexer.get_tokens(body))
+    except Exception:  # noqa: BLE001 - a lexer bug must not break the chat view
+        return [[Span(row, _CODEBLOCK)] if row else [] for row in body.split("\n")]
+    for token_type, value in tokens:
+        name = str(token_type).removeprefix("Token.").removeprefix("Token")
+        # Plain text and whitespace get no colour, so they merge with neighbours.
+        color = None if not name or name.startswith(("Text", "Whitespace")) else name
+        for index, part in enumerate(value.split("\n")):
+            if index:
+                rows.append([])
+            if part:
+                rows[-1].append(Span(part, _CODEBLOCK, color))
+    return rows
+
+
+def _fence_open(line: str) -> tuple[int, str, int, str] | None:
+    """(indent, fence char, fence length, info) when ``line`` opens a fence."""
+    stripped = line.lstrip(" \t")
+    if not stripped.startswith(("```", "~~~")):
+        return None
+    char = stripped[0]
+    length = len(stripped) - len(stripped.lstrip(char))
+    indent = len(line) - len(stripped)
+    return indent, char, length, stripped[length:].strip()
+
+
+def _fence_closes(line: str, char: str, length: int) -> bool:
+    stripped = line.strip()
+    return len(stripped) >= length and stripped == char * len(stripped)
+
+
+def _code_block(lines: list[str], width: int) -> list[Line]:
+    """A fenced block: ``╭─ lang`` header, code indented two spaces, ``╰─`` footer.
+
+    No right border and no wrapping, so that code copied off the terminal is
+    still code; rows too long are cut with "…" instead.
+    """
+    opened = _fence_open(lines[0])
+    assert opened is not None  # only fence blocks come here
+    indent, char, length, info = opened
+    closed = len(lines) > 1 and _fence_closes(lines[-1], char, length)
+    code = lines[1 : -1 if closed else None]
+    # Fences indented under a list item indent their code the same way: drop that.
+    code = [row[min(indent, len(row) - len(row.lstrip(" "))) :] for row in code]
+    body = "\n".join(code).replace("\t", "    ").replace("\r", "")
+    language = info.split()[0] if info else None
+    if language and _lexer(language) is None:
+        label = language  # unknown to pygments: still say what it is, uncoloured
     else:
-        tokens = [[(line, None)] for line in body.split("\n")]
-    for row in tokens[: len(code)]:
-        spans: list[Span] = [Span("  ", frozenset({"codeblock"}))]
-        used = 2
-        for text, colour in row:
-            size = display_width(text)
-            if used + size > width:  # code is cut, not wrapped: wrapping breaks it
-                room = max(width - used - 1, 0)
-                spans.append(Span(text[:room] + "…", frozenset({"codeblock"}), colour))
-                break
-            spans.append(Span(text, frozenset({"codeblock"}), colour))
-            used += size
-        lines.append(tuple(spans))
-    lines.append((Span("╰─", frozenset({"fence"})),))
-    return lines
+        language = language or _guess(body, closed)
+        label = language or ""
+    out: list[Line] = [_truncate([Span(f"╭─ {label}" if label else "╭─", _FENCE_STYLE)], width)]
+    margin = Span("  ", _CODEBLOCK)
+    for row in _token_rows(body, language)[: len(code)]:
+        out.append(_merge([margin]) + _truncate(row, width - 2) if row else (margin,))
+    out.append((Span("╰─", _FENCE_STYLE),))
+    return out
 
 
-def _block_lines(block: list[str], width: int) -> list[Line]:
-    """One block: a fence, or a run of non-blank lines."""
-    fence = _FENCE.match(block[0])
-    if fence:
-        marker = fence.group(2)
-        closed = len(block) > 1 and block[-1].strip().startswith(marker)
-        return _code_lines(block[1 : -1 if closed else None], fence.group(3), width)
-    lines: list[Line] = []
+# --- blocks ------------------------------------------------------------------------
+
+_ATX = re.compile(r"^ {0,3}(#{1,6})(?:[ \t]+(.*?))?(?:[ \t]+#+)?[ \t]*$")
+_HR = re.compile(r"^ {0,3}([-*_])(?:[ \t]*\1){2,}[ \t]*$")
+_ITEM = re.compile(r"^([ \t]*)([-*+]|\d{1,9}[.)])(?:[ \t]+(.*)|$)")
+_QUOTE_LINE = re.compile(r"^ {0,3}>[ ]?")
+_TABLE_ROW = re.compile(r"^\s*\|")
+_TABLE_RULE = re.compile(r"^\s*\|?\s*:?-+:?\s*(?:\|\s*:?-+:?\s*)*\|?\s*$")
+_BULLETS = ("•", "◦", "▪")
+
+
+def _prefix_fits(prefix: str, width: int) -> str:
+    """Deep nesting must not push the text off the screen: keep half the width for it."""
+    if display_width(prefix) <= width // 2:
+        return prefix
+    return prefix.lstrip()[: max(width // 2, 1)]
+
+
+def _table(rows: list[str], width: int) -> list[Line]:
+    """Pipe table rows: aligned columns when they fit the width, else one row per line."""
+    cells = [[_inline(cell.strip()) for cell in row.strip().strip("|").split("|")] for row in rows]
+    is_rule = [bool(_TABLE_RULE.match(row)) for row in rows]
+    columns = max(len(row) for row in cells)
+    widths = [0] * columns
+    for row, rule in zip(cells, is_rule, strict=True):
+        if not rule:
+            for index, cell in enumerate(row):
+                size = sum(display_width(span.text) for span in cell)
+                widths[index] = max(widths[index], size)
+    out: list[Line] = []
+    separator = Span(" │ ", _DIM)
+    if sum(widths) + 3 * (columns - 1) <= width:
+        header = is_rule[1] if len(rows) > 1 else False
+        for number, (row, rule) in enumerate(zip(cells, is_rule, strict=True)):
+            if rule:
+                out.append((Span("─┼─".join("─" * size for size in widths), _DIM),))
+                continue
+            spans: list[Span] = []
+            for index in range(columns):
+                cell = row[index] if index < len(row) else []
+                if header and number == 0:
+                    cell = [Span(span.text, span.style | _BOLD, span.color) for span in cell]
+                pad = widths[index] - sum(display_width(span.text) for span in cell)
+                if index:
+                    spans.append(separator)
+                spans.extend(cell)
+                if index < columns - 1:
+                    spans.append(Span(" " * pad))
+            out.append(_merge(spans))
+        return out
+    for row, rule in zip(cells, is_rule, strict=True):
+        if not rule:
+            joined: list[Span] = []
+            for index, cell in enumerate(row):
+                if index:
+                    joined.append(separator)
+                joined.extend(cell)
+            out.extend(_wrap(joined, width, [], [Span("  ")]))
+    return out
+
+
+def _text_block(lines: list[str], width: int) -> list[Line]:
+    """A run of non-blank lines outside a fence: headings, rules, lists, quotes, tables, text."""
+    out: list[Line] = []
     paragraph: list[str] = []
+    item: tuple[str, str, list[str]] | None = None  # (first prefix, hanging indent, text)
+    quote: list[str] = []
+    table: list[str] = []
 
     def flush() -> None:
+        nonlocal item
         if paragraph:
-            lines.extend(_wrap(_inline(" ".join(paragraph)), width, "", "", _NONE))
+            # A paragraph indented under a loose list item keeps that indent.
+            lead = len(paragraph[0]) - len(paragraph[0].lstrip(" "))
+            pad = _prefix_fits(" " * min(lead, 8), width)
+            text = " ".join(row.strip() for row in paragraph)
+            out.extend(_wrap(_inline(text), width, [Span(pad)], [Span(pad)]))
             paragraph.clear()
+        if item is not None:
+            first, hang, parts = item
+            text = " ".join(parts)
+            out.extend(_wrap(_inline(text), width, [Span(first)], [Span(hang)]))
+            item = None
+        if quote:
+            inner = render("\n".join(quote), max(width - 2, 1))
+            bar = Span("│ ", _QUOTE)
+            for line in inner:
+                spans = [Span(span.text, span.style | _QUOTE, span.color) for span in line]
+                out.append(_merge([bar, *spans]) if width > 2 else _truncate(spans, width))
+            quote.clear()
+        if table:
+            out.extend(_table(table, width))
+            table.clear()
 
-    for raw in block:
-        if heading := _HEADING.match(raw):
+    for raw in lines:
+        if quote and not _QUOTE_LINE.match(raw) and raw.strip():
+            if _ATX.match(raw) or _HR.match(raw) or _ITEM.match(raw) or _fence_open(raw):
+                flush()
+            else:
+                quote.append(raw)  # lazy continuation of the quoted paragraph
+                continue
+        if marker := _QUOTE_LINE.match(raw):
+            if not quote:
+                flush()
+            quote.append(raw[marker.end() :])
+        elif heading := _ATX.match(raw):
             flush()
-            style = frozenset({"heading", "bold"})
-            lines.extend(_wrap(_inline(heading.group(2), style), width, "", "", style))
-        elif _RULE.match(raw):
+            out.extend(_wrap(_inline(heading.group(2) or "", _HEADING), width, [], []))
+        elif _HR.match(raw):
             flush()
-            lines.append((Span("─" * width, frozenset({"rule"})),))
-        elif item := _BULLET.match(raw) or _NUMBER.match(raw):
+            out.append((Span("─" * width, _RULE),))
+        elif entry := _ITEM.match(raw):
             flush()
-            depth = len(item.group(1).expandtabs(4)) // 2
-            marker = "•" if item.group(2) in "-*+" else item.group(2)
-            first = "  " * depth + marker + " "
-            lines.extend(_wrap(_inline(item.group(3)), width, first, " " * len(first), _NONE))
-        elif quote := _QUOTE.match(raw):
-            flush()
-            style = frozenset({"quote"})
-            lines.extend(_wrap(_inline(quote.group(1), style), width, "│ ", "│ ", style))
+            depth = len(entry.group(1).expandtabs(4)) // 2
+            token = entry.group(2)
+            bullet = _BULLETS[min(depth, 2)] if token in "-*+" else token
+            first = _prefix_fits("  " * depth + bullet + " ", width)
+            item = (first, " " * display_width(first), [(entry.group(3) or "").strip()])
+        elif _TABLE_ROW.match(raw):
+            if not table:
+                flush()
+            table.append(raw)
+        elif item is not None:
+            item[2].append(raw.strip())  # continuation of the list item
+        elif table and _TABLE_RULE.match(raw):
+            table.append(raw)
         else:
-            paragraph.append(raw.strip())
+            if table:
+                flush()
+            paragraph.append(raw)
     flush()
-    return lines
+    return out
 
 
-def _blocks(text: str) -> tuple[list[list[str]], bool]:
-    """Split into blocks; the bool says whether the last block is finished.
+class _Block(NamedTuple):
+    lines: list[str]
+    fence: bool
+    end: int  # offset just past the block (and the blank line or fence that ended it)
+    finished: bool  # nothing appended to the text can change this block any more
 
-    A block ends at a blank line or a closing fence, and only once the text
-    has gone past that line (a line without its newline may still grow).
+
+def _blocks(text: str) -> list[_Block]:
+    """Split ``text`` into blocks: fenced code, or runs of non-blank lines.
+
+    A block is finished once a complete blank line follows it (outside a
+    fence), its closing fence line is complete, or a fence opens after it.
+    Only the last block can be unfinished. A line without its newline may
+    still grow, so it never finishes anything.
     """
-    lines = text.split("\n")
-    complete = len(lines) - 1  # the last piece has no newline yet
-    blocks: list[list[str]] = []
+    blocks: list[_Block] = []
     current: list[str] = []
-    fence: str | None = None
-    finished = False
-    for number, line in enumerate(lines):
-        if number == complete and line == "":
-            break  # the text ends with a newline: nothing more on this line yet
-        finished = False
-        ended = number < complete
+    fence: tuple[str, int] | None = None
+    position = 0
+    length = len(text)
+    while position < length:
+        newline = text.find("\n", position)
+        ended = newline >= 0
+        end = newline + 1 if ended else length
+        line = text[position : newline if ended else length]
+        start, position = position, end
         if fence is not None:
             current.append(line)
-            if line.strip().startswith(fence) and ended:
-                blocks.append(current)
-                current, fence, finished = [], None, True
+            if ended and _fence_closes(line, *fence):
+                blocks.append(_Block(current, True, end, True))
+                current, fence = [], None
             continue
-        match = _FENCE.match(line)
-        if match:
+        opened = _fence_open(line)
+        if opened is not None:
             if current:
-                blocks.append(current)
-            current, fence = [line], match.group(2)
-        elif not line.strip() and ended:
-            if current:
-                blocks.append(current)
+                blocks.append(_Block(current, False, start, True))
+            current, fence = [line], (opened[1], opened[2])
+        elif not line.strip():
+            if ended and current:
+                blocks.append(_Block(current, False, end, True))
                 current = []
-            finished = bool(blocks)
         else:
             current.append(line)
     if current:
-        blocks.append(current)
-        finished = False
-    return blocks, finished
+        blocks.append(_Block(current, fence is not None, length, False))
+    return blocks
+
+
+def _render_block(block: _Block, width: int) -> list[Line]:
+    return _code_block(block.lines, width) if block.fence else _text_block(block.lines, width)
 
 
 def render(text: str, width: int) -> list[Line]:
-    """All of ``text`` as lines no wider than ``width`` (blank lines between blocks)."""
-    blocks, _ = _blocks(text)
+    """Lay out Markdown ``text`` as lines at most ``width`` columns wide.
+
+    Blocks are separated by one empty line (``()``). Never raises on partial
+    or malformed input; the width holds for any ``width`` of 10 or more.
+    """
     out: list[Line] = []
-    for index, block in enumerate(blocks):
-        if index:
+    for block in _blocks(text):
+        if out:
             out.append(())
-        out.extend(_block_lines(block, width))
+        out.extend(_render_block(block, width))
     return out
 
 
 class IncrementalRenderer:
-    """``update(text)`` with a growing text re-renders only the unfinished last block."""
+    """``render`` for a message that grows while it streams.
+
+    ``update(text)`` takes the whole text so far. Finished blocks are rendered
+    once and cached; only the open last block is rendered again. A text that
+    is not a continuation of the last one (replaced, or edited inside a
+    finished block) starts over. The result always equals ``render(text, width)``.
+    """
 
     def __init__(self, width: int) -> None:
+        """Render at ``width`` columns (make a new renderer when the width changes)."""
         self.width = width
-        self.blocks_rendered = 0  # every block render, the open block's included
-        self.finished_renders = 0  # renders of finished blocks: once each, ever
+        self.blocks_rendered = 0
+        """Every block rendered, the open block's re-renders included."""
+        self.finished_renders = 0
+        """Renders of finished blocks: at most once per block, ever (until a restart)."""
         self._text = ""
-        self._done: list[list[Line]] = []  # finished blocks, rendered
-        self._done_chars = 0  # how much of the text they cover
+        self._done_text = ""  # the prefix the finished blocks came from
+        self._done: list[Line] = []  # the finished blocks' lines, separators included
         self._lines: list[Line] = []
 
     def update(self, text: str) -> list[Line]:
+        """The lines for ``text``, the whole message so far. Do not mutate the result."""
         if text == self._text:
             return self._lines
-        if not text.startswith(self._text[: self._done_chars]):
-            self._done, self._done_chars = [], 0  # replaced, not grown: start over
+        if not text.startswith(self._done_text):
+            self._done_text, self._done = "", []  # replaced, not grown: start over
         self._text = text
-        tail = text[self._done_chars :]
-        blocks, last_finished = _blocks(tail)
-        # Every block but the last is finished; so is the last when the text ends
-        # after it. Keep those, and remember where the open one starts.
-        keep = len(blocks) if last_finished else len(blocks) - 1
-        open_from = self._done_chars
-        if keep > 0:
-            consumed = _chars_of_blocks(tail, keep)
-            for block in blocks[:keep]:
-                self._done.append(_block_lines(block, self.width))
-                self.blocks_rendered += 1
-                self.finished_renders += 1
-            open_from += consumed
-            self._done_chars = open_from
-            blocks = blocks[keep:]
-        lines: list[Line] = []
-        for index, rendered in enumerate(self._done):
-            if index:
-                lines.append(())
-            lines.extend(rendered)
-        for block in blocks:
-            if lines:
-                lines.append(())
-            lines.extend(_block_lines(block, self.width))
+        offset = len(self._done_text)
+        lines = self._done
+        for block in _blocks(text[offset:]):
+            rendered = _render_block(block, self.width)
             self.blocks_rendered += 1
+            if lines:
+                lines = [*lines, (), *rendered] if not block.finished else lines
+                if block.finished:
+                    lines.append(())
+                    lines.extend(rendered)
+            else:
+                lines = list(rendered) if not block.finished else lines
+                if block.finished:
+                    lines.extend(rendered)
+            if block.finished:
+                self.finished_renders += 1
+                self._done_text = text[: offset + block.end]
+                self._done = lines
         self._lines = lines
         return lines
-
-
-def _chars_of_blocks(text: str, count: int) -> int:
-    """How many characters of ``text`` the first ``count`` blocks (and blanks after) take."""
-    position = 0
-    seen = 0
-    fence: str | None = None
-    in_block = False
-    for line in text.split("\n"):
-        end = position + len(line) + 1
-        if fence is not None:
-            if line.strip().startswith(fence):
-                fence, in_block, seen = None, False, seen + 1
-                if seen == count:
-                    return min(end, len(text))
-            position = end
-            continue
-        match = _FENCE.match(line)
-        if match:
-            if in_block:
-                seen += 1
-                if seen == count:
-                    return position
-            fence, in_block = match.group(2), True
-        elif not line.strip():
-            if in_block:
-                seen += 1
-                in_block = False
-                if seen == count:
-                    return min(end, len(text))
-        else:
-            in_block = True
-        position = end
-    return len(text)

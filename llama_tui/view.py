@@ -67,7 +67,7 @@ class Export:
 
 @dataclass(frozen=True)
 class CopyLastReply:
-    pass
+    code_block: int | None = None  # 1-based; None copies the whole reply, 0 the last block
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,8 @@ HELP = [
     ("/search TEXT", "search every conversation; Enter opens a hit"),
     ("/rename TITLE, /delete", "rename or delete this conversation"),
     ("/export [PATH]", "save this conversation as Markdown"),
-    ("/copy", "copy the last reply to the clipboard (OSC 52)"),
+    ("/copy, /copy code [N]", "copy the last reply, or its Nth code block (OSC 52)"),
+    ("mouse wheel", "scroll (hold Shift to select text with the mouse)"),
     ("Ctrl+↑ / Ctrl+↓", "previous / next conversation"),
     ("Ctrl+B", "show or hide the conversation list"),
     ("Esc", "stop the reply being generated"),
@@ -218,6 +219,15 @@ class View:
         """
         if name != "CTRL_C" and char != "\x03":
             self.interrupts = 0
+        if name == "BRACKETED_PASTE":  # pasted text goes in whole, newlines and all
+            if self.mode == "chat":
+                self.input += char.replace("\r\n", "\n").replace("\r", "\n")
+            return None
+        if name in ("MOUSE_SCROLL_UP", "MOUSE_SCROLL_DOWN"):
+            step = 3 if name == "MOUSE_SCROLL_UP" else -3
+            self.scroll = max(self.scroll + step, 0)
+            self.new_below = self.new_below and self.scroll > 0
+            return None
         if self.mode == "help":
             self.mode = "chat"
             return None
@@ -328,6 +338,9 @@ class View:
         if command == "/search" and argument:
             return SearchAll(argument)
         if command == "/copy":
+            if argument.startswith("code"):
+                number = argument.removeprefix("code").strip()
+                return CopyLastReply(int(number) if number.isdigit() else 0)
             return CopyLastReply()
         if command in ("/rename", "/delete", "/export"):
             if self.current is None:

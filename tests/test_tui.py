@@ -272,3 +272,17 @@ def test_ctrl_e_writes_the_message_in_the_editor(
     screen.send("Enter")
     screen.wait_for("tok/s")
     assert daemon.ctl("history", "search", "written in the editor").stdout.count("user") == 1
+
+
+def test_bracketed_paste_is_not_sent_line_by_line(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path], tui: Callable[..., Tmux]
+) -> None:
+    daemon = ready_daemon(make_llamad, demo_models)
+    screen = tui(daemon)
+    screen.wait_for("demo ready")
+    subprocess.run(["tmux", "set-buffer", "-b", screen.name, "pasted one\npasted two"], check=True)
+    # -p: paste with brackets, as a terminal does when the app asked for them.
+    subprocess.run(["tmux", "paste-buffer", "-p", "-b", screen.name, "-t", screen.name], check=True)
+    shown = screen.wait_for("pasted two")
+    assert "> pasted one" in shown  # both lines in the input, nothing sent yet
+    assert daemon.ctl("history", "list", "--json").stdout.strip() == "[]"

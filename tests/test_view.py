@@ -183,3 +183,17 @@ def test_rename_delete_export_copy_commands() -> None:
     assert view.key("KEY_ENTER", "\r") == Export("c1", "/tmp/x.md")
     type_text(view, "/copy")
     assert view.key("KEY_ENTER", "\r") == CopyLastReply()
+
+
+def test_paste_goes_in_whole_and_the_wheel_scrolls() -> None:
+    view = long_view()
+    assert view.key("BRACKETED_PASTE", "first line\r\nsecond line") is None
+    assert view.input == "first line\nsecond line"  # not sent, newlines kept
+    view.key("MOUSE_SCROLL_UP", "")
+    view.key("MOUSE_SCROLL_UP", "")
+    assert view.scroll == 6
+    view.key("MOUSE_SCROLL_DOWN", "")
+    assert view.scroll == 3
+    type_text(view, "")
+    view.input = "/copy code 2"
+    assert view.key("KEY_ENTER", "\r") == CopyLastReply(2)
