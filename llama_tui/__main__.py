@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     # The context managers restore the terminal on any exit, a crash included.
     with (
         term.fullscreen(),
-        term.cbreak(),
+        term.raw(),  # not cbreak: ICRNL would make Enter and Ctrl+J the same "\n"
         term.hidden_cursor(),
         input_modes(term),
         contextlib.suppress(KeyboardInterrupt),

@@ -171,8 +171,10 @@ class App:
                 if not key:
                     break
                 name = key.name or "" if key.is_sequence else ""
-                char = (key.text or "") if name == "BRACKETED_PASTE" else ""
-                intent = self.view.key(name, char if key.is_sequence else str(key))
+                # The raw text matters for named keys too: blessed names both
+                # "\r" (Enter) and "\n" (Ctrl+J) KEY_ENTER.
+                char = (key.text or "") if name == "BRACKETED_PASTE" else str(key)
+                intent = self.view.key(name, char)
                 if isinstance(intent, Quit):
                     return
                 if intent is not None:

@@ -14,7 +14,7 @@ literal until it is closed, an unclosed fence is drawn as a code block whose
 footer moves down as lines arrive.
 
 Supported: ATX headings, paragraphs, ``**bold**``, ``*italic*``/``_italic_``,
-```code```, ``[links](url)``, ``<autolinks>``, backslash escapes, bullet and
+`` `code` ``, ``[links](url)``, ``<autolinks>``, backslash escapes, bullet and
 numbered lists (nested by indentation, hanging indent on wrap), block quotes
 (nested, with any Markdown inside), horizontal rules, pipe tables (aligned when
 they fit, one row per line when not) and fenced code blocks highlighted by
@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from bisect import bisect_right
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, NamedTuple
@@ -93,7 +95,7 @@ def _cut(text: str, columns: int) -> tuple[str, str]:
     return text, ""
 
 
-def _truncate(spans: list[Span], width: int) -> Line:
+def _truncate(spans: Sequence[Span], width: int) -> Line:
     """Cut a line to ``width`` columns, ending it with "…" when anything was cut."""
     total = sum(display_width(span.text) for span in spans)
     if total <= width:
@@ -185,70 +187,75 @@ def _merge(spans: list[Span]) -> Line:
     return tuple(out)
 
 
-def _wrap(spans: list[Span], width: int, first: list[Span], rest: list[Span]) -> list[Line]:
+def _wrap(spans: list[Span], width: int, first: str = "", rest: str = "") -> list[Line]:
     """Word-wrap ``spans`` to ``width`` after a first-line prefix, with a hanging indent.
 
+    The spans are laid end to end as one string (whitespace runs become one
+    space) and each line is found with one ``rfind`` for the last space that
+    fits, rather than word by word: this is the hot path of the renderer.
     Words may run across spans ("**bold**," is one word), so a line is only
-    ever broken at whitespace, or inside a word too long for any line.
+    ever broken at a space, or inside a word too long for any line.
     """
-    # Words as lists of fragments; ``gaps[i]`` is the style of the space before word i.
-    words: list[list[Span]] = []
-    gaps: list[Style] = []
-    pending_gap: Style | None = None
-    joined = True  # whether the next fragment continues the last word
+    # Segments: (start offset in ``full``, style, colour), neighbours of one look merged.
+    pieces: list[str] = []
+    segments: list[tuple[int, Style, str | None]] = []
+    length = 0
     for span in spans:
-        parts = _SPACES.split(span.text)
-        for index, part in enumerate(parts):
-            if index:
-                joined = False
-                pending_gap = span.style
-            if not part:
-                continue
-            if joined and words:
-                words[-1].append(Span(part, span.style, span.color))
-            else:
-                words.append([Span(part, span.style, span.color)])
-                gaps.append(pending_gap if pending_gap is not None else span.style)
-                joined = True
-                pending_gap = None
-    first_width = sum(display_width(span.text) for span in first)
-    indent = sum(display_width(span.text) for span in rest)
+        text = span.text
+        if "\t" in text or "\n" in text or "  " in text:
+            text = _SPACES.sub(" ", text)
+        if text.startswith(" ") and (not length or pieces[-1].endswith(" ")):
+            text = text[1:]  # no leading space, and never two in a row
+        if not text:
+            continue
+        if not segments or segments[-1][1] != span.style or segments[-1][2] != span.color:
+            segments.append((length, span.style, span.color))
+        pieces.append(text)
+        length += len(text)
+    full = "".join(pieces).rstrip(" ")
+    length = len(full)
+    starts = [segment[0] for segment in segments]
+    columns: list[int] | None = None  # columns[i]: width of full[:i], for non-ASCII text only
+    if not full.isascii():
+        columns = [0]
+        for char in full:
+            columns.append(columns[-1] + _char_width(char))
+
+    def line_of(prefix: str, begin: int, stop: int) -> Line:
+        out = [Span(prefix)] if prefix else []
+        index = bisect_right(starts, begin) - 1
+        while begin < stop:
+            _, style, color = segments[index]
+            next_start = starts[index + 1] if index + 1 < len(starts) else length
+            cut = min(stop, next_start)
+            out.append(Span(full[begin:cut], style, color))
+            begin = cut
+            index += 1
+        return tuple(out)
+
     lines: list[Line] = []
-    current: list[Span] = list(first)
-    used = first_width
-    empty = True  # nothing but the prefix on the current line
-    for gap, word in zip(gaps, words, strict=True):
-        size = sum(display_width(fragment.text) for fragment in word)
-        if not empty and used + 1 + size <= width:
-            current.append(Span(" ", gap))
-            current.extend(word)
-            used += 1 + size
-            continue
-        if not empty:
-            lines.append(_merge(current))
-            current, used, empty = list(rest), indent, True
-        if used + size <= width:
-            current.extend(word)
-            used += size
-            empty = False
-            continue
-        # Longer than a whole line: hard-wrap it, fragment by fragment.
-        for fragment in word:
-            remaining = fragment.text
-            while remaining:
-                head, remaining = _cut(remaining, width - used)
-                if not head:
-                    if empty:  # not even one character fits beside the prefix
-                        head, remaining = remaining[0], remaining[1:]
-                    else:
-                        lines.append(_merge(current))
-                        current, used, empty = list(rest), indent, True
-                        continue
-                current.append(Span(head, fragment.style, fragment.color))
-                used += display_width(head)
-                empty = False
-    if not empty or not lines:
-        lines.append(_merge(current))
+    prefix = first
+    position = 0
+    while position < length:
+        room = width - display_width(prefix)
+        if columns is None:
+            limit = position + room  # the furthest end that fits
+        else:
+            limit = bisect_right(columns, columns[position] + room) - 1
+        if limit >= length:
+            lines.append(line_of(prefix, position, length))
+            break
+        cut = full.rfind(" ", position, limit + 1)
+        if cut > position:
+            lines.append(line_of(prefix, position, cut))
+            position = cut + 1
+        else:  # a word longer than the line: hard-wrap it
+            limit = max(limit, position + 1)  # at least one character, whatever the room
+            lines.append(line_of(prefix, position, limit))
+            position = limit + 1 if full.startswith(" ", limit) else limit
+        prefix = rest
+    if not lines:
+        lines.append((Span(first),) if first else ())
     return lines
 
 
@@ -260,17 +267,26 @@ def _wrap(spans: list[Span], width: int, first: list[Span], rest: list[Span]) ->
 _GUESSES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (name, re.compile(pattern, re.MULTILINE))
     for name, pattern in (
-        ("python", r"^\s*(?:def \w+\(.*\).*:|class \w+.*:|from [\w.]+ import |import \w+$|"
-         r"if __name__ ==|elif .*:$|print\(.*\)$)"),
+        (
+            "python",
+            r"^\s*(?:def \w+\(.*\).*:|class \w+.*:|from [\w.]+ import |import \w+$|"
+            r"if __name__ ==|elif .*:$|print\(.*\)$)",
+        ),
         ("rust", r"^\s*(?:(?:pub )?fn \w+|let mut |use \w+::|impl\b)|println!\("),
         ("go", r"^\s*(?:package \w+$|func (?:\(\w+ \*?\w+\) )?\w+\()"),
         ("c", r"^#include\s*[<\"]"),
-        ("javascript", r"^\s*(?:(?:const|let|var) \w+ = |function \w*\(|export |import .* from )"
-         r"|console\.log\(|=> \{"),
+        (
+            "javascript",
+            r"^\s*(?:(?:const|let|var) \w+ = |function \w*\(|export |import .* from )"
+            r"|console\.log\(|=> \{",
+        ),
         ("sql", r"(?i)^\s*(?:select .+ from |insert into |create table |update \w+ set )"),
         ("html", r"(?i)^\s*<(?:!doctype|html|div|head|body|p|span)\b"),
-        ("bash", r"^(?:#!/bin/(?:ba)?sh|\$ |(?:sudo |apt |apt-get |pip |npm |cd |ls |git |echo |"
-         r"export \w+=|curl |mkdir |cargo ))"),
+        (
+            "bash",
+            r"^(?:#!/bin/(?:ba)?sh|\$ |(?:sudo |apt |apt-get |pip |npm |cd |ls |git |echo |"
+            r"export \w+=|curl |mkdir |cargo ))",
+        ),
         ("json", r"\A\s*[\[{]\s*\"[^\"]*\"\s*:"),
         ("yaml", r"\A(?:---\n)?[\w-]+:(?: .*)?\n(?:\s+- |\s+[\w-]+:)"),
     )
@@ -308,7 +324,7 @@ def _slow_guess(code: str) -> str | None:
     try:
         lexer = guess_lexer(sample)
         score = float(type(lexer).analyse_text(sample))
-    except Exception:  # noqa: BLE001 - any lexer may fail on any text; plain is fine
+    except Exception:  # any lexer may fail on any text: plain is fine
         return None
     if score < _GUESS_CONFIDENCE or not lexer.aliases or lexer.aliases[0] == "text":
         return None
@@ -326,26 +342,65 @@ def _guess(code: str, closed: bool) -> str | None:
     return _quick_guess(code) or (_slow_guess(code) if closed else None)
 
 
-def _token_rows(body: str, language: str | None) -> list[list[Span]]:
-    """The code's rows as highlighted spans (colour: pygments token type name)."""
-    lexer = _lexer(language) if language else None
-    if lexer is None:
-        return [[Span(row, _CODEBLOCK)] if row else [] for row in body.split("\n")]
-    rows: list[list[Span]] = [[]]
-    try:
-        tokens = list(lexer.get_tokens(body))
-    except Exception:  # noqa: BLE001 - a lexer bug must not break the chat view
-        return [[Span(row, _CODEBLOCK)] if row else [] for row in body.split("\n")]
-    for token_type, value in tokens:
+_COLORS: dict[Any, str | None] = {}  # pygments token type -> colour name
+
+
+def _color(token_type: Any) -> str | None:
+    color = _COLORS.get(token_type, "")
+    if color == "":
         name = str(token_type).removeprefix("Token.").removeprefix("Token")
         # Plain text and whitespace get no colour, so they merge with neighbours.
         color = None if not name or name.startswith(("Text", "Whitespace")) else name
+        _COLORS[token_type] = color
+    return color
+
+
+def _plain_rows(body: str) -> tuple[Line, ...]:
+    return tuple((Span(row, _CODEBLOCK),) if row else () for row in body.split("\n"))
+
+
+@lru_cache(maxsize=1024)
+def _token_rows(body: str, language: str | None) -> tuple[Line, ...]:
+    """The code's rows as highlighted spans (colour: pygments token type name).
+
+    Cached: lexing is most of the cost of a message with code (pygments takes
+    about 2 µs a character), and the rows do not depend on the width, so a
+    resize re-lays out a conversation without lexing any of it again.
+    """
+    lexer = _lexer(language) if language else None
+    if lexer is None:
+        return _plain_rows(body)
+    rows: list[list[Span]] = [[]]
+    try:
+        tokens = list(lexer.get_tokens(body))
+    except Exception:  # a lexer bug must not break the chat view
+        return _plain_rows(body)
+    for token_type, value in tokens:
+        color = _color(token_type)
+        if "\n" not in value:
+            if value:
+                rows[-1].append(Span(value, _CODEBLOCK, color))
+            continue
         for index, part in enumerate(value.split("\n")):
             if index:
                 rows.append([])
             if part:
                 rows[-1].append(Span(part, _CODEBLOCK, color))
-    return rows
+    return tuple(_merge(row) for row in rows[: body.count("\n") + 1])
+
+
+def _open_rows(body: str, language: str | None) -> tuple[Line, ...]:
+    """Rows of a fence still being written: the complete lines, then the last one.
+
+    The complete lines are lexed together (and cached, so that is once per
+    line, not once per delta); the line being written is lexed on its own,
+    which can colour it out of context (inside a multi-line string) until its
+    newline arrives. The closed fence is lexed as a whole.
+    """
+    head, newline, tail = body.rpartition("\n")
+    if not newline:
+        return _token_rows(tail, language)
+    return _token_rows(head, language) + _token_rows(tail, language)
 
 
 def _fence_open(line: str) -> tuple[int, str, int, str] | None:
@@ -386,8 +441,9 @@ def _code_block(lines: list[str], width: int) -> list[Line]:
         label = language or ""
     out: list[Line] = [_truncate([Span(f"╭─ {label}" if label else "╭─", _FENCE_STYLE)], width)]
     margin = Span("  ", _CODEBLOCK)
-    for row in _token_rows(body, language)[: len(code)]:
-        out.append(_merge([margin]) + _truncate(row, width - 2) if row else (margin,))
+    rows = (_token_rows if closed else _open_rows)(body, language) if code else ()
+    for row in rows:
+        out.append(_merge([margin, *_truncate(row, width - 2)]))
     out.append((Span("╰─", _FENCE_STYLE),))
     return out
 
@@ -449,7 +505,7 @@ def _table(rows: list[str], width: int) -> list[Line]:
                 if index:
                     joined.append(separator)
                 joined.extend(cell)
-            out.extend(_wrap(joined, width, [], [Span("  ")]))
+            out.extend(_wrap(joined, width, "", "  "))
     return out
 
 
@@ -468,19 +524,19 @@ def _text_block(lines: list[str], width: int) -> list[Line]:
             lead = len(paragraph[0]) - len(paragraph[0].lstrip(" "))
             pad = _prefix_fits(" " * min(lead, 8), width)
             text = " ".join(row.strip() for row in paragraph)
-            out.extend(_wrap(_inline(text), width, [Span(pad)], [Span(pad)]))
+            out.extend(_wrap(_inline(text), width, pad, pad))
             paragraph.clear()
         if item is not None:
             first, hang, parts = item
             text = " ".join(parts)
-            out.extend(_wrap(_inline(text), width, [Span(first)], [Span(hang)]))
+            out.extend(_wrap(_inline(text), width, first, hang))
             item = None
         if quote:
             inner = render("\n".join(quote), max(width - 2, 1))
             bar = Span("│ ", _QUOTE)
             for line in inner:
                 spans = [Span(span.text, span.style | _QUOTE, span.color) for span in line]
-                out.append(_merge([bar, *spans]) if width > 2 else _truncate(spans, width))
+                out.append((bar, *_merge(spans)) if width > 2 else _truncate(spans, width))
             quote.clear()
         if table:
             out.extend(_table(table, width))
@@ -499,7 +555,7 @@ def _text_block(lines: list[str], width: int) -> list[Line]:
             quote.append(raw[marker.end() :])
         elif heading := _ATX.match(raw):
             flush()
-            out.extend(_wrap(_inline(heading.group(2) or "", _HEADING), width, [], []))
+            out.extend(_wrap(_inline(heading.group(2) or "", _HEADING), width))
         elif _HR.match(raw):
             flush()
             out.append((Span("─" * width, _RULE),))
@@ -586,9 +642,10 @@ def render(text: str, width: int) -> list[Line]:
     """
     out: list[Line] = []
     for block in _blocks(text):
-        if out:
+        rendered = _render_block(block, width)
+        if out and rendered:  # a block with no lines (a bare ">") gets no blank line either
             out.append(())
-        out.extend(_render_block(block, width))
+        out.extend(rendered)
     return out
 
 
@@ -621,22 +678,20 @@ class IncrementalRenderer:
             self._done_text, self._done = "", []  # replaced, not grown: start over
         self._text = text
         offset = len(self._done_text)
-        lines = self._done
+        done = self._done
+        open_lines: list[Line] = []
         for block in _blocks(text[offset:]):
             rendered = _render_block(block, self.width)
             self.blocks_rendered += 1
-            if lines:
-                lines = [*lines, (), *rendered] if not block.finished else lines
-                if block.finished:
-                    lines.append(())
-                    lines.extend(rendered)
-            else:
-                lines = list(rendered) if not block.finished else lines
-                if block.finished:
-                    lines.extend(rendered)
             if block.finished:
                 self.finished_renders += 1
+                if done and rendered:
+                    done.append(())
+                done.extend(rendered)
                 self._done_text = text[: offset + block.end]
-                self._done = lines
+            else:
+                open_lines = rendered  # only the last block can be open
+        # A fresh list each time: ``done`` keeps growing, and callers keep old results.
+        lines = [*done, (), *open_lines] if done and open_lines else [*done, *open_lines]
         self._lines = lines
         return lines

@@ -278,13 +278,11 @@ class View:
         if char == "\x02":  # Ctrl+B
             self.sidebar = not self.sidebar
             return None
-        if name in ("KEY_ENTER",) and char != "\n":
-            return self._submit()
-        if char in ("\r",):
-            return self._submit()
         if char == "\n" or name == "KEY_ALT_ENTER":  # Ctrl+J / Alt+Enter: a new line
             self.input += "\n"
             return None
+        if name == "KEY_ENTER" or char == "\r":
+            return self._submit()
         if name == "KEY_BACKSPACE" or char in ("\x7f", "\x08"):
             self.input = self.input[:-1]
             return None

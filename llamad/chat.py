@@ -141,9 +141,8 @@ class ChatEngine:
         self.hub = hub
         self._running: dict[str, _Running] = {}
         self._slot_queues: dict[str, SlotQueue] = {}
-        # Per model process: its context size and its template's cost per message.
-        self._n_ctx: dict[tuple[str, int | None], int] = {}
-        self._overhead: dict[tuple[str, int | None], int] = {}
+        # Per model process: (context size, the template's cost per message).
+        self._model_facts: dict[tuple[str, int | None], tuple[int, int]] = {}
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -322,10 +321,12 @@ class ChatEngine:
     ) -> list[Message]:
         """Leave out the oldest turns when the history does not fit the context."""
         key = (model.model.name, model.status().pid)
-        if key not in self._n_ctx:
-            self._n_ctx[key] = await context_size(client)
-            self._overhead[key] = await template_overhead(client)
-        n_ctx, per_message = self._n_ctx[key], self._overhead[key]
+        if key not in self._model_facts:
+            # Both measured before either is stored: chats run concurrently, and
+            # one must never see half of what another is still measuring.
+            facts = (await context_size(client), await template_overhead(client))
+            self._model_facts[key] = facts
+        n_ctx, per_message = self._model_facts[key]
         max_tokens = prepared.request.options.max_tokens
         # Room kept for the reply; capped so a huge max_tokens still leaves the
         # history a place (llama-server stops at the context's end anyway).

@@ -133,14 +133,26 @@ def turns_to_drop(turn_tokens: Sequence[int], fixed_tokens: int, budget: int) ->
 
 async def context_size(client: httpx.AsyncClient) -> int:
     """The per-slot context length from ``/props``."""
-    response = await client.get("/props")
-    response.raise_for_status()
-    props = response.json()
-    settings = props.get("default_generation_settings") or {}
-    n_ctx = settings.get("n_ctx") or props.get("n_ctx")
+    props = await _ask(client, "GET", "/props")
+    settings = (props.get("default_generation_settings") or {}) if isinstance(props, dict) else {}
+    n_ctx = settings.get("n_ctx") or (props.get("n_ctx") if isinstance(props, dict) else None)
     if not isinstance(n_ctx, int) or n_ctx <= 0:
         raise UpstreamError("llama-server's /props did not report n_ctx")
     return n_ctx
+
+
+async def _ask(client: httpx.AsyncClient, method: str, path: str, **kwargs: Any) -> Any:
+    """One small request to llama-server; every failure becomes an ``UpstreamError``."""
+    try:
+        response = await client.request(method, path, **kwargs)
+    except httpx.HTTPError as exc:
+        raise UpstreamError(f"llama-server did not answer {path} ({exc!r})") from None
+    if response.status_code != 200:
+        raise refusal_message(response.status_code, response.content)
+    try:
+        return response.json()
+    except ValueError:
+        raise UpstreamError(f"llama-server sent {path} an answer that is not JSON") from None
 
 
 async def template_overhead(client: httpx.AsyncClient) -> int:
@@ -149,18 +161,16 @@ async def template_overhead(client: httpx.AsyncClient) -> int:
     Measured on the model itself (``/apply-template`` of an empty message),
     because it ranges from a few special tokens to dozens of spelled-out ones.
     """
-    response = await client.post(
-        "/apply-template", json={"messages": [{"role": "user", "content": ""}]}
+    answer = await _ask(
+        client, "POST", "/apply-template", json={"messages": [{"role": "user", "content": ""}]}
     )
-    response.raise_for_status()
-    prompt = response.json().get("prompt", "")
+    prompt = answer.get("prompt", "") if isinstance(answer, dict) else ""
     return await count_tokens(client, prompt) + TEMPLATE_SLACK_TOKENS
 
 
 async def count_tokens(client: httpx.AsyncClient, text: str) -> int:
-    response = await client.post("/tokenize", json={"content": text})
-    response.raise_for_status()
-    tokens = response.json().get("tokens")
+    answer = await _ask(client, "POST", "/tokenize", json={"content": text})
+    tokens = answer.get("tokens") if isinstance(answer, dict) else None
     return len(tokens) if isinstance(tokens, list) else len(text.encode())
 
 
@@ -178,4 +188,6 @@ async def stream_chat(client: httpx.AsyncClient, payload: dict[str, Any]) -> Asy
                         return
                     yield chunk
     except httpx.HTTPError as exc:
-        raise UpstreamError(f"lost the connection to llama-server while replying ({exc})") from None
+        raise UpstreamError(
+            f"lost the connection to llama-server while replying ({exc!r})"
+        ) from None

@@ -40,7 +40,7 @@ pytestmark = pytest.mark.server
 
 MakeLlamad = Callable[..., Llamad]
 # The demo model writes ~10,000 tokens/s alone: "long" has to be really long.
-LONG = ChatOptions(max_tokens=4000, ignore_eos=True, seed=7)
+LONG = ChatOptions(max_tokens=1500, ignore_eos=True, seed=7)
 
 
 def run_chat(client: Client, **fields: object) -> list[ServerMessage]:
@@ -118,7 +118,7 @@ def test_two_clients_on_one_conversation_see_the_same_deltas(
 def test_four_conversations_stream_together_and_a_fifth_queues(
     make_llamad: MakeLlamad, demo_models: dict[str, Path]
 ) -> None:
-    # 4 slots share one unified KV cache: room for four 4,000-token replies.
+    # 4 slots share one unified KV cache: room for four 1,500-token replies.
     daemon = ready_daemon(make_llamad, demo_models, parallel=4, ctx_size=20480)
     results: dict[int, list[tuple[float, ServerMessage]]] = {}
 
@@ -138,8 +138,9 @@ def test_four_conversations_stream_together_and_a_fifth_queues(
     assert len(results) == 5
     for messages in results.values():
         done = messages[-1][1]
-        assert isinstance(done, ChatDone) and done.message.status == "complete"
-        assert done.message.stats is not None and done.message.stats.completion_tokens == 4000
+        assert isinstance(done, ChatDone)
+        assert done.message.status == "complete", done.message.error
+        assert done.message.stats is not None and done.message.stats.completion_tokens == 1500
     # Four streamed at the same time; the one that found every slot busy was told
     # it is first in line.
     first_delta = {n: next(t for t, m in results[n] if isinstance(m, ChatDelta)) for n in range(5)}
@@ -194,7 +195,7 @@ def test_cancel_keeps_what_came(make_llamad: MakeLlamad, demo_models: dict[str, 
     # bound is loose because a busy CI machine is not a benchmark.
     assert idle_at[0] - began < 0.5
     assert done.message.text == "".join(received)
-    assert 20 <= len(received) < 4000
+    assert 20 <= len(received) < 1500
     assert stopped_after < 0.5
     with daemon.client() as client:
         stored = client.call(lambda i: GetConversation(id=i, conversation=conversation))

@@ -285,4 +285,10 @@ def test_bracketed_paste_is_not_sent_line_by_line(
     subprocess.run(["tmux", "paste-buffer", "-p", "-b", screen.name, "-t", screen.name], check=True)
     shown = screen.wait_for("pasted two")
     assert "> pasted one" in shown  # both lines in the input, nothing sent yet
+    screen.send("C-j")
+    screen.type("third")
+    screen.send("M-Enter")
+    screen.type("fourth")
+    shown = screen.wait_for("fourth")
+    assert "  third" in shown and "  fourth" in shown
     assert daemon.ctl("history", "list", "--json").stdout.strip() == "[]"

@@ -66,7 +66,7 @@ def test_enter_sends_and_clears_the_input() -> None:
 def test_ctrl_j_adds_a_line_and_up_recalls() -> None:
     view = view_with_chat()
     type_text(view, "one")
-    view.key("", "\n")
+    view.key("KEY_ENTER", "\n")  # Ctrl+J, as blessed names it
     type_text(view, "two")
     assert view.input == "one\ntwo"
     assert view.key("KEY_ENTER", "\r") == Send("one\ntwo")
