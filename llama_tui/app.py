@@ -76,6 +76,7 @@ from llamad.protocol import (
 )
 
 FRAME_INTERVAL_SEC = 1 / 30
+_SYNC_BEGIN, _SYNC_END = "\x1b[?2026h", "\x1b[?2026l"
 _CODE_BLOCK = re.compile(r"^(?:```|~~~)[^\n]*\n(.*?)^(?:```|~~~)", re.MULTILINE | re.DOTALL)
 ANIMATION_INTERVAL_SEC = 0.1
 
@@ -412,9 +413,12 @@ class App:
         cursor_row = height - 2
         out.append(self._escape_out)
         self._escape_out = ""
-        with term.synchronized_output():
-            sys.stdout.write("".join(out) + term.move_yx(cursor_row, 0))
-            sys.stdout.flush()
+        # Synchronized output (DEC 2026) written directly: blessed's context
+        # manager first queries the terminal, and the painter must never wait on
+        # a terminal that does not answer. Terminals without it ignore these.
+        frame = "".join(out) + term.move_yx(cursor_row, 0)
+        sys.stdout.write(f"{_SYNC_BEGIN}{frame}{_SYNC_END}")
+        sys.stdout.flush()
 
     def encode_line(self, line: Line, width: int) -> str:
         term = self.term

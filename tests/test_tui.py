@@ -142,7 +142,7 @@ def test_model_picker_shows_loading_then_ready(
     model.write_bytes(b"GGUF")
     daemon = make_llamad(
         f'[models.fast]\npath = "{model}"\n'
-        f'[models.slow]\npath = "{model}"\nargs = ["--fake-ready-after", "2"]\n',
+        f'[models.slow]\npath = "{model}"\nargs = ["--fake-ready-after", "5"]\n',
         'default_model = "fast"\n',
         binary=FAKE_SERVER,
     )
@@ -157,7 +157,7 @@ def test_model_picker_shows_loading_then_ready(
     screen.send("Enter")
     loading = screen.wait_for("Loading slow…")
     assert " s " in loading or " s│" in loading or "s │" in loading
-    screen.wait_for("slow ready", timeout=15)
+    screen.wait_for("slow ready", timeout=20)
     # The input stayed usable meanwhile.
     screen.type("still typing")
     screen.wait_for("still typing")
