@@ -24,9 +24,11 @@ import time
 
 class Handler(http.server.BaseHTTPRequestHandler):
     never_ready = False
+    ready_at = 0.0  # monotonic time from which /health answers 200
 
     def do_GET(self) -> None:
-        status = 503 if self.never_ready else 200
+        loading = self.never_ready or time.monotonic() < self.ready_at
+        status = 503 if loading else 200
         body = b'{"status":"ok"}' if status == 200 else b'{"error":"loading"}'
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
