@@ -68,13 +68,23 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         trio.run(Daemon(config, socket_path).run)
-    except (ServerBinaryNotFound, ConfigError) as exc:
-        print(f"llamad: {exc}", file=sys.stderr)
-        return EX_CONFIG
-    except LlamadError as exc:
-        print(f"llamad: {exc}", file=sys.stderr)
-        return 1
+    except (LlamadError, BaseExceptionGroup) as exc:
+        # Start-up errors raised inside the daemon's nursery arrive wrapped.
+        error = _user_error(exc)
+        if error is None:
+            raise
+        print(f"llamad: {error}", file=sys.stderr)
+        return EX_CONFIG if isinstance(error, ServerBinaryNotFound | ConfigError) else 1
     return 0
+
+
+def _user_error(exc: BaseException) -> LlamadError | None:
+    """The LlamadError behind ``exc``, when that is all it is."""
+    if isinstance(exc, LlamadError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        return _user_error(exc.exceptions[0])
+    return None
 
 
 if __name__ == "__main__":

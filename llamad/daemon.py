@@ -19,7 +19,7 @@ import trio
 from llamad.chat import ChatEngine
 from llamad.config import Config, load_config
 from llamad.dispatch import Dispatcher
-from llamad.errors import LlamadError
+from llamad.errors import LlamadError, StartupError
 from llamad.events import EventHub
 from llamad.history import HistoryStore
 from llamad.llama_server import find_server_binary, reap_stale
@@ -124,7 +124,14 @@ class Daemon:
             self.config.daemon.allowed_origins,
             self.config.daemon.allowed_hosts,
         )
-        bound = await nursery.start(self._websocket_server.serve, host, port)
+        try:
+            bound = await nursery.start(self._websocket_server.serve, host, port)
+        except Exception as exc:  # the bind failed: OSError, maybe inside a group
+            reason = _first_os_error(exc)
+            raise StartupError(
+                f"cannot listen for the WebSocket on {setting}: {reason}; set [daemon] "
+                'websocket to another "HOST:PORT", or "off"'
+            ) from None
         address = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
         log.info("WebSocket on ws://%s (token in %s)", address, token_path)
         return address
@@ -161,6 +168,14 @@ class Daemon:
         while True:
             self.notifier.watchdog()
             await trio.sleep(interval)
+
+
+def _first_os_error(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        return _first_os_error(exc.exceptions[0])
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc)
 
 
 def _status_line(manager: ModelManager) -> str:

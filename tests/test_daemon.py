@@ -577,3 +577,20 @@ def test_client_vanishing_mid_stream_does_not_hurt_the_daemon(
         assert daemon.ctl("restart").returncode == 0  # events flow to the dead peer
     assert daemon.process is not None and daemon.process.poll() is None
     assert "Traceback" not in daemon.log()
+
+
+def test_websocket_port_in_use_is_one_clear_line(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        daemon = make_llamad(demo_config(demo_models), f'websocket = "127.0.0.1:{port}"\n')
+        daemon.start(wait=False)
+        assert daemon.process is not None
+        assert daemon.process.wait(timeout=20) == 1
+    log = daemon.log()
+    assert f"cannot listen for the WebSocket on 127.0.0.1:{port}: Address already in use" in log
+    assert "Traceback" not in log
+    assert not daemon.socket_path.exists()  # cleaned up on the way out
