@@ -194,6 +194,9 @@ class ModelManager:
                     stop = functools.partial(self._stop, graceful=False)
                     nursery.start_soon(stop, other, f"switching to {model.name}")
             ticket = supervisor.restart() if restart else supervisor.start()
+            # Hold the lock until the machine has taken the request: otherwise the
+            # next load would still see this model "stopped" and leave it running.
+            await supervisor.wait_handled(ticket)
         state = await supervisor.wait_settled(ticket)
         if state != "ready":
             if self.active != model.name:

@@ -161,6 +161,10 @@ class ModelSupervisor:
         while not predicate():
             await self._changed.wait()
 
+    async def wait_handled(self, ticket: int) -> None:
+        """Wait until request ``ticket`` has reached the state machine."""
+        await self.wait_until(lambda: self._handled >= ticket)
+
     async def wait_settled(self, ticket: int) -> ModelState:
         """Wait until request ``ticket`` was handled and the state is final."""
         await self.wait_until(lambda: self._handled >= ticket and self.state in SETTLED)

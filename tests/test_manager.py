@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import trio
 import trio.lowlevel
 
 from llamad.config import parse_config
+from llamad.errors import LlamadError
 from llamad.events import EventHub
 from llamad.llama_server import ServerBinary
 from llamad.manager import ModelManager, health_verdict
@@ -115,3 +117,25 @@ def test_health_verdict(active: str | None, state: str, level: str) -> None:
     assert summary
     if state == "starting":
         assert summary == "demo loading for 1.5 s"
+
+
+async def test_loads_started_in_the_same_tick_leave_one_server() -> None:
+    tmp = short_tempdir()
+    manager = _manager(tmp)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+
+        async def load(name: str) -> None:
+            with contextlib.suppress(LlamadError):
+                await manager.load(name)
+
+        for _ in range(5):
+            async with trio.open_nursery() as racers:
+                for name in ("a", "b", "a", "b"):
+                    racers.start_soon(load, name)
+            states = manager.statuses()
+            running = [n for n, s in states.items() if s.state != "stopped"]
+            assert running == [manager.active], states
+            assert states[running[0]].state == "ready"
+        await manager.shutdown()
+        nursery.cancel_scope.cancel()
