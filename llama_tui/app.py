@@ -46,6 +46,7 @@ from llama_tui.view import (
     Send,
     View,
 )
+from llamad.concurrency import first_leaf
 from llamad.protocol import (
     Cancel,
     Chat,
@@ -464,6 +465,5 @@ def _resolve(prefix: str, conversations: Sequence[Conversation]) -> str:
 
 def _reason(exc: BaseException) -> str:
     """One line for the status bar, from whatever ended the connection."""
-    if isinstance(exc, BaseExceptionGroup):
-        return _reason(exc.exceptions[0])
-    return str(exc) or type(exc).__name__
+    cause = first_leaf(exc)
+    return str(cause) or type(cause).__name__

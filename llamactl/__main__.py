@@ -17,6 +17,7 @@ import msgspec
 
 from llamactl import chat_commands
 from llamactl.client import Client, ClientError, resolve_socket
+from llamactl.output import print_json
 from llamad.protocol import (
     Health,
     HealthReply,
@@ -70,10 +71,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_json(value: object) -> None:
-    sys.stdout.write(msgspec.json.format(msgspec.json.encode(value).decode()) + "\n")
-
-
 def _ago(since: float) -> str:
     seconds = max(time.time() - since, 0.0)
     if seconds < 60:
@@ -101,7 +98,7 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
     reply = client.call(lambda i: Status(id=i))
     assert isinstance(reply, StatusReply)
     if args.json:
-        _print_json(reply)
+        print_json(reply)
         return 0
     print(f"llamad {reply.version}, pid {reply.pid}, up {_ago(time.time() - reply.uptime)}")
     print(f"config {reply.config_path}")
@@ -117,7 +114,7 @@ def cmd_models(client: Client, args: argparse.Namespace) -> int:
     reply = client.call(lambda i: Status(id=i))
     assert isinstance(reply, StatusReply)
     if args.json:
-        _print_json(reply.models)
+        print_json(reply.models)
         return 0
     for model in reply.models:
         aliases = f" (aliases: {', '.join(model.aliases)})" if model.aliases else ""
@@ -172,7 +169,7 @@ def cmd_health(client: Client, args: argparse.Namespace) -> int:
     reply = client.call(lambda i: Health(id=i))
     assert isinstance(reply, HealthReply)
     if args.json:
-        _print_json(reply)
+        print_json(reply)
     else:
         print(f"{reply.level.upper()}: {reply.summary}")
     return HEALTH_EXIT[reply.level]
@@ -186,7 +183,7 @@ def cmd_logs(client: Client, args: argparse.Namespace) -> int:
         reply = client.call(make)
         assert isinstance(reply, LogLines)
         if args.json:
-            _print_json(reply.lines)
+            print_json(reply.lines)
         else:
             print("\n".join(reply.lines))
         return 0

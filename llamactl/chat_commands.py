@@ -7,9 +7,8 @@ import functools
 import sys
 import time
 
-import msgspec
-
 from llamactl.client import Client, ClientError, RequestFailed
+from llamactl.output import print_json
 from llamad.protocol import (
     Cancel,
     Chat,
@@ -72,10 +71,6 @@ def add_parsers(
     rename.add_argument("title")
     delete = actions.add_parser("delete", parents=[common])
     delete.add_argument("id")
-
-
-def _print_json(value: object) -> None:
-    sys.stdout.write(msgspec.json.format(msgspec.json.encode(value).decode()) + "\n")
 
 
 def cmd_chat(client: Client, args: argparse.Namespace) -> int:
@@ -184,7 +179,7 @@ def cmd_history(client: Client, args: argparse.Namespace) -> int:
             reply = client.call(lambda i: ListConversations(id=i, limit=args.limit))
             assert isinstance(reply, Conversations)
             if args.json:
-                _print_json(reply.conversations)
+                print_json(reply.conversations)
             elif not reply.conversations:
                 print('no conversations yet; start one with `llamactl chat "hello"`')
             for conversation in [] if args.json else reply.conversations:
@@ -195,7 +190,7 @@ def cmd_history(client: Client, args: argparse.Namespace) -> int:
             )
             assert isinstance(shown, ConversationReply)
             if args.json:
-                _print_json(shown)
+                print_json(shown)
                 return 0
             print(f"# {shown.conversation.title or '(untitled)'}  [{shown.conversation.id}]")
             if shown.more:
@@ -213,7 +208,7 @@ def cmd_history(client: Client, args: argparse.Namespace) -> int:
             found = client.call(lambda i: SearchHistory(id=i, text=args.text, limit=args.limit))
             assert isinstance(found, SearchResults)
             if args.json:
-                _print_json(found.hits)
+                print_json(found.hits)
             elif not found.hits:
                 print(f"no message contains {args.text!r}")
             for hit in [] if args.json else found.hits:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from llamad import __version__
+from llamad.concurrency import consists_of, first_leaf
 from llamad.config import Config, find_config, load_config
 from llamad.errors import ConfigError, LlamadError, ServerBinaryNotFound
 from llamad.systemd import configure_logging
@@ -80,11 +81,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _user_error(exc: BaseException) -> LlamadError | None:
     """The LlamadError behind ``exc``, when that is all it is."""
-    if isinstance(exc, LlamadError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        return _user_error(exc.exceptions[0])
-    return None
+    if isinstance(exc, BaseExceptionGroup) and not consists_of(exc, (LlamadError,)):
+        return None
+    error = first_leaf(exc)
+    return error if isinstance(error, LlamadError) else None
 
 
 if __name__ == "__main__":

@@ -26,12 +26,12 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import httpx
 import trio
 
-from llamad.concurrency import beside
+from llamad.concurrency import beside, in_thread
 from llamad.errors import LlamadError
 from llamad.events import ChatEvent, EventHub, StateEvent
 from llamad.history import HistoryStore, HistoryWriteError
@@ -64,8 +64,6 @@ from llamad.upstream import (
 log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL_SEC = 0.5
-P = ParamSpec("P")
-T = TypeVar("T")
 
 
 class ConversationBusy(LlamadError):
@@ -151,11 +149,6 @@ class ChatEngine:
             task_status.started()
             await trio.sleep_forever()
 
-    async def _disk(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        # LMDB write transactions belong to their thread: each call is one
-        # whole transaction inside one worker thread, never on the event loop.
-        return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
-
     # ------------------------------------------------------------ public
 
     def is_generating(self, conversation: str) -> bool:
@@ -173,20 +166,18 @@ class ChatEngine:
         if request.model is not None:
             self.manager.resolve(request.model)  # unknown model: refuse before storing anything
         if request.conversation is None:
-            conversation = await self._disk(
+            conversation = await in_thread(
                 self.store.create_conversation,
                 model=request.model,
                 system_prompt=request.options.system,
             )
         else:
-            conversation_id = await self._disk(self.store.resolve, request.conversation)
-            conversation = await self._disk(self.store.get_conversation, conversation_id)
+            conversation_id = await in_thread(self.store.resolve, request.conversation)
+            conversation = await in_thread(self.store.get_conversation, conversation_id)
         if conversation.id in self._running:
             raise ConversationBusy(conversation.id)
-        user = await self._disk(
-            self.store.append_message, conversation.id, role="user", parts=parts
-        )
-        reply = await self._disk(
+        user = await in_thread(self.store.append_message, conversation.id, role="user", parts=parts)
+        reply = await in_thread(
             self.store.append_message,
             conversation.id,
             role="assistant",
@@ -194,7 +185,7 @@ class ChatEngine:
             status="incomplete",
             model=request.model,
         )
-        conversation = await self._disk(self.store.get_conversation, conversation.id)
+        conversation = await in_thread(self.store.get_conversation, conversation.id)
         return Prepared(conversation, user, reply, request)
 
     def launch(self, prepared: Prepared) -> None:
@@ -275,23 +266,16 @@ class ChatEngine:
                 self._publish(conversation, ChatDone(id=0, message=message))
 
     async def _with_model_events(self, conversation: str, name: str | None) -> ModelSupervisor:
-        """Resolve the model, loading it if needed, forwarding its state meanwhile."""
+        """The model, loaded if needed; its state changes meanwhile go to the conversation."""
         supervisor = self.manager.target(name)
-        if self.manager.active == supervisor.model.name and supervisor.state not in (
-            "stopped",
-            "failed",
-        ):
-            return supervisor  # ready, or on its way: serving() waits for it
-        name = supervisor.model.name
-        with self.hub.subscribe(frozenset({"state"}), key=name) as states:
+        with self.hub.subscribe(frozenset({"state"}), key=supervisor.model.name) as states:
 
             async def forward() -> None:
                 async for event in states.receive:
                     if isinstance(event, StateEvent):
                         self._publish(conversation, StateChanged(id=0, model=event.status))
 
-            await beside(functools.partial(self.manager.load, name), forward)
-        return supervisor
+            return await beside(functools.partial(self.manager.ensure_loaded, name), forward)
 
     def _slot_queue(self, model: ModelSupervisor) -> SlotQueue:
         queue = self._slot_queues.get(model.model.name)
@@ -306,7 +290,7 @@ class ChatEngine:
         )
 
     async def _history_for_upstream(self, prepared: Prepared) -> list[Message]:
-        messages = await self._disk(self.store.all_messages, prepared.conversation.id)
+        messages = await in_thread(self.store.all_messages, prepared.conversation.id)
         # Everything before the reply being written, minus failed replies.
         return [
             m for m in messages if m.seq < prepared.reply.seq and m.status != "error" and m.text
@@ -419,7 +403,7 @@ class ChatEngine:
 
     async def _flush(self, conversation: str, seq: int, text: str) -> None:
         try:
-            await self._disk(
+            await in_thread(
                 self.store.update_message, conversation, seq, parts=[TextPart(text=text)]
             )
         except HistoryWriteError as exc:
@@ -437,7 +421,7 @@ class ChatEngine:
     ) -> Message:
         conversation, seq = prepared.conversation.id, prepared.reply.seq
         try:
-            return await self._disk(
+            return await in_thread(
                 self.store.update_message,
                 conversation,
                 seq,

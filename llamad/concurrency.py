@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import ParamSpec, TypeVar
 
 import trio
 
 T = TypeVar("T")
+P = ParamSpec("P")
+
+
+async def in_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run one blocking call (a whole LMDB transaction) in a worker thread.
+
+    LMDB write transactions belong to the thread that began them, so each call
+    is one complete transaction, and the event loop never waits on the disk.
+    """
+    return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+
+
+def first_leaf(exc: BaseException) -> BaseException:
+    """The first real exception inside (possibly nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 async def beside(main: Callable[[], Awaitable[T]], background: Callable[[], Awaitable[None]]) -> T:

@@ -17,6 +17,7 @@ from pathlib import Path
 import trio
 
 from llamad.chat import ChatEngine
+from llamad.concurrency import first_leaf
 from llamad.config import Config, load_config
 from llamad.dispatch import Dispatcher
 from llamad.errors import LlamadError, StartupError
@@ -127,7 +128,8 @@ class Daemon:
         try:
             bound = await nursery.start(self._websocket_server.serve, host, port)
         except Exception as exc:  # the bind failed: OSError, maybe inside a group
-            reason = _first_os_error(exc)
+            cause = first_leaf(exc)
+            reason = (cause.strerror if isinstance(cause, OSError) else None) or str(cause)
             raise StartupError(
                 f"cannot listen for the WebSocket on {setting}: {reason}; set [daemon] "
                 'websocket to another "HOST:PORT", or "off"'
@@ -168,14 +170,6 @@ class Daemon:
         while True:
             self.notifier.watchdog()
             await trio.sleep(interval)
-
-
-def _first_os_error(exc: BaseException) -> str:
-    if isinstance(exc, BaseExceptionGroup):
-        return _first_os_error(exc.exceptions[0])
-    if isinstance(exc, OSError):
-        return exc.strerror or str(exc)
-    return str(exc)
 
 
 def _status_line(manager: ModelManager) -> str:

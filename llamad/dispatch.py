@@ -21,7 +21,7 @@ import trio
 
 from llamad import __version__
 from llamad.chat import ChatEngine, ConversationBusy
-from llamad.concurrency import beside, consists_of
+from llamad.concurrency import beside, consists_of, in_thread
 from llamad.config import Config
 from llamad.errors import (
     ConfigError,
@@ -219,12 +219,12 @@ class Dispatcher:
                     await peer.send(Ok(id=rid, message=f"watching {conversation}"))
                     await self._forward(rid, subscription, peer)
             case ListConversations(id=rid, limit=limit, before=before):
-                page, cursor = await self._disk(self.store.list_conversations, limit, before)
+                page, cursor = await in_thread(self.store.list_conversations, limit, before)
                 await peer.send(Conversations(id=rid, conversations=page, next=cursor))
             case GetConversation(id=rid, conversation=prefix, limit=limit, before=before):
                 conversation_id = await self._resolve(prefix)
-                stored = await self._disk(self.store.get_conversation, conversation_id)
-                messages, more = await self._disk(
+                stored = await in_thread(self.store.get_conversation, conversation_id)
+                messages, more = await in_thread(
                     self.store.get_messages, conversation_id, limit, before
                 )
                 await peer.send(
@@ -232,28 +232,25 @@ class Dispatcher:
                 )
             case RenameConversation(id=rid, conversation=prefix, title=title):
                 conversation_id = await self._resolve(prefix)
-                await self._disk(self.store.rename, conversation_id, title)
+                await in_thread(self.store.rename, conversation_id, title)
                 await peer.send(Ok(id=rid, message=f"renamed {conversation_id[:13]}"))
             case DeleteConversation(id=rid, conversation=prefix):
                 conversation_id = await self._resolve(prefix)
                 if self.chat.is_generating(conversation_id):
                     raise ConversationBusy(conversation_id)
-                await self._disk(self.store.delete, conversation_id)
+                await in_thread(self.store.delete, conversation_id)
                 await peer.send(Ok(id=rid, message=f"deleted {conversation_id[:13]}"))
             case SearchHistory(id=rid, text=text, limit=limit):
-                hits = await self._disk(self.store.search, text, limit)
+                hits = await in_thread(self.store.search, text, limit)
                 await peer.send(SearchResults(id=rid, hits=hits))
             case ExportConversation(id=rid, conversation=prefix, format=fmt):
                 conversation_id = await self._resolve(prefix)
                 export = self.store.export_markdown if fmt == "md" else self.store.export_json
-                content = await self._disk(export, conversation_id)
+                content = await in_thread(export, conversation_id)
                 await peer.send(Exported(id=rid, format=fmt, content=content))
 
-    async def _disk(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
-
     async def _resolve(self, prefix: str) -> str:
-        return await self._disk(self.store.resolve, prefix)
+        return await in_thread(self.store.resolve, prefix)
 
     async def _chat(self, request: Chat, peer: Peer) -> None:
         prepared = await self.chat.prepare(request)

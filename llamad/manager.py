@@ -251,11 +251,20 @@ class ModelManager:
                 self.active = None
         return changes
 
-    @contextlib.asynccontextmanager
-    async def use(self, name: str | None) -> AsyncIterator[ModelSupervisor]:
-        """Hold a model for one request, loading it first when it is not the active one."""
+    async def ensure_loaded(self, name: str | None) -> ModelSupervisor:
+        """The model a request names (default: the active one), loaded if it is not.
+
+        A model that is active and starting counts as loaded: ``serving()``
+        waits for it to become ready.
+        """
         supervisor = self.target(name)
         if self.active != supervisor.model.name or supervisor.state in ("stopped", "failed"):
             await self.load(supervisor.model.name)
+        return supervisor
+
+    @contextlib.asynccontextmanager
+    async def use(self, name: str | None) -> AsyncIterator[ModelSupervisor]:
+        """Hold a model for one request, loading it first when it is not the active one."""
+        supervisor = await self.ensure_loaded(name)
         async with supervisor.serving():
             yield supervisor
