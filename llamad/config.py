@@ -40,6 +40,7 @@ from cattrs.errors import (
 
 from llamad import paths
 from llamad.errors import ConfigError, UnknownModelError
+from llamad.tools import TOOL_NAMES
 
 __all__ = [
     "Config",
@@ -47,6 +48,7 @@ __all__ = [
     "ModelConfig",
     "RestartMode",
     "Supervision",
+    "ToolConfig",
     "find_config",
     "load_config",
     "parse_config",
@@ -94,6 +96,10 @@ def _frozen_models(value: Mapping[str, ModelConfig]) -> Mapping[str, ModelConfig
     return value if isinstance(value, _FrozenMap) else _FrozenMap(value)
 
 
+def _frozen_tools(value: Mapping[str, ToolConfig]) -> Mapping[str, ToolConfig]:
+    return value if isinstance(value, _FrozenMap) else _FrozenMap(value)
+
+
 @attrs.frozen
 class Supervision:
     """Restart policy and timeouts; daemon-wide defaults, overridable per model."""
@@ -123,10 +129,21 @@ class ModelConfig:
     args: tuple[str, ...] = ()  # passed verbatim, last
     env: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen_env)
     aliases: tuple[str, ...] = ()
-    mmproj: Path | None = None  # reserved for images
+    mmproj: Path | None = None  # llama-server --mmproj: the vision projector
     parallel: int = 1  # llama-server --parallel
     ttl_sec: float | None = None  # reserved for idle unload
+    tools: tuple[str, ...] = ()  # built-in tools offered to this model
+    max_tool_rounds: int = 5  # model -> tools -> model rounds in one reply
     supervision: Supervision = attrs.field(factory=Supervision)
+
+
+@attrs.frozen
+class ToolConfig:
+    """One ``[tools.NAME]`` table."""
+
+    confirm: bool = False  # ask the client to approve each call
+    timeout_sec: float = 10.0
+    roots: tuple[Path, ...] = ()  # file_search only: the folders it may read
 
 
 @attrs.frozen
@@ -152,6 +169,10 @@ class Config:
     source: Path | None
     daemon: DaemonConfig
     models: Mapping[str, ModelConfig] = attrs.field(converter=_frozen_models)  # file order
+    tools: Mapping[str, ToolConfig] = attrs.field(factory=dict, converter=_frozen_tools)
+
+    def tool(self, name: str) -> ToolConfig:
+        return self.tools.get(name) or ToolConfig()
 
     def resolve(self, name: str) -> ModelConfig:
         """A model by name or alias; ``UnknownModelError`` lists the configured names."""
@@ -174,7 +195,8 @@ _MODEL_KEYS = tuple(
     a.name for a in attrs.fields(ModelConfig) if a.name not in ("name", "supervision")
 )
 _DAEMON_KEYS = tuple(a.name for a in attrs.fields(DaemonConfig) if a.name != "supervision")
-_TOP_KEYS = ("daemon", "models")
+_TOOL_KEYS = tuple(a.name for a in attrs.fields(ToolConfig))
+_TOP_KEYS = ("daemon", "models", "tools")
 
 # Checked on the values as written, so a bad [daemon] default is reported once,
 # at [daemon], rather than once per model that inherits it.
@@ -191,6 +213,8 @@ _POSITIVE = frozenset(
         "parallel",
         "log_lines",
         "ttl_sec",
+        "max_tool_rounds",
+        "timeout_sec",
     }
 )
 # Zero means something here: restart at once, every ready start counts as
@@ -306,6 +330,9 @@ def _converter(base: Path, env: Mapping[str, str]) -> cattrs.Converter:
             raise _Invalid(f"expected a list of strings, got {_show(value)}")
         return tuple(value)
 
+    def paths_hook(value: Any, _type: Any) -> tuple[Path, ...]:
+        return tuple(path_hook(item, Path) for item in strings_hook(value, _type))
+
     def env_hook(value: Any, _type: Any) -> dict[str, str]:
         if not isinstance(value, dict):
             raise _Invalid(f"expected a table, got {_show(value)}")
@@ -330,6 +357,7 @@ def _converter(base: Path, env: Mapping[str, str]) -> cattrs.Converter:
     converter.register_structure_hook(bool, scalar(bool, "true or false"))
     converter.register_structure_hook(Path, path_hook)
     converter.register_structure_hook_func(lambda t: t == tuple[str, ...], strings_hook)
+    converter.register_structure_hook_func(lambda t: t == tuple[Path, ...], paths_hook)
     converter.register_structure_hook_func(lambda t: t == Mapping[str, str], env_hook)
     converter.register_structure_hook_func(lambda t: t == RestartMode, restart_hook)
     return converter
@@ -533,9 +561,57 @@ def parse_config(text: str, *, source: Path, env: Mapping[str, str] = os.environ
             models[name] = model
 
     _check_names(problems, tables, daemon_raw.get("default_model"))
+    _check_model_tools(problems, tables)
+    tools = _parse_tools(problems, converter, document.get("tools", {}))
+    searchers = [n for n, t in tables.items() if "file_search" in (t.get("tools") or ())]
+    if searchers and "file_search" in tools and not tools["file_search"].roots:
+        problems.add(("tools", "file_search", "roots"), "missing; list the folders it may search")
+    elif searchers and "file_search" not in tools:
+        problems.add(
+            ("models", searchers[0], "tools"),
+            "file_search needs the folders it may search: "
+            'add [tools.file_search] roots = ["~/notes"]',
+        )
     if problems.lines or daemon is None:
         raise ConfigError(problems.lines)
-    return Config(source=source, daemon=daemon, models=models)
+    return Config(source=source, daemon=daemon, models=models, tools=tools)
+
+
+def _unknown_tool(name: str) -> str:
+    close = difflib.get_close_matches(name, TOOL_NAMES, n=1)
+    hint = f'did you mean "{close[0]}"?' if close else f"built-in tools: {', '.join(TOOL_NAMES)}"
+    return f"no tool named {_show(name)}; {hint}"
+
+
+def _check_model_tools(problems: _Problems, tables: Mapping[str, Mapping[str, Any]]) -> None:
+    for name, table in tables.items():
+        tools = table.get("tools")
+        if not isinstance(tools, list):
+            continue  # a wrong type is the converter's to report
+        for index, tool in enumerate(tools):
+            if isinstance(tool, str) and tool not in TOOL_NAMES:
+                problems.add(("models", name, "tools", index), _unknown_tool(tool))
+
+
+def _parse_tools(
+    problems: _Problems, converter: cattrs.Converter, raw: Any
+) -> dict[str, ToolConfig]:
+    tools: dict[str, ToolConfig] = {}
+    for name, table in _table(problems, raw, ("tools",)).items():
+        path: KeyPath = ("tools", name)
+        if name not in TOOL_NAMES:
+            problems.add(path, _unknown_tool(name))
+            continue
+        fields = _table(problems, table, path)
+        problems.unknown_keys(fields, _TOOL_KEYS, path, {})
+        problems.ranges(fields, _TOOL_KEYS, path)
+        if "roots" in fields and name != "file_search":
+            problems.add((*path, "roots"), "only file_search takes roots")
+        known = {k: v for k, v in fields.items() if k in _TOOL_KEYS}
+        tool: ToolConfig | None = problems.structure(converter, known, ToolConfig, path)
+        if tool is not None:
+            tools[name] = tool
+    return tools
 
 
 def _check_names(

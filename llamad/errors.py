@@ -10,7 +10,9 @@ the fix, so the outermost handler prints ``str(exc)`` as one line and exits::
     ├── ModelFileMissing       the model's GGUF file does not exist
     ├── ModelFailed            a model could not be brought up (reason attached)
     │   └── LoadSuperseded     another load was asked for before this one finished
-    └── StartupError           the daemon cannot start (socket in use, bad directory)
+    ├── StartupError           the daemon cannot start (socket in use, bad directory)
+    ├── ToolInputError         a tool call's arguments cannot be run (told to the model)
+    └── ImageError             an attached image is unreadable, too big or unwanted
 """
 
 from __future__ import annotations
@@ -66,4 +68,12 @@ class LoadSuperseded(ModelFailed):
 
 
 class StartupError(LlamadError):
+    pass
+
+
+class ToolInputError(LlamadError):
+    """A tool refused its arguments. The message goes back to the model as the result."""
+
+
+class ImageError(LlamadError):
     pass

@@ -53,12 +53,51 @@ class SSEDecoder:
 
 
 @dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of a streamed tool call: the first carries id and name, all carry arguments."""
+
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass(frozen=True)
 class Chunk:
     text: str = ""
     finish_reason: str | None = None
     timings: dict[str, Any] | None = None
     usage: dict[str, Any] | None = None
     done: bool = False  # the [DONE] sentinel
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+
+
+@dataclass
+class AssembledCall:
+    id: str
+    name: str
+    arguments: str
+
+
+class ToolCallAssembler:
+    """Joins streamed ``ToolCallDelta`` pieces into whole calls, in index order."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, AssembledCall] = {}
+
+    def feed(self, deltas: Sequence[ToolCallDelta]) -> None:
+        for delta in deltas:
+            call = self._calls.setdefault(delta.index, AssembledCall("", "", ""))
+            call.id = call.id or delta.id
+            call.name += delta.name
+            call.arguments += delta.arguments
+
+    def calls(self) -> list[AssembledCall]:
+        """Every call so far; a call the model left without an id gets a stable one."""
+        return [
+            AssembledCall(call.id or f"call_{index}", call.name, call.arguments)
+            for index, call in sorted(self._calls.items())
+        ]
 
 
 _json = msgspec.json.Decoder()
@@ -78,14 +117,44 @@ def interpret_chunk(payload: bytes) -> Chunk:
         raise UpstreamError(f"llama-server: {_error_text(data)}")
     text = ""
     finish = None
+    calls: tuple[ToolCallDelta, ...] = ()
     choices = data.get("choices") or []
     if choices and isinstance(choices[0], dict):
         delta = choices[0].get("delta") or {}
         text = delta.get("content") or ""
         finish = choices[0].get("finish_reason")
+        calls = _tool_call_deltas(delta.get("tool_calls"))
     return Chunk(
-        text=text, finish_reason=finish, timings=data.get("timings"), usage=data.get("usage")
+        text=text,
+        finish_reason=finish,
+        timings=data.get("timings"),
+        usage=data.get("usage"),
+        tool_calls=calls,
     )
+
+
+def _tool_call_deltas(raw: Any) -> tuple[ToolCallDelta, ...]:
+    if not isinstance(raw, list):
+        return ()
+    deltas = []
+    for position, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise UpstreamError("llama-server sent a malformed tool call")
+        function = item.get("function") or {}
+        index = item.get("index", position)
+        deltas.append(
+            ToolCallDelta(
+                index=index if isinstance(index, int) else position,
+                id=_text(item.get("id")),
+                name=_text(function.get("name")) if isinstance(function, dict) else "",
+                arguments=_text(function.get("arguments")) if isinstance(function, dict) else "",
+            )
+        )
+    return tuple(deltas)
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
 
 
 def _error_text(data: Any) -> str:

@@ -15,6 +15,7 @@ from llamad.config import (
     DaemonConfig,
     ModelConfig,
     Supervision,
+    ToolConfig,
     find_config,
     load_config,
     parse_config,
@@ -454,7 +455,7 @@ def test_all_problems_are_reported_together() -> None:
 def _model_keys() -> str:
     return (
         "path, n_gpu_layers, ctx_size, port, args, env, aliases, mmproj, parallel, ttl_sec, "
-        "restart, restart_sec, restart_max_delay_sec, start_limit_burst, "
+        "tools, max_tool_rounds, restart, restart_sec, restart_max_delay_sec, start_limit_burst, "
         "start_limit_interval_sec, stable_after_sec, ready_timeout_sec, stop_timeout_sec, "
         "stop_drain_sec, health_interval_sec, health_failures"
     )
@@ -597,4 +598,66 @@ def test_config_search_path() -> None:
     assert paths.config_search_path({"HOME": "/h", "XDG_CONFIG_HOME": "/x"}, Path("/w")) == [
         Path("/x/llamad/models.toml"),
         Path("/w/models.toml"),
+    ]
+
+
+# ------------------------------------------------------------------- tools
+
+
+def test_tools_per_model_and_their_settings() -> None:
+    config = parse(
+        """
+        [models.a]
+        path = "a.gguf"
+        tools = ["calculator", "file_search"]
+        max_tool_rounds = 3
+
+        [tools.file_search]
+        roots = ["~/notes", "docs"]
+        confirm = true
+        timeout_sec = 2.5
+        """.replace("        ", "")
+    )
+    model = config.models["a"]
+    assert (model.tools, model.max_tool_rounds) == (("calculator", "file_search"), 3)
+    search = config.tool("file_search")
+    assert search.roots == (Path(ENV["HOME"]) / "notes", SOURCE.parent.absolute() / "docs")
+    assert (search.confirm, search.timeout_sec) == (True, 2.5)
+    assert config.tool("calculator") == ToolConfig()  # defaults when no table
+
+
+def test_tool_mistakes_are_one_line_each() -> None:
+    assert problems(
+        """
+        [models.a]
+        path = "a.gguf"
+        tools = ["calculater"]
+        max_tool_rounds = 0
+
+        [tools.calculator]
+        roots = ["/"]
+        confirm = "yes"
+
+        [tools.file_search]
+        timeot_sec = 3
+
+        [tools.shell]
+        """.replace("        ", "")
+    ) == [
+        "/etc/llamad/models.toml: models.a.max_tool_rounds: must be greater than 0, got 0",
+        '/etc/llamad/models.toml: models.a.tools[0]: no tool named "calculater"; '
+        'did you mean "calculator"?',
+        "/etc/llamad/models.toml: tools.calculator.roots: only file_search takes roots",
+        '/etc/llamad/models.toml: tools.calculator.confirm: expected true or false, got "yes"',
+        '/etc/llamad/models.toml: tools.file_search.timeot_sec: unknown key; '
+        'did you mean "timeout_sec"?',
+        '/etc/llamad/models.toml: tools.shell: no tool named "shell"; '
+        "built-in tools: calculator, file_search",
+    ]
+
+
+def test_file_search_without_roots_is_refused() -> None:
+    assert problems('[models.a]\npath = "a"\ntools = ["file_search"]\n') == [
+        "/etc/llamad/models.toml: models.a.tools: file_search needs the folders it may "
+        'search: add [tools.file_search] roots = ["~/notes"]'
     ]

@@ -75,3 +75,33 @@ def test_turns_to_drop(turns: list[int], fixed: int, budget: int, dropped: int) 
 def test_newest_turn_alone_too_big() -> None:
     with pytest.raises(ContextOverflow, match="needs about 105 tokens"):
         turns_to_drop([10, 100], 5, 50)
+
+
+def test_streamed_tool_calls_are_assembled_in_index_order() -> None:
+    from llamad.upstream import ToolCallAssembler
+
+    pieces = [
+        b'{"choices":[{"delta":{"tool_calls":[{"index":0,"id":"c1","type":"function",'
+        b'"function":{"name":"calculator","arguments":""}}]}}]}',
+        b'{"choices":[{"delta":{"tool_calls":[{"index":1,"id":"c2",'
+        b'"function":{"name":"file_search","arguments":"{\\"text\\":"}}]}}]}',
+        b'{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\\"expr"}}]}}]}',
+        b'{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":'
+        b'"ession\\": \\"2**64\\"}"}}]}}]}',
+        b'{"choices":[{"delta":{"tool_calls":[{"index":1,"function":{"arguments":"\\"x\\"}"}}]}}]}',
+        b'{"choices":[{"delta":{},"finish_reason":"tool_calls"}]}',
+    ]
+    assembler = ToolCallAssembler()
+    chunks = [interpret_chunk(piece) for piece in pieces]
+    for chunk in chunks:
+        assembler.feed(chunk.tool_calls)
+    assert chunks[-1].finish_reason == "tool_calls"
+    assert [(c.id, c.name, c.arguments) for c in assembler.calls()] == [
+        ("c1", "calculator", '{"expression": "2**64"}'),
+        ("c2", "file_search", '{"text":"x"}'),
+    ]
+
+
+def test_malformed_tool_call_is_an_upstream_error() -> None:
+    with pytest.raises(UpstreamError, match="malformed tool call"):
+        interpret_chunk(b'{"choices":[{"delta":{"tool_calls":["nonsense"]}}]}')
