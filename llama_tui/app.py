@@ -32,7 +32,10 @@ import trio
 from llama_tui.connection import Connection, Disconnected, connect
 from llama_tui.markdown import Line
 from llama_tui.view import (
+    AnswerToolCall,
+    AttachImage,
     CancelReply,
+    CompletePath,
     CopyLastReply,
     Delete,
     EditInEditor,
@@ -48,6 +51,8 @@ from llama_tui.view import (
 )
 from llamad.concurrency import first_leaf
 from llamad.protocol import (
+    MAX_IMAGE_BYTES,
+    ApproveTool,
     Cancel,
     Chat,
     ChatDelta,
@@ -61,6 +66,7 @@ from llamad.protocol import (
     ExportConversation,
     Exported,
     GetConversation,
+    ImagePart,
     ListConversations,
     Load,
     Ok,
@@ -74,6 +80,8 @@ from llamad.protocol import (
     Status,
     StatusReply,
     Subscribe,
+    TextPart,
+    ToolCallEvent,
 )
 
 FRAME_INTERVAL_SEC = 1 / 30
@@ -128,6 +136,7 @@ class App:
         self._pending_new: set[int] = set()  # chat request ids that start a conversation
         self._searches: dict[int, str] = {}  # request id -> the text searched for
         self._exports: dict[int, str] = {}  # request id -> where to write it
+        self._attachments: list[ImagePart] = []  # go with the next message sent
         self._refresh_on_ok: set[int] = set()  # renames and deletes: reload the list after
         self._escape_out = ""  # a control sequence (OSC 52) for the painter to write
         self._suspended = False  # $EDITOR has the terminal
@@ -187,8 +196,12 @@ class App:
         view = self.view
         match intent:
             case Send(text):
+                content: str | list[TextPart | ImagePart] = text
+                if self._attachments:
+                    content = [TextPart(text=text), *self._attachments]
+                    self._attachments, view.attachments = [], []
                 request_id = await self.request(
-                    functools.partial(Chat, content=text, conversation=view.current)
+                    functools.partial(Chat, content=content, conversation=view.current)
                 )
                 if view.current is None:
                     self._pending_new.add(request_id)
@@ -230,6 +243,26 @@ class App:
                     functools.partial(ExportConversation, conversation=conversation, format="md")
                 )
                 self._exports[request_id] = path or _export_name(view, conversation)
+            case AttachImage(path):
+                read = await trio.to_thread.run_sync(read_image, path)
+                if isinstance(read, str):
+                    view.notice = read
+                else:
+                    self._attachments.append(read)
+                    view.attachments.append((read.name, len(read.data)))
+                    view.notice = f"attached {read.name}; it goes with your next message"
+            case CompletePath(partial):
+                completed, choices = await trio.to_thread.run_sync(complete_path, partial)
+                view.input = f"/image {completed}"
+                if len(choices) > 1:
+                    shown = "  ".join(choices[:8]) + ("  …" if len(choices) > 8 else "")
+                    view.notice = shown
+            case AnswerToolCall(conversation, call, approve):
+                await self.request(
+                    functools.partial(
+                        ApproveTool, conversation=conversation, call=call, approve=approve
+                    )
+                )
             case EditInEditor(text):
                 view.input = await self._edit(text)
                 self.invalidate(full=True)
@@ -349,6 +382,8 @@ class App:
                 view.add_user(conversation.id, user)
             case ChatDelta(conversation=conversation, text=text):
                 view.add_delta(conversation, text)
+            case ToolCallEvent(conversation=conversation, call=call):
+                view.tool_call(conversation, call)
             case ChatDone(message=reply):
                 view.finish(reply.conversation, reply)
                 self._nursery.start_soon(
@@ -467,3 +502,35 @@ def _reason(exc: BaseException) -> str:
     """One line for the status bar, from whatever ended the connection."""
     cause = first_leaf(exc)
     return str(cause) or type(cause).__name__
+
+
+def read_image(text: str) -> ImagePart | str:
+    """An image file for the next message, or why not; llamad checks what it is."""
+    path = Path(text).expanduser()
+    try:
+        size = path.stat().st_size
+        if size > MAX_IMAGE_BYTES:
+            limit = MAX_IMAGE_BYTES // (1024 * 1024)
+            return f"{path.name} is {size / 1e6:.1f} MB; the limit is {limit} MiB"
+        return ImagePart(data=path.read_bytes(), name=path.name)
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+
+
+def complete_path(partial: str) -> tuple[str, list[str]]:
+    """Tab completion for ``/image``: the longest common completion and the choices."""
+    expanded = os.path.expanduser(partial) if partial else ""
+    folder, prefix = os.path.split(expanded)
+    try:
+        names = sorted(n for n in os.listdir(folder or ".") if n.startswith(prefix))
+    except OSError:
+        return partial, []
+    if not prefix.startswith("."):
+        names = [n for n in names if not n.startswith(".")]
+    if not names:
+        return partial, []
+    common = os.path.commonprefix(names)  # noqa: RUF071 - names in one folder: by character
+    completed = partial[: len(partial) - len(prefix)] + common
+    if len(names) == 1 and os.path.isdir(os.path.join(folder or ".", common)):
+        completed += "/"
+    return completed, names

@@ -14,13 +14,21 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from llama_tui.markdown import IncrementalRenderer, Line, Span, display_width
-from llamad.protocol import Conversation, Message, MessageStats, ModelStatus, SearchHit
+from llamad.protocol import (
+    Conversation,
+    ImagePart,
+    Message,
+    MessageStats,
+    ModelStatus,
+    SearchHit,
+    ToolCall,
+)
 
 SIDEBAR_WIDTH = 26
 SIDEBAR_MIN_TERMINAL = 80  # narrower terminals hide the sidebar automatically
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 
-Mode = Literal["chat", "picker", "help", "find", "results", "confirm"]
+Mode = Literal["chat", "picker", "help", "find", "results", "confirm", "approve"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,25 @@ class Quit:
     pass
 
 
+@dataclass(frozen=True)
+class AttachImage:
+    path: str
+
+
+@dataclass(frozen=True)
+class CompletePath:
+    """Tab after ``/image ``: complete the path in the input (the app lists folders)."""
+
+    partial: str
+
+
+@dataclass(frozen=True)
+class AnswerToolCall:
+    conversation: str
+    call: str
+    approve: bool
+
+
 Intent = (
     Send
     | LoadModel
@@ -92,6 +119,9 @@ Intent = (
     | CopyLastReply
     | EditInEditor
     | Quit
+    | AttachImage
+    | CompletePath
+    | AnswerToolCall
 )
 
 HELP = [
@@ -107,6 +137,8 @@ HELP = [
     ("/rename TITLE, /delete", "rename or delete this conversation"),
     ("/export [PATH]", "save this conversation as Markdown"),
     ("/copy, /copy code [N]", "copy the last reply, or its Nth code block (OSC 52)"),
+    ("/image PATH (Tab completes)", "attach an image to the next message"),
+    ("Ctrl+T", "expand or collapse tool calls"),
     ("mouse wheel", "scroll (hold Shift to select text with the mouse)"),
     ("Ctrl+↑ / Ctrl+↓", "previous / next conversation"),
     ("Ctrl+B", "show or hide the conversation list"),
@@ -126,6 +158,8 @@ class Entry:
     status: str = "complete"
     model: str | None = None
     error: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    images: list[ImagePart] = field(default_factory=list)
     _renderer: IncrementalRenderer | None = None
     _width: int = 0
 
@@ -137,7 +171,15 @@ class Entry:
 
 
 def _entry(message: Message) -> Entry:
-    return Entry(message.role, message.text, message.status, message.model, message.error)
+    return Entry(
+        message.role,
+        message.text,
+        message.status,
+        message.model,
+        message.error,
+        list(message.tool_calls),
+        message.images,
+    )
 
 
 @dataclass
@@ -167,6 +209,9 @@ class View:
     find_hits: int = 0  # hits found by the last layout
     search_results: list[SearchHit] = field(default_factory=list)
     result_index: int = 0
+    attachments: list[tuple[str, int]] = field(default_factory=list)  # name, bytes
+    tools_expanded: bool = False
+    approval: tuple[str, ToolCall] | None = None  # (conversation, call) waiting for y / n
     _draft: str = ""  # the message being written while the find prompt is open
     _result_query: str = ""
 
@@ -189,6 +234,26 @@ class View:
         self.waiting_first_token.discard(conversation)
         if conversation == self.current and self.scroll > 0:
             self.new_below = True
+
+    def tool_call(self, conversation: str, call: ToolCall) -> None:
+        """A tool call started, changed or ended in ``conversation``'s reply."""
+        entries = self.entries.setdefault(conversation, [Entry("assistant", "", "incomplete")])
+        if entries[-1].role != "assistant":
+            entries.append(Entry("assistant", "", "incomplete"))
+        calls = entries[-1].tool_calls
+        known = [index for index, old in enumerate(calls) if old.id == call.id]
+        if known:
+            calls[known[0]] = call
+        else:
+            calls.append(call)
+        self.waiting_first_token.discard(conversation)
+        if call.status == "awaiting_approval":
+            self.approval = (conversation, call)
+            self.mode = "approve"
+        elif self.approval is not None and self.approval[1].id == call.id:
+            self.approval = None
+            if self.mode == "approve":
+                self.mode = "chat"
 
     def finish(self, conversation: str, message: Message) -> None:
         entries = self.entries.setdefault(conversation, [])
@@ -243,6 +308,12 @@ class View:
                 return Delete(self.current)
             self.notice = "not deleted"
             return None
+        if self.mode == "approve" and self.approval is not None:
+            if char not in ("y", "Y", "n", "N") and name != "KEY_ESCAPE":
+                return None  # a stray key must not answer for the user
+            conversation, call = self.approval
+            self.approval, self.mode = None, "chat"
+            return AnswerToolCall(conversation, call.id, approve=char in ("y", "Y"))
         if char == "\x11":  # Ctrl+Q
             return Quit()
         if char == "\x03":  # Ctrl+C: stop the reply; twice in a row quits
@@ -278,6 +349,11 @@ class View:
         if char == "\x02":  # Ctrl+B
             self.sidebar = not self.sidebar
             return None
+        if char == "\x14":  # Ctrl+T
+            self.tools_expanded = not self.tools_expanded
+            return None
+        if (name == "KEY_TAB" or char == "\t") and self.input.startswith("/image "):
+            return CompletePath(self.input.removeprefix("/image ").lstrip())
         if char == "\n" or name == "KEY_ALT_ENTER":  # Ctrl+J / Alt+Enter: a new line
             self.input += "\n"
             return None
@@ -335,6 +411,11 @@ class View:
             return None
         if command == "/search" and argument:
             return SearchAll(argument)
+        if command == "/image":
+            if not argument:
+                self.notice = "give the image's path: /image PATH (Tab completes)"
+                return None
+            return AttachImage(argument)
         if command == "/copy":
             if argument.startswith("code"):
                 number = argument.removeprefix("code").strip()
@@ -490,10 +571,21 @@ class View:
             label = entry.model or self.active_model or "assistant"
             flag = "" if entry.status == "complete" else f" [{entry.status}]"
             yield (Span(f"{label}{flag}", frozenset({"bold", "heading"})),)
-        if entry.role == "assistant" and not entry.text and entry.status == "incomplete":
+        for image in entry.images:
+            yield (Span(image.label()[:width], frozenset({"dim"})),)
+        for call in entry.tool_calls:
+            yield from _tool_call_lines(call, width, expanded=self.tools_expanded)
+        if (
+            entry.role == "assistant"
+            and not entry.text
+            and entry.status == "incomplete"
+            and all(
+                call.status not in ("running", "awaiting_approval") for call in entry.tool_calls
+            )
+        ):
             frame = SPINNER[int(now * 10) % len(SPINNER)]
             yield (Span(f"{frame} thinking…", frozenset({"dim"})),)
-        else:
+        elif entry.text or not (entry.tool_calls or entry.images):
             yield from entry.lines(width)
         if entry.error:
             yield (Span(f"error: {entry.error}"[:width], frozenset({"bold"})),)
@@ -502,8 +594,14 @@ class View:
     def _input_lines(self, width: int) -> list[Line]:
         if self.mode == "confirm":
             return [(Span("Delete this conversation? y / n", frozenset({"bold"})),)]
+        if self.mode == "approve" and self.approval is not None:
+            call = self.approval[1].summary(limit=width).split(" → ")[0]
+            return [(Span(f"Allow {call}? y / n"[:width], frozenset({"bold"})),)]
         prompt = "find: " if self.mode == "find" else "> "
         lines: list[Line] = []
+        if self.attachments:
+            names = ", ".join(f"{name} ({size // 1024 + 1} KB)" for name, size in self.attachments)
+            lines.append((Span(f"attached: {names}"[:width], frozenset({"dim"})),))
         for index, text in enumerate(self.input.split("\n")[-5:]):
             lead = prompt if index == 0 else " " * len(prompt)
             shown = text[-(width - 3) :] if display_width(text) > width - 3 else text
@@ -593,6 +691,20 @@ class View:
         text = " │ ".join(parts)
         text = text if display_width(text) <= width else text[: max(width - 1, 0)] + "…"
         return (Span(text.ljust(width), frozenset({"reverse"})),)
+
+
+def _tool_call_lines(call: ToolCall, width: int, *, expanded: bool) -> Iterator[Line]:
+    """``▸ calculator(2**64) → 18446744073709551616``, or the whole call when expanded."""
+    style = frozenset({"dim"}) if call.status in ("ok", "running") else frozenset({"bold"})
+    if not expanded:
+        line = f"▸ {call.summary(limit=max(width // 2 - 4, 10))}"
+        yield (Span(line if display_width(line) <= width else line[: width - 1] + "…", style),)
+        return
+    yield (Span(f"▾ {call.name} [{call.status}]"[:width], style),)
+    for label, text in (("arguments", call.arguments), ("result", call.result)):
+        for index, piece in enumerate(text.splitlines() or [""]):
+            lead = f"  {label}: " if index == 0 else " " * (len(label) + 4)
+            yield (Span((lead + piece)[:width], frozenset({"dim"})),)
 
 
 def _pad(line: Line, width: int) -> Line:

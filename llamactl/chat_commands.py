@@ -6,10 +6,13 @@ import argparse
 import functools
 import sys
 import time
+from pathlib import Path
 
 from llamactl.client import Client, ClientError, RequestFailed
 from llamactl.output import print_json
 from llamad.protocol import (
+    MAX_IMAGE_BYTES,
+    ApproveTool,
     Cancel,
     Chat,
     ChatDelta,
@@ -25,14 +28,19 @@ from llamad.protocol import (
     ExportConversation,
     Exported,
     GetConversation,
+    ImagePart,
     ListConversations,
     Message,
     Ok,
+    Part,
     QueuePosition,
     RenameConversation,
     SearchHistory,
     SearchResults,
     StateChanged,
+    TextPart,
+    ToolCall,
+    ToolCallEvent,
 )
 
 
@@ -52,6 +60,25 @@ def add_parsers(
     chat.add_argument("--max-tokens", type=int)
     chat.add_argument("--seed", type=int)
     chat.add_argument("-v", "--verbose", action="store_true", help="stats on stderr")
+    chat.add_argument(
+        "-i",
+        "--image",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="attach an image (PNG, JPEG, WebP, GIF; repeatable; needs a vision model)",
+    )
+    chat.add_argument(
+        "--tools",
+        metavar="LIST",
+        help="tools to offer, comma-separated, or 'none' (default: the model's own list)",
+    )
+    chat.add_argument(
+        "-y",
+        "--yes",
+        action="store_true",
+        help="approve tool calls that ask for confirmation without asking",
+    )
 
     history = commands.add_parser("history", help="stored conversations")
     actions = history.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -80,17 +107,24 @@ def cmd_chat(client: Client, args: argparse.Namespace) -> int:
             print("llamactl: give the message as an argument or on standard input", file=sys.stderr)
             return 2
         prompt = sys.stdin.read()
+    content: str | list[Part] = prompt
+    if args.image:
+        content = [TextPart(text=prompt), *(_read_image(Path(path)) for path in args.image)]
+    tools = None
+    if args.tools is not None:
+        tools = [t.strip() for t in args.tools.split(",") if t.strip() and t.strip() != "none"]
     options = ChatOptions(
         temperature=args.temperature,
         max_tokens=args.max_tokens,
         system=args.system,
         seed=args.seed,
+        tools=tools,
     )
     client.set_timeout(None)  # a model may take minutes to load or to answer
     request_id = client.send(
         lambda i: Chat(
             id=i,
-            content=prompt,
+            content=content,
             conversation=args.conversation,
             model=args.model,
             options=options,
@@ -120,6 +154,15 @@ def cmd_chat(client: Client, args: argparse.Namespace) -> int:
                 print(f"{status.name}: {status.state}{reason}", file=sys.stderr)
             case QueuePosition(position=position):
                 print(f"waiting for a free slot: position {position}", file=sys.stderr)
+            case ToolCallEvent(conversation=where, call=call):
+                if call.status == "awaiting_approval":
+                    approve = args.yes or _ask_approval(call)
+                    client.send(functools.partial(_approval, where, call.id, approve))
+                elif call.status != "running":
+                    if wrote_text:
+                        sys.stdout.write("\n")
+                        wrote_text = False
+                    print(f"▸ {call.summary()}", file=sys.stderr)
             case ContextTrimmed(dropped_turns=dropped):
                 print(
                     f"note: left out the {dropped} oldest turns to fit the context", file=sys.stderr
@@ -136,6 +179,36 @@ def cmd_chat(client: Client, args: argparse.Namespace) -> int:
 
 def _cancel(request_id: int, conversation: str) -> Cancel:
     return Cancel(id=request_id, conversation=conversation)
+
+
+def _approval(conversation: str, call: str, approve: bool, request_id: int) -> ApproveTool:
+    return ApproveTool(id=request_id, conversation=conversation, call=call, approve=approve)
+
+
+def _ask_approval(call: ToolCall) -> bool:
+    """Ask on the terminal; with none (a script, a pipe) the call is denied."""
+    question = f"allow {call.summary().split(' → ')[0]}? [y/N] "
+    try:
+        with open("/dev/tty", "r+") as tty:
+            tty.write(question)
+            tty.flush()
+            return tty.readline().strip().lower() in ("y", "yes")
+    except OSError:
+        print(f"denied {call.name}: no terminal to ask (use --yes to allow)", file=sys.stderr)
+        return False
+
+
+def _read_image(path: Path) -> ImagePart:
+    try:
+        size = path.stat().st_size
+        if size > MAX_IMAGE_BYTES:
+            raise ClientError(
+                f"{path} is {size / 1e6:.1f} MB; the limit is "
+                f"{MAX_IMAGE_BYTES // (1024 * 1024)} MiB — scale it down first"
+            )
+        return ImagePart(data=path.read_bytes(), name=path.name)
+    except OSError as exc:
+        raise ClientError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def _finish(reply: Message, verbose: bool) -> int:
@@ -201,7 +274,12 @@ def cmd_history(client: Client, args: argparse.Namespace) -> int:
                     f" ({message.model})" if message.model and message.role == "assistant" else ""
                 )
                 print(f"\n{message.role}{model}{status}:")
-                print(message.text if message.text else "(empty)")
+                for call in message.tool_calls:
+                    print(f"▸ {call.summary()}")
+                for image in message.images:
+                    print(image.label())
+                if message.text or not (message.tool_calls or message.images):
+                    print(message.text if message.text else "(empty)")
                 if message.error:
                     print(f"error: {message.error}")
         case "search":

@@ -25,13 +25,22 @@ from llamad.protocol import (
     Request,
     ServerMessage,
     StateChanged,
+    ToolCallEvent,
     decode_server_message,
     encode,
     frame,
 )
 
 # Messages that are followed by more answers to the same request.
-_EVENTS = (StateChanged, LogLine, ChatStarted, QueuePosition, ContextTrimmed, ChatDelta)
+_EVENTS = (
+    StateChanged,
+    LogLine,
+    ChatStarted,
+    QueuePosition,
+    ContextTrimmed,
+    ChatDelta,
+    ToolCallEvent,
+)
 
 
 class ClientError(Exception):

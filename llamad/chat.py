@@ -10,8 +10,12 @@ One chat, in order:
    conversation's watchers), wait for a free slot (FIFO, positions reported),
    fit the history into the context, stream ``/v1/chat/completions``,
    publish each delta, flush the partial text to disk at most every 0.5 s.
+   When the model asks for tools instead of answering, ``_run_tools`` runs
+   each call (after the client's approval where the tool wants it, in a
+   worker thread with a timeout), stores and publishes it, and asks the model
+   again with the results, up to the model's ``max_tool_rounds``.
 3. On the end the reply is committed ``complete``, ``cancelled`` or ``error``
-   with its stats, and ``chat_done`` is published.
+   with its stats and tool calls, and ``chat_done`` is published.
 
 Every event goes through the hub under the conversation's id, so the client
 that asked and any other client watching see the same stream.
@@ -29,12 +33,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import msgspec
 import trio
 
 from llamad.concurrency import beside, in_thread
-from llamad.errors import LlamadError
+from llamad.errors import ImageError, LlamadError
 from llamad.events import ChatEvent, EventHub, StateEvent
-from llamad.history import HistoryStore, HistoryWriteError
+from llamad.history import HistoryError, HistoryStore, HistoryWriteError
+from llamad.images import MAX_IMAGES_PER_MESSAGE, data_uri, inspect_image
 from llamad.manager import ModelManager
 from llamad.protocol import (
     Chat,
@@ -43,16 +49,24 @@ from llamad.protocol import (
     ChatStarted,
     ContextTrimmed,
     Conversation,
+    ImagePart,
     Message,
     MessageStats,
     MessageStatus,
+    Part,
     QueuePosition,
     ServerMessage,
     StateChanged,
     TextPart,
+    ToolCall,
+    ToolCallEvent,
+    ToolCallStatus,
 )
 from llamad.supervisor import ModelSupervisor, RequestCancelled, http_client
+from llamad.tools import TOOL_NAMES, openai_tools, run_tool
 from llamad.upstream import (
+    AssembledCall,
+    ToolCallAssembler,
     UpstreamError,
     context_size,
     count_tokens,
@@ -64,6 +78,9 @@ from llamad.upstream import (
 log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL_SEC = 0.5
+# A tool marked confirm = true waits this long for a client to answer, then
+# counts as denied: a reply must not hang forever on a closed terminal.
+APPROVAL_TIMEOUT_SEC = 300.0
 
 
 class ConversationBusy(LlamadError):
@@ -71,6 +88,14 @@ class ConversationBusy(LlamadError):
         super().__init__(
             f"a reply is already being generated in conversation {conversation[:13]}; "
             "wait for it or cancel it first"
+        )
+
+
+class ApprovalNotPending(LlamadError):
+    def __init__(self, conversation: str, call: str) -> None:
+        super().__init__(
+            f"no tool call {call!r} is waiting for approval in conversation {conversation[:13]}; "
+            "it was answered already, timed out, or the reply ended"
         )
 
 
@@ -132,6 +157,20 @@ class _Running:
     cancelled_by_user: bool = False
 
 
+@dataclass
+class _Reply:
+    """What a reply has produced so far: what is flushed and finally committed."""
+
+    text: list[str] = field(default_factory=list)
+    calls: list[ToolCall] = field(default_factory=list)
+
+
+@dataclass
+class _Approval:
+    answered: trio.Event = field(default_factory=trio.Event)
+    approved: bool = False
+
+
 class ChatEngine:
     def __init__(self, manager: ModelManager, store: HistoryStore, hub: EventHub) -> None:
         self.manager = manager
@@ -141,6 +180,7 @@ class ChatEngine:
         self._slot_queues: dict[str, SlotQueue] = {}
         # Per model process: (context size, the template's cost per message).
         self._model_facts: dict[tuple[str, int | None], tuple[int, int]] = {}
+        self._approvals: dict[tuple[str, str], _Approval] = {}
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -155,36 +195,72 @@ class ChatEngine:
         return conversation in self._running
 
     async def prepare(self, request: Chat) -> Prepared:
-        """Commit the user message (and the reply placeholder); raises on bad input."""
-        parts = (
+        """Commit the user message (and the reply placeholder); raises on bad input.
+
+        Everything that can be refused is checked before anything is stored.
+        """
+        parts: list[Part] = (
             [TextPart(text=request.content)]
             if isinstance(request.content, str)
-            else request.content
+            else list(request.content)
         )
-        if not any(part.text.strip() for part in parts):
+        parts, images = _checked_images(parts)
+        if not images and not any(isinstance(p, TextPart) and p.text.strip() for p in parts):
             raise LlamadError("the message is empty; type something to send")
         if request.model is not None:
             self.manager.resolve(request.model)  # unknown model: refuse before storing anything
-        if request.conversation is None:
+        unknown = [t for t in request.options.tools or () if t not in TOOL_NAMES]
+        if unknown:
+            raise LlamadError(
+                f"no tool named {unknown[0]!r}; built-in tools: {', '.join(TOOL_NAMES)}"
+            )
+        existing: Conversation | None = None
+        if request.conversation is not None:
+            conversation_id = await in_thread(self.store.resolve, request.conversation)
+            existing = await in_thread(self.store.get_conversation, conversation_id)
+            if existing.id in self._running:
+                raise ConversationBusy(existing.id)
+        if images:
+            self._check_vision(
+                request.model
+                or self.manager.active
+                or (existing.model if existing else None)
+                or self.manager.config.daemon.default_model
+            )
+        if existing is None:
             conversation = await in_thread(
                 self.store.create_conversation,
                 model=request.model,
                 system_prompt=request.options.system,
             )
         else:
-            conversation_id = await in_thread(self.store.resolve, request.conversation)
-            conversation = await in_thread(self.store.get_conversation, conversation_id)
-        if conversation.id in self._running:
-            raise ConversationBusy(conversation.id)
-        user = await in_thread(self.store.append_message, conversation.id, role="user", parts=parts)
-        reply = await in_thread(
-            self.store.append_message,
-            conversation.id,
-            role="assistant",
-            parts=[],
-            status="incomplete",
-            model=request.model,
-        )
+            conversation = existing
+        try:
+            user = await in_thread(
+                functools.partial(
+                    self.store.append_message,
+                    conversation.id,
+                    role="user",
+                    parts=parts,
+                    images=images,
+                )
+            )
+            reply = await in_thread(
+                self.store.append_message,
+                conversation.id,
+                role="assistant",
+                parts=[],
+                status="incomplete",
+                model=request.model,
+            )
+        except HistoryWriteError:
+            # The disk is full: don't leave the conversation we just created
+            # behind, empty, in everyone's list (found by the fault drill in
+            # tests/faults/test_storage.py). Best effort: a delete frees pages.
+            if existing is None:
+                with contextlib.suppress(HistoryError):
+                    await in_thread(self.store.delete, conversation.id)
+            raise
         conversation = await in_thread(self.store.get_conversation, conversation.id)
         return Prepared(conversation, user, reply, request)
 
@@ -204,6 +280,28 @@ class ChatEngine:
             ),
         )
         self._nursery.start_soon(self._generate, prepared, running)
+
+    def _check_vision(self, model_name: str | None) -> None:
+        if model_name is None:
+            return  # no model at all: generating reports that, with the fix
+        supervisor = self.manager.resolve(model_name)
+        vision = supervisor.status().vision
+        # Before its server has said, a model with a projector is taken at its word.
+        if vision is None:
+            vision = supervisor.model.mmproj is not None
+        if not vision:
+            raise ImageError(
+                f"model {supervisor.model.name!r} does not take images; give it its vision "
+                'projector with mmproj = "PATH" in models.toml, or choose a vision model'
+            )
+
+    def answer_approval(self, conversation: str, call: str, *, approve: bool) -> None:
+        """A client's answer to a call awaiting approval (the first answer counts)."""
+        pending = self._approvals.get((conversation, call))
+        if pending is None or pending.answered.is_set():
+            raise ApprovalNotPending(conversation, call)
+        pending.approved = approve
+        pending.answered.set()
 
     def cancel(self, conversation: str) -> bool:
         running = self._running.get(conversation)
@@ -228,7 +326,7 @@ class ChatEngine:
 
     async def _generate(self, prepared: Prepared, running: _Running) -> None:
         conversation = prepared.conversation.id
-        text: list[str] = []
+        reply = _Reply()
         stats: MessageStats | None = None
         model_name = self._choose_model(prepared)
         status: MessageStatus = "incomplete"
@@ -241,7 +339,7 @@ class ChatEngine:
                         queue = self._slot_queue(model)
                         report = functools.partial(self._report_position, conversation)
                         async with queue.slot(report):
-                            stats = await self._stream(prepared, model, text)
+                            stats = await self._stream(prepared, model, reply)
                     status = "complete"
                 except (LlamadError, UpstreamError, RequestCancelled) as exc:
                     status, error = "error", str(exc)
@@ -256,7 +354,7 @@ class ChatEngine:
             with trio.CancelScope(shield=True):
                 message = await self._finish(
                     prepared,
-                    text="".join(text),
+                    reply,
                     status=status,
                     stats=stats,
                     error=error,
@@ -293,8 +391,40 @@ class ChatEngine:
         messages = await in_thread(self.store.all_messages, prepared.conversation.id)
         # Everything before the reply being written, minus failed replies.
         return [
-            m for m in messages if m.seq < prepared.reply.seq and m.status != "error" and m.text
+            m
+            for m in messages
+            if m.seq < prepared.reply.seq
+            and m.status != "error"
+            and (m.text or m.images or m.tool_calls)
         ]
+
+    async def _upstream_messages(self, history: list[Message]) -> list[dict[str, Any]]:
+        """Stored messages as OpenAI chat messages: tool rounds unfolded, images inlined."""
+        messages: list[dict[str, Any]] = []
+        for message in history:
+            finished = [c for c in message.tool_calls if c.status not in _UNFINISHED]
+            for round_number in sorted({call.round for call in finished}):
+                calls = [call for call in finished if call.round == round_number]
+                messages.append(_assistant_calls(calls))
+                messages += [_tool_result(call) for call in calls]
+            if not message.images:
+                if message.text or not finished:
+                    messages.append({"role": message.role, "content": message.text})
+                continue
+            content: list[dict[str, Any]] = []
+            if message.text:
+                content.append({"type": "text", "text": message.text})
+            for image in message.images:
+                try:
+                    data = await in_thread(self.store.get_image, image.digest)
+                except KeyError:
+                    content.append({"type": "text", "text": f"{image.label()} (no longer stored)"})
+                    continue
+                content.append(
+                    {"type": "image_url", "image_url": {"url": data_uri(image.mime, data)}}
+                )
+            messages.append({"role": message.role, "content": content})
+        return messages
 
     async def _fit(
         self,
@@ -345,12 +475,14 @@ class ChatEngine:
         return [m for turn in turns[dropped:] for m in turn]
 
     async def _stream(
-        self, prepared: Prepared, model: ModelSupervisor, text: list[str]
+        self, prepared: Prepared, model: ModelSupervisor, reply: _Reply
     ) -> MessageStats:
         conversation = prepared.conversation.id
         seq = prepared.reply.seq
         options = prepared.request.options
+        tools = list(options.tools if options.tools is not None else model.model.tools)
         timeout = httpx.Timeout(None, connect=10.0)
+        text = reply.text
         async with http_client(model.endpoint, timeout=10.0, keepalive=False) as client:
             client.timeout = timeout
             history = await self._fit(
@@ -359,8 +491,10 @@ class ChatEngine:
             messages: list[dict[str, Any]] = []
             if prepared.conversation.system_prompt:
                 messages.append({"role": "system", "content": prepared.conversation.system_prompt})
-            messages += [{"role": m.role, "content": m.text} for m in history]
+            messages += await self._upstream_messages(history)
             payload: dict[str, Any] = {"messages": messages, "stream": True}
+            if tools:
+                payload["tools"] = openai_tools(tools)
             if options.temperature is not None:
                 payload["temperature"] = options.temperature
             if options.max_tokens is not None:
@@ -375,36 +509,139 @@ class ChatEngine:
             finish_reason: str | None = None
             timings: dict[str, Any] = {}
             usage: dict[str, Any] = {}
-            async for chunk in stream_chat(client, payload):
-                if chunk.text:
-                    if first_token is None:
-                        first_token = time.monotonic()
-                    text.append(chunk.text)
-                    self._publish(
-                        conversation,
-                        ChatDelta(id=0, conversation=conversation, seq=seq, text=chunk.text),
-                    )
-                finish_reason = chunk.finish_reason or finish_reason
-                timings = chunk.timings or timings
-                usage = chunk.usage or usage
-                now = time.monotonic()
-                if now - last_flush >= FLUSH_INTERVAL_SEC:
-                    last_flush = now
-                    await self._flush(conversation, seq, "".join(text))
+            completion_tokens = 0
+            for round_number in range(1, model.model.max_tool_rounds + 2):
+                # The round after the last allowed one must answer in words.
+                last_round = round_number > model.model.max_tool_rounds
+                if tools and last_round:
+                    payload["tool_choice"] = "none"
+                assembler = ToolCallAssembler()
+                timings, usage = {}, {}
+                async for chunk in stream_chat(client, payload):
+                    if chunk.text:
+                        if first_token is None:
+                            first_token = time.monotonic()
+                        text.append(chunk.text)
+                        self._publish(
+                            conversation,
+                            ChatDelta(id=0, conversation=conversation, seq=seq, text=chunk.text),
+                        )
+                    assembler.feed(chunk.tool_calls)
+                    finish_reason = chunk.finish_reason or finish_reason
+                    timings = chunk.timings or timings
+                    usage = chunk.usage or usage
+                    now = time.monotonic()
+                    if now - last_flush >= FLUSH_INTERVAL_SEC:
+                        last_flush = now
+                        await self._flush(conversation, seq, reply)
+                completion_tokens += (
+                    timings.get("predicted_n") or usage.get("completion_tokens") or 0
+                )
+                wanted = assembler.calls()
+                if not tools or not wanted or last_round:
+                    break
+                done = await self._run_tools(prepared, round_number, wanted, tools, reply)
+                payload["messages"] = [
+                    *payload["messages"],
+                    _assistant_calls(done),
+                    *(_tool_result(call) for call in done),
+                ]
         ended = time.monotonic()
         return MessageStats(
             finish_reason=finish_reason,
             prompt_tokens=timings.get("prompt_n") or usage.get("prompt_tokens"),
-            completion_tokens=timings.get("predicted_n") or usage.get("completion_tokens"),
+            completion_tokens=completion_tokens or None,
             tokens_per_second=timings.get("predicted_per_second"),
             time_to_first_token_ms=(first_token - began) * 1000 if first_token else None,
             duration_ms=(ended - began) * 1000,
         )
 
-    async def _flush(self, conversation: str, seq: int, text: str) -> None:
+    async def _run_tools(
+        self,
+        prepared: Prepared,
+        round_number: int,
+        wanted: list[AssembledCall],
+        offered: list[str],
+        reply: _Reply,
+    ) -> list[ToolCall]:
+        """Run one round's calls in order; each is stored and published as it changes."""
+        conversation, seq = prepared.conversation.id, prepared.reply.seq
+        done: list[ToolCall] = []
+        for asked in wanted:
+            settings = self.manager.config.tool(asked.name)
+            confirm = settings.confirm and asked.name in offered
+            call = ToolCall(
+                id=asked.id,
+                name=asked.name,
+                arguments=asked.arguments,
+                status="awaiting_approval" if confirm else "running",
+                round=round_number,
+            )
+            index = len(reply.calls)
+            reply.calls.append(call)
+            # Registered before the event goes out, so an instant answer finds it.
+            pending = self._expect_approval(conversation, call.id) if confirm else None
+            await self._tool_progress(conversation, seq, reply, call)
+            if asked.name not in offered:
+                call = _ended(call, "error", f"there is no tool {asked.name!r} in this chat")
+            elif pending is not None and not await self._approved(conversation, call.id, pending):
+                call = _ended(call, "denied", "the user did not allow this call")
+            else:
+                if confirm:
+                    call = msgspec.structs.replace(call, status="running")
+                    reply.calls[index] = call
+                    await self._tool_progress(conversation, seq, reply, call)
+                call = await self._run_one(call, settings.timeout_sec)
+            reply.calls[index] = call
+            await self._tool_progress(conversation, seq, reply, call)
+            done.append(call)
+        return done
+
+    async def _run_one(self, call: ToolCall, timeout_sec: float) -> ToolCall:
+        run = functools.partial(
+            run_tool,
+            call.name,
+            call.arguments,
+            search_roots=self.manager.config.tool("file_search").roots,
+        )
+        with trio.move_on_after(timeout_sec):
+            # Abandoned on timeout: the tools bound their own work, so the
+            # thread ends soon after on its own.
+            outcome = await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+            return _ended(call, "ok" if outcome.ok else "error", outcome.text)
+        return _ended(call, "timeout", f"the tool did not finish within {timeout_sec:g} s")
+
+    def _expect_approval(self, conversation: str, call: str) -> _Approval:
+        pending = _Approval()
+        self._approvals[(conversation, call)] = pending
+        return pending
+
+    async def _approved(self, conversation: str, call: str, pending: _Approval) -> bool:
+        try:
+            with trio.move_on_after(APPROVAL_TIMEOUT_SEC):
+                await pending.answered.wait()
+        finally:
+            del self._approvals[(conversation, call)]
+        return pending.approved
+
+    async def _tool_progress(
+        self, conversation: str, seq: int, reply: _Reply, call: ToolCall
+    ) -> None:
+        self._publish(
+            conversation, ToolCallEvent(id=0, conversation=conversation, seq=seq, call=call)
+        )
+        await self._flush(conversation, seq, reply)
+
+    async def _flush(self, conversation: str, seq: int, reply: _Reply) -> None:
         try:
             await in_thread(
-                self.store.update_message, conversation, seq, parts=[TextPart(text=text)]
+                functools.partial(
+                    self.store.update_message,
+                    conversation,
+                    seq,
+                    parts=[TextPart(text="".join(reply.text))],
+                    tool_calls=list(reply.calls),
+                )
             )
         except HistoryWriteError as exc:
             log.error("%s", exc)  # noqa: TRY400 - a disk problem, not a bug; the final commit reports it
@@ -412,24 +649,35 @@ class ChatEngine:
     async def _finish(
         self,
         prepared: Prepared,
+        reply: _Reply,
         *,
-        text: str,
         status: MessageStatus,
         stats: MessageStats | None,
         error: str,
         model: str | None,
     ) -> Message:
         conversation, seq = prepared.conversation.id, prepared.reply.seq
+        text = "".join(reply.text)
+        # A call cut off by a cancel or an error never finished.
+        calls = [
+            _ended(call, "error", "stopped before it finished")
+            if call.status in _UNFINISHED
+            else call
+            for call in reply.calls
+        ]
         try:
             return await in_thread(
-                self.store.update_message,
-                conversation,
-                seq,
-                parts=[TextPart(text=text)] if text else [],
-                status=status,
-                stats=stats,
-                model=model,
-                error=error,
+                functools.partial(
+                    self.store.update_message,
+                    conversation,
+                    seq,
+                    parts=[TextPart(text=text)] if text else [],
+                    status=status,
+                    stats=stats,
+                    model=model,
+                    error=error,
+                    tool_calls=calls,
+                )
             )
         except HistoryWriteError as exc:
             log.error("%s", exc)  # noqa: TRY400 - a disk problem, not a bug
@@ -443,4 +691,56 @@ class ChatEngine:
                 created=time.time(),
                 stats=stats,
                 error=str(exc),
+                tool_calls=calls,
             )
+
+
+_UNFINISHED = frozenset({"running", "awaiting_approval"})
+
+
+def _ended(call: ToolCall, status: ToolCallStatus, result: str) -> ToolCall:
+    return msgspec.structs.replace(call, status=status, result=result)
+
+
+def _assistant_calls(calls: list[ToolCall]) -> dict[str, Any]:
+    return {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in calls
+        ],
+    }
+
+
+def _tool_result(call: ToolCall) -> dict[str, Any]:
+    return {"role": "tool", "tool_call_id": call.id, "name": call.name, "content": call.result}
+
+
+def _checked_images(parts: list[Part]) -> tuple[list[Part], dict[str, bytes]]:
+    """Image parts with their type and size read from the bytes; refuses bad ones."""
+    images: dict[str, bytes] = {}
+    checked: list[Part] = []
+    count = 0
+    for part in parts:
+        if not isinstance(part, ImagePart):
+            checked.append(part)
+            continue
+        count += 1
+        if count > MAX_IMAGES_PER_MESSAGE:
+            raise ImageError(f"a message can carry at most {MAX_IMAGES_PER_MESSAGE} images")
+        name = " ".join(part.name.split())[:200]
+        info = inspect_image(part.data, name or "the image")
+        images[info.digest] = part.data
+        checked.append(
+            ImagePart(
+                data=part.data,
+                name=name,
+                mime=info.mime,
+                width=info.width,
+                height=info.height,
+                size=info.size,
+                digest=info.digest,
+            )
+        )
+    return checked, images

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import ParamSpec, Protocol, TypeVar
+from typing import ParamSpec, Protocol, TypeVar, assert_never
 
 import msgspec
 import trio
@@ -25,6 +25,7 @@ from llamad.concurrency import beside, consists_of, in_thread
 from llamad.config import Config
 from llamad.errors import (
     ConfigError,
+    ImageError,
     LlamadError,
     ModelFailed,
     ModelFileMissing,
@@ -34,6 +35,7 @@ from llamad.events import ChatEvent, LogEvent, StateEvent, Subscription
 from llamad.history import AmbiguousConversation, ConversationNotFound, HistoryWriteError
 from llamad.manager import ModelManager
 from llamad.protocol import (
+    ApproveTool,
     Cancel,
     Chat,
     ChatDone,
@@ -89,6 +91,19 @@ class SubscriberTooSlow(Exception):
     """The client did not read its events fast enough and is disconnected."""
 
 
+class BadRequest(LlamadError):
+    """A well-typed request whose values cannot be served (answered ``bad_request``)."""
+
+
+def _page_limit(limit: int) -> int:
+    # The history store raises ValueError for limit < 1, which came back as
+    # ``internal`` with a logged traceback (found by tests/test_fuzz_transports.py;
+    # also `llamactl history list -n 0`).
+    if limit < 1:
+        raise BadRequest(f"limit must be at least 1, not {limit}")
+    return limit
+
+
 # How a client disappearing shows up; worth a debug line, nothing more.
 DISCONNECTS: tuple[type[BaseException], ...] = (
     PeerGone,
@@ -128,7 +143,7 @@ def error_code(exc: LlamadError) -> ErrorCode:
             return "busy"
         case HistoryWriteError():
             return "storage"
-        case AmbiguousConversation():
+        case AmbiguousConversation() | BadRequest() | ImageError():
             return "bad_request"
         case ConversationNotFound():
             return "not_found"
@@ -213,15 +228,22 @@ class Dispatcher:
                 if not self.chat.cancel(conversation):
                     raise ConversationNotFound(f"nothing is being generated in {prefix!r}")
                 await peer.send(Ok(id=rid, message="cancelled"))
+            case ApproveTool(id=rid, conversation=prefix, call=call, approve=approve):
+                conversation = await self._resolve(prefix)
+                self.chat.answer_approval(conversation, call, approve=approve)
+                await peer.send(Ok(id=rid, message="approved" if approve else "denied"))
             case Watch(id=rid, conversation=prefix):
                 conversation = await self._resolve(prefix)
                 with manager.hub.subscribe(frozenset({"chat"}), key=conversation) as subscription:
                     await peer.send(Ok(id=rid, message=f"watching {conversation}"))
                     await self._forward(rid, subscription, peer)
             case ListConversations(id=rid, limit=limit, before=before):
-                page, cursor = await in_thread(self.store.list_conversations, limit, before)
+                page, cursor = await in_thread(
+                    self.store.list_conversations, _page_limit(limit), before
+                )
                 await peer.send(Conversations(id=rid, conversations=page, next=cursor))
             case GetConversation(id=rid, conversation=prefix, limit=limit, before=before):
+                _page_limit(limit)
                 conversation_id = await self._resolve(prefix)
                 stored = await in_thread(self.store.get_conversation, conversation_id)
                 messages, more = await in_thread(
@@ -248,6 +270,12 @@ class Dispatcher:
                 export = self.store.export_markdown if fmt == "md" else self.store.export_json
                 content = await in_thread(export, conversation_id)
                 await peer.send(Exported(id=rid, format=fmt, content=content))
+            case _:
+                # A request type added to the protocol without a case here used to
+                # fall through with no reply at all, leaving the client waiting
+                # (met by tests/test_fuzz_transports.py). mypy checks this is
+                # unreachable; at run time it becomes an ``internal`` reply.
+                assert_never(request)
 
     async def _resolve(self, prefix: str) -> str:
         return await in_thread(self.store.resolve, prefix)

@@ -5,7 +5,7 @@ A synchronous store. The daemon calls each method through
 commits inside one method call (an LMDB write transaction belongs to the thread
 that began it) and why nothing here imports trio.
 
-Key layout (one LMDB environment, four named databases)::
+Key layout (one LMDB environment, five named databases)::
 
     conversations   key: conv_uuid (16 raw bytes)
                     val: 0x01 + msgpack(_ConversationRecord)
@@ -14,6 +14,13 @@ Key layout (one LMDB environment, four named databases)::
     by_updated      key: updated_ns (8, big-endian) | conv_uuid (16)
                     val: b""  (an index: walk it backwards for newest first)
     meta            b"schema_version" -> msgpack(int), currently 1
+    images          key: sha256 of the image (32 raw bytes)
+                    val: 0x01 + refcount (8, big-endian) + the image bytes
+
+An image is stored once however often it is sent: a message keeps only its
+``ImagePart`` (digest, type, size), the bytes live in ``images`` with a count
+of the messages that use them, and deleting the last such message frees them.
+Listing and searching conversations never reads an image.
 
     messages, in key order:
     ┌──────────── conv A ─────────────┐┌──────── conv B ────────┐
@@ -55,6 +62,7 @@ import msgspec
 from llamad.errors import LlamadError
 from llamad.protocol import (
     Conversation,
+    ImagePart,
     Message,
     MessageStats,
     MessageStatus,
@@ -62,6 +70,7 @@ from llamad.protocol import (
     Role,
     SearchHit,
     TextPart,
+    ToolCall,
 )
 
 SCHEMA_VERSION: Final = 1
@@ -223,6 +232,7 @@ class _MessageRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     created_ns: int = 0
     stats: MessageStats | None = None
     error: str = ""
+    tool_calls: list[ToolCall] = []
 
 
 class _SearchView(msgspec.Struct):
@@ -278,7 +288,15 @@ def _to_message(conversation_id: str, seq: int, rec: _MessageRecord) -> Message:
         created=rec.created_ns / 1e9,
         stats=rec.stats,
         error=rec.error,
+        tool_calls=rec.tool_calls,
     )
+
+
+def _without_data(part: Part) -> Part:
+    """What a message record keeps of a part: images by reference only."""
+    if isinstance(part, ImagePart) and part.data:
+        return msgspec.structs.replace(part, data=b"")
+    return part
 
 
 def _text_of(parts: list[Part]) -> str:
@@ -445,6 +463,7 @@ class HistoryStore:
                 self._messages = self._env.open_db(b"messages", txn=txn)
                 self._by_updated = self._env.open_db(b"by_updated", txn=txn)
                 self._meta = self._env.open_db(b"meta", txn=txn)
+                self._images = self._env.open_db(b"images", txn=txn)
                 self._check_schema(txn)
         except HistoryError:
             self._env.close()
@@ -597,16 +616,29 @@ class HistoryStore:
         model: str | None = None,
         stats: MessageStats | None = None,
         error: str = "",
+        images: dict[str, bytes] | None = None,
     ) -> Message:
-        """Store the next message (seq = message_count + 1); durable on return."""
+        """Store the next message (seq = message_count + 1); durable on return.
+
+        ``images`` maps each ``ImagePart.digest`` in ``parts`` to its bytes;
+        they are committed in the same transaction as the message.
+        """
+        images = images or {}
+        stored_parts = [_without_data(part) for part in parts]
+        for part in stored_parts:
+            if isinstance(part, ImagePart) and part.digest not in images:
+                raise ValueError(f"no bytes given for image {part.digest}")
 
         def change(txn: _Txn) -> Message:
             key, conv = self._get_record(txn, conversation_id)
             now = _now_ns()
             seq = conv.message_count + 1
+            for part in stored_parts:
+                if isinstance(part, ImagePart):
+                    self._reference_image(txn, part.digest, images[part.digest])
             rec = _MessageRecord(
                 role=role,
-                parts=list(parts),
+                parts=stored_parts,
                 status=status,
                 model=model,
                 created_ns=now,
@@ -632,8 +664,12 @@ class HistoryStore:
         stats: MessageStats | None = None,
         model: str | None = None,
         error: str | None = None,
+        tool_calls: list[ToolCall] | None = None,
     ) -> Message:
-        """Rewrite the given fields of a stored message (streaming flushes, finishing)."""
+        """Rewrite the given fields of a stored message (streaming flushes, finishing).
+
+        Replies are text and tool calls; ``parts`` here must not add images.
+        """
 
         def change(txn: _Txn) -> Message:
             key, conv = self._get_record(txn, conversation_id)
@@ -652,6 +688,8 @@ class HistoryStore:
                 rec.model = model
             if error is not None:
                 rec.error = error
+            if tool_calls is not None:
+                rec.tool_calls = list(tool_calls)
             txn.put(mkey, _pack(rec), db=self._messages)
             if not conv.title and rec.role == "user":
                 conv.title = title_from(_text_of(rec.parts))
@@ -681,10 +719,47 @@ class HistoryStore:
             cursor = txn.cursor(db=self._messages)
             if cursor.set_range(key):
                 while cursor.key()[:16] == key:
+                    for part in _unpack(cursor.value(), _msg_decoder).parts:
+                        if isinstance(part, ImagePart):
+                            self._release_image(txn, part.digest)
                     if not cursor.delete():  # delete() moves to the next record
                         break
 
         self._write(change)
+
+    def _reference_image(self, txn: _Txn, digest: str, data: bytes) -> None:
+        key = bytes.fromhex(digest)
+        raw = txn.get(key, db=self._images)
+        count = _U64.unpack_from(raw, 1)[0] if raw is not None else 0
+        value = memoryview(raw)[9:] if raw is not None else data
+        txn.put(key, _RECORD_PREFIX + _U64.pack(count + 1) + bytes(value), db=self._images)
+
+    def _release_image(self, txn: _Txn, digest: str) -> None:
+        key = bytes.fromhex(digest)
+        raw = txn.get(key, db=self._images)
+        if raw is None:
+            return
+        (count,) = _U64.unpack_from(raw, 1)
+        if count <= 1:
+            txn.delete(key, db=self._images)
+        else:
+            txn.put(key, _RECORD_PREFIX + _U64.pack(count - 1) + raw[9:], db=self._images)
+
+    def get_image(self, digest: str) -> bytes:
+        """The bytes of a stored image; ``KeyError`` when no message uses it any more."""
+        try:
+            key = bytes.fromhex(digest)
+        except ValueError:
+            raise KeyError(digest) from None
+        with self._read() as txn:
+            raw = txn.get(key, db=self._images)
+            if raw is None:
+                raise KeyError(digest)
+            return bytes(raw[9:])
+
+    def image_count(self) -> int:
+        with self._read() as txn:
+            return int(txn.stat(self._images)["entries"])
 
     # ---------------------------------------------------------------- reads
 
@@ -895,7 +970,12 @@ class HistoryStore:
             if message.model:
                 heading += f" ({message.model})"
             heading += f" · {_when(message.created)}"
-            lines += [heading, "", message.text.strip() or "_(no text)_", ""]
+            lines += [heading, ""]
+            lines += [f"- `{call.summary()}`" for call in message.tool_calls]
+            lines += [image.label() for image in message.images]
+            if message.tool_calls or message.images:
+                lines.append("")
+            lines += [message.text.strip() or "_(no text)_", ""]
             if message.status == "incomplete":
                 lines += ["_(incomplete: the reply was cut off)_", ""]
             elif message.status == "cancelled":

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Final
 
 from llamad.errors import ImageError
+from llamad.protocol import MAX_IMAGE_BYTES
 
-MAX_IMAGE_BYTES: Final = 10 * 1024 * 1024  # fits well inside one 16 MiB frame
 MAX_IMAGES_PER_MESSAGE: Final = 8
 MIME_TYPES: Final = ("image/png", "image/jpeg", "image/webp", "image/gif")
 
@@ -39,7 +39,7 @@ def inspect_image(data: bytes, name: str = "the image") -> ImageInfo:
             f"{MAX_IMAGE_BYTES // (1024 * 1024)} MiB — scale it down first"
         )
     try:
-        mime, width, height = _sniff(data)
+        mime, width, height = _sniff(data, name)
     except (struct.error, IndexError):
         raise ImageError(f"{name} is a truncated or damaged image") from None
     if width <= 0 or height <= 0:
@@ -52,7 +52,7 @@ def data_uri(mime: str, data: bytes) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def _sniff(data: bytes) -> tuple[str, int, int]:
+def _sniff(data: bytes, name: str) -> tuple[str, int, int]:
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         if data[12:16] != b"IHDR":
             raise IndexError
@@ -65,12 +65,8 @@ def _sniff(data: bytes) -> tuple[str, int, int]:
     if data[:6] in (b"GIF87a", b"GIF89a"):
         width, height = struct.unpack("<HH", data[6:10])
         return "image/gif", width, height
-    raise ImageError(_not_an_image(data))
-
-
-def _not_an_image(data: bytes) -> str:
     what = "a PDF" if data.startswith(b"%PDF") else "not an image llamad knows"
-    return f"the file is {what}; attach a PNG, JPEG, WebP or GIF image"
+    raise ImageError(f"{name} is {what}; attach a PNG, JPEG, WebP or GIF image")
 
 
 # Start-of-frame markers carry the size; C4 (DHT), C8 (JPG) and CC (DAC) do not.

@@ -20,6 +20,7 @@ import msgspec
 
 PROTOCOL_VERSION: Final = 1
 MAX_FRAME_BYTES: Final = 16 * 1024 * 1024
+MAX_IMAGE_BYTES: Final = 10 * 1024 * 1024  # per attached image; fits inside one frame
 _HEADER = struct.Struct(">I")
 HEADER_BYTES: Final = _HEADER.size
 
@@ -77,6 +78,8 @@ class ModelStatus(msgspec.Struct, frozen=True, kw_only=True):
     file_exists: bool = True
     aliases: list[str] = []
     endpoint: str = ""  # where llama-server listens: a socket path or host:port
+    tools: list[str] = []  # the llamad tools offered to this model
+    vision: bool | None = None  # accepts images; None until a running server said
 
 
 # --------------------------------------------------------- chat and history
@@ -86,11 +89,74 @@ class TextPart(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=
     text: str
 
 
-# Message content is a list of parts from the start; images and tool calls join
-# this union later as new tagged Structs, without changing existing records.
-Part = TextPart
+class ImagePart(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="image"):
+    """An image in a message.
+
+    A client sends ``data`` (and a ``name`` for people); llamad checks the
+    bytes and fills in the rest. Stored and listed messages carry everything
+    but ``data``: the bytes live once per ``digest`` in the history store.
+    """
+
+    data: bytes = b""  # base64 in JSON, raw in msgpack
+    name: str = ""  # for people only; the type always comes from the bytes
+    mime: str = ""
+    width: int = 0
+    height: int = 0
+    size: int = 0  # bytes
+    digest: str = ""  # sha256 of the bytes
+
+    def label(self) -> str:
+        """How a conversation shows it: ``[image: cat.png 640x480]`` (with a real times sign)."""
+        what = self.name or self.mime or "image"
+        return f"[image: {what} {self.width}×{self.height}]"
+
+
+# Message content is a list of parts, so new kinds join this union as tagged
+# Structs without changing existing records.
+Part = TextPart | ImagePart
 Role = Literal["system", "user", "assistant", "tool"]
 MessageStatus = Literal["complete", "incomplete", "cancelled", "error"]
+ToolCallStatus = Literal["running", "awaiting_approval", "ok", "error", "denied", "timeout"]
+
+
+class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
+    """One call a model made to a llamad tool, and what came of it."""
+
+    id: str
+    name: str
+    arguments: str  # the JSON object as the model wrote it
+    status: ToolCallStatus = "running"
+    result: str = ""  # what the model was told (the answer, or why there is none)
+    round: int = 1  # which model -> tools round of the reply made it
+
+    def summary(self, limit: int = 60) -> str:
+        """``calculator(2**64) → 18446744073709551616``: one line for people."""
+        call = f"{self.name}({_short(_argument_text(self.arguments), limit)})"
+        outcome = {
+            "running": "…",
+            "awaiting_approval": "waiting for approval",
+            "denied": "denied",
+            "timeout": "timed out",
+        }.get(self.status)
+        return f"{call} → {outcome or _short(self.result, limit)}"
+
+
+def _argument_text(arguments: str) -> str:
+    try:
+        parsed = msgspec.json.decode(arguments)
+    except msgspec.DecodeError:
+        return arguments
+    if not isinstance(parsed, dict):
+        return arguments
+    shown = [v if isinstance(v, str) else msgspec.json.encode(v).decode() for v in parsed.values()]
+    if len(shown) == 1:
+        return shown[0]
+    return ", ".join(f"{key}={value}" for key, value in zip(parsed, shown, strict=True))
+
+
+def _short(text: str, limit: int) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 class MessageStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -112,10 +178,15 @@ class Message(msgspec.Struct, frozen=True, kw_only=True):
     created: float = 0.0  # Unix time
     stats: MessageStats | None = None
     error: str = ""  # why, when status is "error"
+    tool_calls: list[ToolCall] = []  # an assistant reply's calls, in the order made
 
     @property
     def text(self) -> str:
         return "".join(part.text for part in self.parts if isinstance(part, TextPart))
+
+    @property
+    def images(self) -> list[ImagePart]:
+        return [part for part in self.parts if isinstance(part, ImagePart)]
 
 
 class Conversation(msgspec.Struct, frozen=True, kw_only=True):
@@ -142,6 +213,7 @@ class ChatOptions(msgspec.Struct, frozen=True, kw_only=True):
     system: str | None = None  # system prompt; stored on a new conversation
     seed: int | None = None
     ignore_eos: bool = False  # keep generating past end-of-sequence (benchmarks, tests)
+    tools: list[str] | None = None  # offer these tools instead of the model's own list
 
 
 # ------------------------------------------------------------------- requests
@@ -228,6 +300,14 @@ class Cancel(_Request, frozen=True, kw_only=True, tag="cancel"):
     conversation: str
 
 
+class ApproveTool(_Request, frozen=True, kw_only=True, tag="approve_tool"):
+    """Answer a ``tool_call`` event whose status is ``awaiting_approval``."""
+
+    conversation: str
+    call: str  # the call's id
+    approve: bool
+
+
 class Watch(_Request, frozen=True, kw_only=True, tag="watch"):
     """Receive the chat events of ``conversation``, whoever started them."""
 
@@ -275,6 +355,7 @@ Request = (
     | Subscribe
     | Chat
     | Cancel
+    | ApproveTool
     | Watch
     | ListConversations
     | GetConversation
@@ -382,6 +463,15 @@ class ChatDelta(_Message, frozen=True, kw_only=True, tag="chat_delta"):
     text: str
 
 
+class ToolCallEvent(_Message, frozen=True, kw_only=True, tag="tool_call"):
+    """Event: a reply's tool call started, waits for approval, or finished."""
+
+    id: int
+    conversation: str
+    seq: int  # the reply it belongs to
+    call: ToolCall
+
+
 class ChatDone(_Message, frozen=True, kw_only=True, tag="chat_done"):
     """The stored reply: status ``complete``, ``cancelled`` or ``error``."""
 
@@ -426,6 +516,7 @@ ServerMessage = (
     | QueuePosition
     | ContextTrimmed
     | ChatDelta
+    | ToolCallEvent
     | ChatDone
     | Conversations
     | ConversationReply
@@ -450,7 +541,8 @@ class FrameDecoder:
     """Sans-I/O: feed bytes as they arrive, get back complete frame bodies.
 
     Raises ``ProtocolError`` as soon as a header announces a body larger than
-    ``max_frame`` so a hostile length never makes us buffer it.
+    ``max_frame`` so a hostile length never makes us buffer it (frames complete
+    before that header are returned first; the following ``feed`` raises).
     """
 
     def __init__(self, max_frame: int = MAX_FRAME_BYTES) -> None:
@@ -468,6 +560,12 @@ class FrameDecoder:
         while len(self._buffer) >= HEADER_BYTES:
             (length,) = _HEADER.unpack_from(self._buffer)
             if length > self._max_frame:
+                if frames:
+                    # The frames before the bad header come out first, in order;
+                    # the next ``feed`` (``feed(b"")`` will do) raises. Raising at
+                    # once dropped them, so whether they were served depended on
+                    # how the bytes were split (found by tests/test_fuzz_transports.py).
+                    break
                 raise ProtocolError(
                     "bad_frame",
                     f"frame of {length} bytes exceeds the {self._max_frame}-byte limit",
@@ -508,13 +606,32 @@ def _salvage_id(payload: bytes, json: bool) -> int | None:
     """The ``id`` of an invalid request, so its error reply can name it."""
     try:
         raw: Any = msgspec.json.decode(payload) if json else msgspec.msgpack.decode(payload)
-    except msgspec.DecodeError:
+    # Found by fuzzing: deep nesting raises RecursionError, a msgpack str that is
+    # not UTF-8 raises UnicodeDecodeError; neither is a DecodeError.
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         return None
     if isinstance(raw, dict):
         value = raw.get("id")
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return None
+
+
+_MAX_ERROR_DETAIL = 300  # characters of msgspec's explanation kept in an error reply
+
+
+def _one_line(text: str) -> str:
+    """``text`` as one short printable line.
+
+    msgspec's messages quote the offending value (``Invalid enum value 'a<newline>b'``),
+    which a client controls: without this an error reply could span lines or
+    megabytes (found by tests/test_fuzz_transports.py).
+    """
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    if len(text) > _MAX_ERROR_DETAIL:
+        text = text[: _MAX_ERROR_DETAIL - 1] + "…"
+    return text
 
 
 def decode_request(payload: bytes, *, json: bool = False) -> Request:
@@ -525,11 +642,26 @@ def decode_request(payload: bytes, *, json: bool = False) -> Request:
         return _request_decoder.decode(payload)
     except msgspec.ValidationError as exc:
         raise ProtocolError(
-            "bad_request", f"invalid request: {exc}", _salvage_id(payload, json)
+            "bad_request", f"invalid request: {_one_line(str(exc))}", _salvage_id(payload, json)
         ) from None
     except msgspec.DecodeError as exc:
         encoding = "JSON" if json else "msgpack"
-        raise ProtocolError("bad_frame", f"frame is not valid {encoding}: {exc}") from None
+        raise ProtocolError(
+            "bad_frame", f"frame is not valid {encoding}: {_one_line(str(exc))}"
+        ) from None
+    # msgspec raises these two (not DecodeError) for deeply nested input, e.g.
+    # b"\x91" * 100_000, and for a msgpack str that is not UTF-8, e.g. b"\xa1\xff".
+    # They used to escape: the connection dropped with no reply and a logged
+    # traceback (found by tests/test_fuzz_transports.py).
+    except RecursionError:
+        encoding = "JSON" if json else "msgpack"
+        raise ProtocolError(
+            "bad_frame", f"frame is not valid {encoding}: nested too deeply"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(
+            "bad_frame", f"frame is not valid msgpack: a string is not UTF-8 ({exc.reason})"
+        ) from None
 
 
 def decode_server_message(payload: bytes, *, json: bool = False) -> ServerMessage:
@@ -537,5 +669,8 @@ def decode_server_message(payload: bytes, *, json: bool = False) -> ServerMessag
         if json:
             return _json_server_decoder.decode(payload)
         return _server_decoder.decode(payload)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise ProtocolError("bad_frame", f"unreadable message from llamad: {exc}") from None
+    # RecursionError, UnicodeDecodeError: as in decode_request (clients must not crash either).
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
+        raise ProtocolError(
+            "bad_frame", f"unreadable message from llamad: {_one_line(str(exc))}"
+        ) from None

@@ -106,6 +106,7 @@ class ModelSupervisor:
         self._drain_reason = ""
         self._posted = 0  # user requests posted / handled: lets waiters skip stale states
         self._handled = 0
+        self.vision: bool | None = None  # from the running server's /props
 
     # ---------------------------------------------------------------- queries
 
@@ -139,6 +140,8 @@ class ModelSupervisor:
             file_exists=self.model.path.is_file(),
             aliases=list(self.model.aliases),
             endpoint=self.endpoint.describe(),
+            tools=list(self.model.tools),
+            vision=self.vision if machine.state == "ready" else None,
         )
 
     # --------------------------------------------------------------- commands
@@ -307,6 +310,12 @@ class ModelSupervisor:
             await trio.lowlevel.wait_readable(pidfd)
         finally:
             os.close(pidfd)
+        # The server is gone, but processes it forked may live on in its group
+        # (they ignored the SIGTERM, or the server crashed): with the leader
+        # dead they have nothing left to serve, and once it is reaped no stop
+        # would reach them. Kill them now, while the unreaped leader still
+        # holds the group id, so this can only ever hit our own group.
+        signal_group(process.pid, signal.SIGKILL)
         returncode = process.wait()
         probes.cancel()
         if self._process is process:
@@ -324,9 +333,11 @@ class ModelSupervisor:
                 self.endpoint, timeout=supervision.health_interval_sec
             ) as client:
                 # Readiness: 503 while loading, connection refused before it binds.
+                self.vision = None
                 while not await _healthy(client):  # noqa: ASYNC110 - polling another process
                     await trio.sleep(READY_POLL_SEC)
                 self._events_send.send_nowait(BecameReady())
+                self.vision = await _accepts_images(client)
                 while True:
                     await trio.sleep(supervision.health_interval_sec)
                     self._events_send.send_nowait(HealthProbed(await _healthy(client)))
@@ -348,6 +359,16 @@ class ModelSupervisor:
         self.output.append(line)
         log.info("[%s] %s", name, line)
         self.hub.publish(LogEvent(name, line))
+
+
+async def _accepts_images(client: httpx.AsyncClient) -> bool | None:
+    """``/props`` says whether the loaded model takes images (``--mmproj`` loaded)."""
+    try:
+        response = await client.get("/props")
+        modalities = response.json().get("modalities") if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+    return bool(modalities.get("vision")) if isinstance(modalities, dict) else None
 
 
 async def _healthy(client: httpx.AsyncClient) -> bool:

@@ -620,3 +620,40 @@ def test_concurrent_threads_while_the_map_grows(tmp_path: Path) -> None:
         assert store.map_size > 64 * 1024
         for conv in convs:
             assert [m.seq for m in store.all_messages(conv.id)] == list(range(1, 61))
+
+
+def test_images_are_stored_once_by_digest_and_freed_with_the_last_message(
+    tmp_path: Path,
+) -> None:
+    import hashlib
+
+    from llamad.protocol import ImagePart, ToolCall
+
+    data = b"\x89PNG fake bytes for the store"
+    digest = hashlib.sha256(data).hexdigest()
+    part = ImagePart(data=data, name="cat.png", mime="image/png", width=2, height=3,
+                     size=len(data), digest=digest)
+    with HistoryStore(tmp_path / "h") as store:
+        first = store.create_conversation(model=None, system_prompt=None)
+        second = store.create_conversation(model=None, system_prompt=None)
+        for conversation in (first.id, second.id):
+            stored = store.append_message(
+                conversation, role="user", parts=[TextPart(text="look"), part],
+                images={digest: data},
+            )
+            assert stored.images == [msgspec.structs.replace(part, data=b"")]  # no bytes inline
+        assert store.image_count() == 1
+        assert store.get_image(digest) == data
+        reply = store.append_message(first.id, role="assistant", parts=[], status="incomplete")
+        call = ToolCall(id="c1", name="calculator", arguments='{"expression":"2+2"}',
+                        status="ok", result="4")
+        store.update_message(first.id, reply.seq, tool_calls=[call], status="complete")
+        assert store.all_messages(first.id)[-1].tool_calls == [call]
+        assert "- `calculator(2+2) → 4`" in store.export_markdown(first.id)
+        assert "[image: cat.png 2×3]" in store.export_markdown(first.id)
+        store.delete(first.id)
+        assert store.get_image(digest) == data  # the second conversation still uses it
+        store.delete(second.id)
+        assert store.image_count() == 0
+        with pytest.raises(KeyError):
+            store.get_image(digest)

@@ -47,8 +47,8 @@ def test_webp_with_alpha_uses_the_extended_header() -> None:
     ("data", "reason"),
     [
         (b"", "cat.png is empty"),
-        (b"%PDF-1.7\n...", "the file is a PDF; attach a PNG, JPEG, WebP or GIF image"),
-        (b"hello, world", "not an image llamad knows"),
+        (b"%PDF-1.7\n...", "cat.png is a PDF; attach a PNG, JPEG, WebP or GIF image"),
+        (b"hello, world", "cat.png is not an image llamad knows"),
         (b"\x89PNG\r\n\x1a\n\x00\x00", "truncated or damaged"),
         (b"\xff\xd8\xff\xe0\x00\x10JFIF", "truncated or damaged"),
     ],

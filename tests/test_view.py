@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from llama_tui.markdown import display_width
@@ -197,3 +198,34 @@ def test_paste_goes_in_whole_and_the_wheel_scrolls() -> None:
     type_text(view, "")
     view.input = "/copy code 2"
     assert view.key("KEY_ENTER", "\r") == CopyLastReply(2)
+
+
+def test_tool_calls_collapse_to_one_line_and_expand_with_ctrl_t() -> None:
+    from llama_tui.view import AnswerToolCall
+    from llamad.protocol import ToolCall
+
+    view = View(current="c")
+    call = ToolCall(id="t1", name="calculator", arguments='{"expression": "2**64"}')
+    view.tool_call("c", msgspec.structs.replace(call, status="awaiting_approval"))
+    screen = "\n".join(text_of(view.layout(100, 12, now=0)))
+    assert "Allow calculator(2**64)? y / n" in screen
+    assert view.key("", "q") is None and view.mode == "approve"  # a stray key is ignored
+    assert view.key("", "y") == AnswerToolCall("c", "t1", approve=True)
+    view.tool_call("c", msgspec.structs.replace(call, status="ok", result="18446744073709551616"))
+    screen = "\n".join(text_of(view.layout(100, 12, now=0)))
+    assert "▸ calculator(2**64) → 18446744073709551616" in screen
+    view.key("", "\x14")
+    screen = "\n".join(text_of(view.layout(100, 12, now=0)))
+    assert '▾ calculator [ok]' in screen and "result: 18446744073709551616" in screen
+
+
+def test_image_command_and_tab_completion_become_intents() -> None:
+    from llama_tui.view import AttachImage, CompletePath
+
+    view = View()
+    view.input = "/image ~/Pictures/ca"
+    assert view.key("KEY_TAB", "\t") == CompletePath("~/Pictures/ca")
+    view.input = "/image ~/Pictures/cat.png"
+    assert view.key("KEY_ENTER", "\r") == AttachImage("~/Pictures/cat.png")
+    view.attachments.append(("cat.png", 2048))
+    assert "attached: cat.png (3 KB)" in "\n".join(text_of(view.layout(100, 12, now=0)))
