@@ -119,7 +119,9 @@ def cmd_models(client: Client, args: argparse.Namespace) -> int:
     for model in reply.models:
         aliases = f" (aliases: {', '.join(model.aliases)})" if model.aliases else ""
         missing = "" if model.file_exists else "  MISSING FILE"
-        print(f"{model.name:<16} {model.state:<9} {model.path}{missing}{aliases}")
+        extras = [*(["vision"] if model.vision else []), *(f"tool {t}" for t in model.tools)]
+        can = f"  [{', '.join(extras)}]" if extras else ""
+        print(f"{model.name:<16} {model.state:<9} {model.path}{missing}{aliases}{can}")
     return 0
 
 

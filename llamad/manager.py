@@ -16,9 +16,10 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
+import attrs
 import trio
 
-from llamad.config import Config
+from llamad.config import Config, ModelConfig
 from llamad.errors import (
     LlamadError,
     LoadSuperseded,
@@ -236,6 +237,12 @@ class ModelManager:
                 if name not in new.models:
                     await self._remove(name)
                     changes.append(f"removed {name}")
+                elif not binary_changed and _same_server(old.models[name], new.models[name]):
+                    if old.models[name] != new.models[name]:
+                        # Only what llamad itself reads changed (the tools):
+                        # the running server stays.
+                        self._supervisors[name].model = new.models[name]
+                        changes.append(f"updated {name}'s tools")
                 elif binary_changed or old.models[name] != new.models[name]:
                     was_running = self._supervisors[name].state not in ("stopped", "failed")
                     await self._remove(name)
@@ -268,3 +275,8 @@ class ModelManager:
         supervisor = await self.ensure_loaded(name)
         async with supervisor.serving():
             yield supervisor
+
+
+def _same_server(old: ModelConfig, new: ModelConfig) -> bool:
+    """Whether two settings start the same llama-server (tools are llamad's business)."""
+    return attrs.evolve(old, tools=new.tools, max_tool_rounds=new.max_tool_rounds) == new

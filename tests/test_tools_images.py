@@ -270,6 +270,7 @@ def test_image_reaches_a_vision_model_and_is_stored_once(
         make_llamad, tmp_path, [{"text": "a blue square"}] * 3, model_extra="", vision=True
     )
     assert daemon.status("scripted").vision is True
+    assert "[vision]" in daemon.ctl("models").stdout
     picture = png()
     image_file = tmp_path / "cat.png"
     image_file.write_bytes(picture)
@@ -368,3 +369,18 @@ def test_tui_attaches_an_image_asks_before_a_tool_and_shows_the_call(
     screen.wait_for('arguments: {"expression": "2**64"}')
     first = requests_sent(record)[0]
     assert first["messages"][-1]["content"][1]["type"] == "image_url"
+
+
+def test_reload_changes_tools_without_restarting_the_server(
+    make_llamad: MakeLlamad, tmp_path: Path
+) -> None:
+    daemon, record = scripted_daemon(make_llamad, tmp_path, [], model_extra="")
+    pid = daemon.status("scripted").pid
+    text = daemon.config_path.read_text()
+    daemon.config_path.write_text(
+        text.replace('args = ', 'tools = ["calculator"]\nargs = ', 1)
+    )
+    reloaded = daemon.ctl("reload")
+    assert "updated scripted's tools" in reloaded.stdout, reloaded.stdout + reloaded.stderr
+    status = daemon.status("scripted")
+    assert (status.pid, status.tools) == (pid, ["calculator"])
