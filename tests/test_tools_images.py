@@ -374,7 +374,7 @@ def test_tui_attaches_an_image_asks_before_a_tool_and_shows_the_call(
 def test_reload_changes_tools_without_restarting_the_server(
     make_llamad: MakeLlamad, tmp_path: Path
 ) -> None:
-    daemon, record = scripted_daemon(make_llamad, tmp_path, [], model_extra="")
+    daemon, _ = scripted_daemon(make_llamad, tmp_path, [], model_extra="")
     pid = daemon.status("scripted").pid
     text = daemon.config_path.read_text()
     daemon.config_path.write_text(
