@@ -5,27 +5,29 @@ command itself and times spawn -> /health 200 (polling every 1 ms); (b) llamad
 switches A -> B (`Load` over the control socket, llamad measures it) and the
 bench times the request end to end. The result is the difference of medians.
 
-    .venv/bin/python bench/switch.py [--rounds 15] [--json out.json]
+    .venv/bin/python -m bench.switch [--rounds 15] [--json out.json]
+    (or as one of all the benchmarks: scripts/bench --only switch)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from llamactl.client import Client
-from llamad.demo_model import write_demo_model
-from llamad.llama_server import find_server_binary
+from bench.common import (
+    Figure,
+    Goal,
+    model_table,
+    running_daemon,
+    server_binary,
+    shared_demo_models,
+)
 from llamad.protocol import Load, Loaded
 
 
@@ -45,11 +47,14 @@ def direct_load(binary: Path, model: Path, sock: Path) -> float:
         "--threads",
         "1",
     ]
+    # The client is made before the clock starts: building httpx's default SSL
+    # context alone takes ~20 ms, which is no part of llama-server's load.
+    transport = httpx.HTTPTransport(uds=str(sock))
+    client = httpx.Client(transport=transport, base_url="http://x", timeout=5)
     began = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    transport = httpx.HTTPTransport(uds=str(sock))
     try:
-        with httpx.Client(transport=transport, base_url="http://x", timeout=5) as client:
+        with client:
             while True:
                 try:
                     if client.get("/health").status_code == 200:
@@ -62,57 +67,57 @@ def direct_load(binary: Path, model: Path, sock: Path) -> float:
         process.wait()
 
 
+def measure(rounds: int) -> dict[str, list[float]]:
+    """Interleaved rounds of (a) llama-server alone and (b) a llamad switch; seconds."""
+    models = shared_demo_models()
+    binary = server_binary()
+    samples: dict[str, list[float]] = {"direct": [], "end_to_end": [], "daemon": [], "server": []}
+    tables = "".join(model_table(name, path) for name, path in models.items())
+    with running_daemon(tables) as daemon, daemon.client(timeout=60) as client:
+        client.call(lambda i: Load(id=i, model="demo"))
+        for round_no in range(rounds):
+            target = "demo-b" if round_no % 2 == 0 else "demo"
+            samples["direct"].append(
+                direct_load(binary, models[target], daemon.work / "direct.sock")
+            )
+            began = time.perf_counter()
+            reply = client.call(lambda i, t=target: Load(id=i, model=t))  # type: ignore[misc]
+            samples["end_to_end"].append(time.perf_counter() - began)
+            assert isinstance(reply, Loaded)
+            samples["daemon"].append(reply.seconds)
+            samples["server"].append(reply.ready_seconds)
+    return samples
+
+
+def figures(rounds: int = 15) -> list[Figure]:
+    samples = measure(rounds)
+    ms = {key: [v * 1000 for v in values] for key, values in samples.items()}
+    overhead = [e - d for e, d in zip(ms["end_to_end"], ms["direct"], strict=True)]
+    return [
+        Figure(
+            "switch overhead (load B end to end - alone)",
+            "ms",
+            overhead,
+            baseline=ms["direct"],
+            baseline_name="llama-server alone, spawn->200",
+            ratio=statistics.median(ms["end_to_end"]) / statistics.median(ms["direct"]),
+            goal=Goal("value", "<=", 30.0),
+            note=f"demo <-> demo-b, per-round difference; end to end "
+            f"{statistics.median(ms['end_to_end']):.1f} ms, llamad's own timing "
+            f"{statistics.median(ms['daemon']):.1f} ms, llama-server under llamad "
+            f"{statistics.median(ms['server']):.1f} ms",
+        )
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-
-    work = Path(tempfile.mkdtemp(prefix="llamad-bench-", dir="/tmp"))
-    models = {v: write_demo_model(work / f"{v}.gguf", v) for v in ("demo", "demo-b")}
-    binary = find_server_binary(None).path
-    config = work / "models.toml"
-    config.write_text(
-        f'[daemon]\nruntime_dir = "{work}"\nllama_server = "{binary}"\n'
-        + "".join(
-            f'[models.{n}]\npath = "{p}"\nctx_size = 512\nargs = ["--threads", "1"]\n'
-            for n, p in models.items()
-        )
-    )
-    control = work / "control.sock"
-    env = {**os.environ, "LLAMAD_SOCKET": str(control)}
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "llamad", "--config", str(config)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        while True:
-            try:
-                with socket.socket(socket.AF_UNIX) as probe:
-                    probe.connect(str(control))
-                break
-            except OSError:
-                time.sleep(0.02)
-        direct: list[float] = []
-        via_end_to_end: list[float] = []
-        via_daemon: list[float] = []
-        via_server: list[float] = []
-        with Client(control, timeout=60) as client:
-            client.call(lambda i: Load(id=i, model="demo"))
-            for round_no in range(args.rounds):
-                target = "demo-b" if round_no % 2 == 0 else "demo"
-                direct.append(direct_load(binary, models[target], work / "direct.sock"))
-                began = time.perf_counter()
-                reply = client.call(lambda i, t=target: Load(id=i, model=t))
-                via_end_to_end.append(time.perf_counter() - began)
-                assert isinstance(reply, Loaded)
-                via_daemon.append(reply.seconds)
-                via_server.append(reply.ready_seconds)
-    finally:
-        daemon.terminate()
-        daemon.wait()
+    samples = measure(args.rounds)
+    direct, via_end_to_end = samples["direct"], samples["end_to_end"]
+    via_daemon, via_server = samples["daemon"], samples["server"]
 
     def ms(values: list[float]) -> str:
         q = statistics.quantiles(values, n=4)
@@ -130,17 +135,7 @@ def main() -> None:
         f"  overhead = end-to-end - alone (medians):        {overhead * 1000:7.1f} ms (goal <= 30)"
     )
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "direct": direct,
-                    "end_to_end": via_end_to_end,
-                    "daemon": via_daemon,
-                    "server": via_server,
-                    "overhead": overhead,
-                }
-            )
-        )
+        args.json.write_text(json.dumps({**samples, "overhead": overhead}))
 
 
 if __name__ == "__main__":

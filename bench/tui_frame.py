@@ -5,7 +5,8 @@ into terminal escape codes, at 120x40. Three cases, interleaved rounds:
 a static frame, a frame after one streamed delta (the open block re-renders),
 and a frame scrolled to the middle. Goal: ≤ 10 ms per frame.
 
-    .venv/bin/python bench/tui_frame.py [--rounds 200]
+    .venv/bin/python -m bench.tui_frame [--rounds 200]
+    (or as one of all the benchmarks: scripts/bench --only tui)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 
 import blessed
 
+from bench.common import Figure, Goal
 from llama_tui.app import App, Options
 from llama_tui.view import View
 from llamad.protocol import Conversation, Message, ModelStatus, TextPart
@@ -54,15 +56,13 @@ def build(messages: int) -> View:
     return view
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=200)
-    args = parser.parse_args()
+def measure(rounds: int, messages: int = 1000) -> dict[str, list[float]]:
+    """Seconds per frame: static, after a streamed delta, scrolled; interleaved rounds."""
     term = blessed.Terminal(force_styling=True)
     app = App(term, Options())
-    view = build(1000)
+    view = build(messages)
     app.view = view
-    width, height = 120, 40
+    width, height = WIDTH, HEIGHT
 
     def frame() -> float:
         began = time.perf_counter()
@@ -72,10 +72,12 @@ def main() -> None:
 
     first = frame()  # renders every message once (then cached per message)
     view.add_user(
-        "c", Message(conversation="c", seq=1001, role="user", parts=[TextPart(text="go")])
+        "c", Message(conversation="c", seq=messages + 1, role="user", parts=[TextPart(text="go")])
     )
-    static, streaming, scrolled = [], [], []
-    for n in range(args.rounds):
+    static: list[float] = []
+    streaming: list[float] = []
+    scrolled: list[float] = []
+    for n in range(rounds):
         view.scroll = 0
         static.append(frame())
         view.add_delta("c", f"word{n} ")
@@ -83,16 +85,50 @@ def main() -> None:
         view.scroll = 2500
         scrolled.append(frame())
     view.scroll = 0
+    return {"first": [first], "static": static, "streaming": streaming, "scrolled": scrolled}
+
+
+WIDTH, HEIGHT = 120, 40
+
+
+def figures(rounds: int = 200) -> list[Figure]:
+    samples = {key: [v * 1000 for v in values] for key, values in measure(rounds).items()}
+    return [
+        Figure(
+            "TUI frame after a streamed delta",
+            "ms",
+            samples["streaming"],
+            baseline=samples["static"],
+            baseline_name="static frame",
+            goal=Goal("value", "<=", 10.0),
+            note=f"1,000 messages, {WIDTH}x{HEIGHT}; first frame {samples['first'][0]:.0f} ms",
+        ),
+        Figure(
+            "TUI frame scrolled to the middle",
+            "ms",
+            samples["scrolled"],
+            baseline=samples["static"],
+            baseline_name="static frame",
+            goal=Goal("value", "<=", 10.0),
+        ),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=200)
+    args = parser.parse_args()
+    samples = measure(args.rounds)
 
     def ms(values: list[float]) -> str:
         q = statistics.quantiles(values, n=20)
         return f"median {statistics.median(values) * 1000:6.2f} ms, p95 {q[18] * 1000:6.2f} ms"
 
-    print(f"llama-tui frame, 1,000 messages, {width}x{height}, {args.rounds} rounds")
-    print(f"  first frame (renders all messages once): {first * 1000:7.1f} ms")
-    print(f"  static frame:                            {ms(static)}")
-    print(f"  frame after a streamed delta:            {ms(streaming)}  (goal <= 10 ms)")
-    print(f"  frame scrolled to the middle:            {ms(scrolled)}")
+    print(f"llama-tui frame, 1,000 messages, {WIDTH}x{HEIGHT}, {args.rounds} rounds")
+    print(f"  first frame (renders all messages once): {samples['first'][0] * 1000:7.1f} ms")
+    print(f"  static frame:                            {ms(samples['static'])}")
+    print(f"  frame after a streamed delta:            {ms(samples['streaming'])}  (goal <= 10 ms)")
+    print(f"  frame scrolled to the middle:            {ms(samples['scrolled'])}")
 
 
 if __name__ == "__main__":

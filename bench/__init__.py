@@ -1,0 +1,1 @@
+"""llamad benchmarks: `scripts/bench` runs them all (see bench/run.py)."""

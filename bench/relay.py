@@ -1,0 +1,346 @@
+"""Relay benchmarks: what llamad costs a stream of tokens.
+
+Overhead (``overhead``): a long generation from the demo model on the real
+llama-server (same prompt, seed, temperature, ``max_tokens``, ``ignore_eos``),
+read three ways per round, in rotating order: (a) straight from the
+llama-server process llamad supervises (its Unix socket, from ``status``),
+(b) through llamad's control socket, (c) through llamad's WebSocket (msgpack,
+connection opened before the clock starts). Reported: streaming tokens/s (first
+token to last) via / direct, and the time to first token added by llamad.
+
+Capacity (``capacity``): llamad runs ``bench/fast_upstream.py`` instead of
+llama-server, which streams as fast as it can; tokens/s relayed for one stream
+and in total for 50 concurrent streams (``parallel = 50``), llamad's CPU time
+per 1,000 tokens, and the same client reading the fast upstream directly as
+the baseline.
+
+    .venv/bin/python -m bench --only relay_overhead,relay_capacity
+"""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import time
+from pathlib import Path
+
+import psutil
+import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+from bench.common import (
+    ROOT,
+    Daemon,
+    Figure,
+    Goal,
+    interleave,
+    model_table,
+    running_daemon,
+    shared_demo_models,
+)
+from bench.streams import (
+    FrameParser,
+    Stream,
+    chat_request,
+    direct_stream,
+    llamad_stream,
+    read_streams,
+)
+from llamad.protocol import (
+    ChatDelta,
+    ChatDone,
+    ChatStarted,
+    Error,
+    Load,
+    decode_server_message,
+    encode,
+)
+
+FAST_UPSTREAM = ROOT / "bench" / "fast_upstream.py"
+SEED = 42
+
+
+def _ws_stream(address: str, token: str, max_tokens: int) -> Stream:
+    """One chat over the WebSocket (msgpack); the clock starts at send, not at connect."""
+    parser = FrameParser()
+    result = Stream(open=_no_socket, request=b"", parser=parser)
+
+    async def run() -> None:
+        async with open_websocket_url(f"ws://{address}/?token={token}") as ws:
+            request = encode(chat_request(max_tokens, seed=SEED))
+            result.sent = time.perf_counter()
+            await ws.send_message(request)
+            while True:
+                try:
+                    raw = await ws.get_message()
+                except ConnectionClosed:  # llamad cut the client off: reply stays None
+                    return
+                now = time.perf_counter()
+                assert isinstance(raw, bytes)
+                message = decode_server_message(raw)
+                if isinstance(message, ChatStarted):
+                    parser.started = now
+                elif isinstance(message, ChatDelta):
+                    if not result.tokens:
+                        result.first = now
+                    result.tokens += 1
+                    result.last = now
+                elif isinstance(message, ChatDone):
+                    result.done = True
+                    parser.reply = message
+                    stats = message.message.stats
+                    if stats is not None and stats.completion_tokens:  # merged deltas
+                        result.tokens = max(result.tokens, stats.completion_tokens)
+                    return
+                elif isinstance(message, Error):
+                    raise RuntimeError(message.message)  # noqa: TRY004 - a refusal, not a type
+
+    trio.run(run)
+    return result
+
+
+def _no_socket() -> socket.socket:
+    raise NotImplementedError("the WebSocket stream is driven by trio")
+
+
+def _endpoint(daemon: Daemon, model: str) -> Path:
+    status = daemon.wait_ready(model)
+    return Path(status.endpoint)
+
+
+def overhead(rounds: int = 7, max_tokens: int = 2000) -> list[Figure]:
+    table = model_table("demo", shared_demo_models()["demo"], ctx_size=4096)
+    with running_daemon(table, default_model="demo") as daemon:
+        endpoint = _endpoint(daemon, "demo")
+        status = daemon.status()
+        assert status.websocket is not None
+        address, token = status.websocket, daemon.token()
+        runs: dict[str, list[Stream]] = {"direct": [], "unix": [], "websocket": []}
+
+        def direct() -> None:
+            stream = direct_stream(endpoint, max_tokens, seed=SEED)
+            read_streams([stream])
+            runs["direct"].append(stream)
+
+        def unix() -> None:
+            stream = llamad_stream(daemon.socket_path, max_tokens, seed=SEED)
+            read_streams([stream])
+            runs["unix"].append(stream)
+
+        def websocket() -> None:
+            runs["websocket"].append(_ws_stream(address, token, max_tokens))
+
+        interleave(1, direct, unix, websocket)  # warm-up: caches, first-use measurements
+        runs = {key: [] for key in runs}
+        interleave(rounds, direct, unix, websocket)
+
+    counts = {key: {s.tokens for s in streams} for key, streams in runs.items()}
+    note = f"{max_tokens} tokens/stream, demo model; tokens seen {counts}"
+    direct_rate = [s.rate for s in runs["direct"]]
+    direct_ttft = [s.ttft * 1000 for s in runs["direct"]]
+    figures = []
+    for key, label in (("unix", "Unix socket"), ("websocket", "WebSocket")):
+        rate = [s.rate for s in runs[key]]
+        cut = [
+            s.tokens
+            for s in runs[key]
+            if isinstance(s.parser, FrameParser) and s.parser.reply is None
+        ]
+        ratios = [v / d for v, d in zip(rate, direct_rate, strict=True)]
+        figures.append(
+            Figure(
+                f"relay tokens/s via {label}",
+                "tok/s",
+                rate,
+                baseline=direct_rate,
+                baseline_name="llama-server direct",
+                ratio=statistics.median(ratios),
+                goal=Goal("ratio", ">=", 0.97),
+                note=note
+                + "; ratio = median of per-round ratios"
+                + (f"; CUT OFF after {cut} tokens (SubscriberTooSlow)" if cut else ""),
+                failed=bool(cut),
+            )
+        )
+        ttft = [s.ttft * 1000 for s in runs[key]]
+        added = [v - d for v, d in zip(ttft, direct_ttft, strict=True)]
+        stored = [
+            (s.parser.started - s.sent) * 1000
+            for s in runs[key]
+            if isinstance(s.parser, FrameParser) and s.parser.started
+        ]
+        figures.append(
+            Figure(
+                f"relay added first-token time via {label}",
+                "ms",
+                added,
+                baseline=direct_ttft,
+                baseline_name="direct TTFT",
+                ratio=statistics.median(ttft) / statistics.median(direct_ttft),
+                goal=Goal("value", "<=", 5.0),
+                note="per round: via TTFT - direct TTFT; ratio = via/direct TTFT medians; "
+                f"request -> chat_started (user message committed) median "
+                f"{statistics.median(stored):.1f} ms, "
+                f"via TTFT median {statistics.median(ttft):.1f} ms",
+            )
+        )
+    return figures
+
+
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def capacity(
+    rounds: int = 3,
+    single_tokens: int = 50_000,
+    streams: int = 50,
+    per_stream: int = 2_000,
+    paced_rate: float = 10_000,
+) -> list[Figure]:
+    demo = shared_demo_models()["demo"]
+    table = model_table("fast", demo, ctx_size=100_000, parallel=streams) + model_table(
+        "paced", demo, ctx_size=100_000, args=["--fast-rate", str(paced_rate)]
+    )
+    paced_tokens = int(paced_rate)  # one second per stream
+    with running_daemon(table, binary=FAST_UPSTREAM, default_model="fast") as daemon:
+        endpoint = _endpoint(daemon, "fast")
+        llamad = daemon.psutil
+        upstream = psutil.Process(daemon.model("fast").pid or 0)
+        me = psutil.Process()
+        results: dict[str, list[float]] = {
+            "direct1": [],
+            "via1": [],
+            "directN": [],
+            "viaN": [],
+            "cpu1": [],
+            "cpuN": [],
+            "client_cpu1": [],
+            "upstream_cpu1": [],
+        }
+
+        cutoffs: dict[str, list[int]] = {}
+
+        def run(name: str, make: list[Stream]) -> None:
+            before = _cpu(llamad), _cpu(me), _cpu(upstream)
+            wall = read_streams(make)
+            after = _cpu(llamad), _cpu(me), _cpu(upstream)
+            tokens = sum(s.tokens for s in make)
+            expected = single_tokens if len(make) == 1 else per_stream * len(make)
+            if tokens < expected:
+                # llamad closed the connection early (see the figure's note).
+                cutoffs.setdefault(name, []).extend(
+                    s.tokens for s in make if s.tokens < expected // len(make)
+                )
+            results[name].append(tokens / wall)
+            # CPU seconds per token * 1e6 = CPU ms per 1,000 tokens. Per token
+            # llamad received from upstream (it reads them all even when it cut
+            # its client off), so the figure stays the cost of relaying one.
+            if name.startswith("via"):
+                results["cpu1" if name == "via1" else "cpuN"].append(
+                    (after[0] - before[0]) / expected * 1e6
+                )
+            if name == "via1":
+                results["client_cpu1"].append((after[1] - before[1]) / max(tokens, 1) * 1e6)
+            if name == "direct1":
+                results["upstream_cpu1"].append((after[2] - before[2]) / tokens * 1e6)
+
+        control = daemon.socket_path
+
+        def direct1() -> None:
+            run("direct1", [direct_stream(endpoint, single_tokens)])
+
+        def via1() -> None:
+            run("via1", [llamad_stream(control, single_tokens)])
+
+        def direct_n() -> None:
+            run("directN", [direct_stream(endpoint, per_stream) for _ in range(streams)])
+
+        def via_n() -> None:
+            run("viaN", [llamad_stream(control, per_stream) for _ in range(streams)])
+
+        steps = (direct1, via1, direct_n, via_n)
+        # Warm-up (first-use /props and template measurements, thread pools), then rounds.
+        for step in steps:
+            step()
+        for values in results.values():
+            values.clear()
+        cutoffs.clear()
+        interleave(rounds, *steps)
+
+        # Below the breaking point: one stream paced at paced_rate tokens/s, so
+        # llamad keeps up and its CPU time per token is the whole relay cost.
+        with daemon.client() as client:
+            client.call(lambda i: Load(id=i, model="paced"))
+        llamad_paced: list[float] = []
+        paced_seen: list[float] = []
+        for n in range(rounds + 1):
+            stream = llamad_stream(control, paced_tokens)
+            before_cpu = _cpu(llamad)
+            read_streams([stream])
+            if n:  # the first is a warm-up (the new model's /props, template)
+                llamad_paced.append((_cpu(llamad) - before_cpu) / paced_tokens * 1e6)
+                paced_seen.append(stream.tokens)
+
+    def cut(name: str, wanted: int) -> str:
+        got = cutoffs.get(name)
+        if not got:
+            return ""
+        return (
+            f"; CUT OFF: {len(got)} streams ended after {min(got)}-{max(got)} of {wanted} "
+            "tokens (llamad closed the connection: SubscriberTooSlow)"
+        )
+
+    ms_per_1k = "ms CPU/1k tok"
+    return [
+        Figure(
+            "relay capacity, 1 stream",
+            "tok/s",
+            results["via1"],
+            baseline=results["direct1"],
+            baseline_name="fast upstream direct",
+            goal=Goal("value", ">=", 20_000),
+            note=f"{single_tokens} tokens; the client's own CPU "
+            f"{statistics.median(results['client_cpu1']):.2f} ms/1k tok"
+            + cut("via1", single_tokens),
+            failed=bool(cutoffs.get("via1")),
+        ),
+        Figure(
+            f"relay capacity, {streams} streams total",
+            "tok/s",
+            results["viaN"],
+            baseline=results["directN"],
+            baseline_name="fast upstream direct",
+            note=f"{streams} x {per_stream} tokens, Unix socket clients, parallel = {streams}"
+            + cut("viaN", per_stream),
+            failed=bool(cutoffs.get("viaN")),
+        ),
+        Figure(
+            "llamad CPU per 1k tokens, 1 stream",
+            ms_per_1k,
+            results["cpu1"],
+            baseline=results["upstream_cpu1"],
+            baseline_name="fast upstream's own CPU",
+            note="llamad user+system time / tokens read from upstream (a cut-off client "
+            "costs no sends: then this is below the real relay cost)",
+        ),
+        Figure(
+            f"llamad CPU per 1k tokens, {streams} streams",
+            ms_per_1k,
+            results["cpuN"],
+        ),
+        Figure(
+            f"llamad CPU per 1k tokens, 1 stream paced {paced_rate:,.0f}/s",
+            ms_per_1k,
+            llamad_paced,
+            note=f"tokens delivered {sorted(set(paced_seen))} of {paced_tokens}",
+            failed=any(seen < paced_tokens for seen in paced_seen),
+        ),
+        Figure(
+            "relay ceiling from paced CPU cost (1 core)",
+            "tok/s",
+            [1e6 / v for v in llamad_paced if v > 0],
+            note="1000 / (llamad CPU ms per 1k tokens, paced): what one core allows",
+        ),
+    ]

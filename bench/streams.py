@@ -1,0 +1,213 @@
+"""Cheap streaming clients for the relay benchmarks, all in one thread.
+
+``read_streams`` drives any number of connections with one ``selectors`` loop
+and timestamps, per stream, the request, the first token and the last one.
+Two parsers count tokens as they arrive:
+
+- ``SSEParser``: llama-server's ``/v1/chat/completions`` stream read straight
+  off the socket; a token is an event with ``"delta":{"content":"…"}`` (found by
+  a byte search, cheaper than the JSON parsing llamad must do);
+- ``FrameParser``: llamad's control protocol; a token is a ``chat_delta`` (or,
+  at ``chat_done``, the reply's ``completion_tokens`` when deltas were merged).
+
+Both run in C for the heavy parts, so the measuring client is not what limits
+the figure (see ``cpu_seconds`` in the results, the client's own CPU time).
+"""
+
+from __future__ import annotations
+
+import json
+import selectors
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from llamad.protocol import (
+    Chat,
+    ChatDelta,
+    ChatDone,
+    ChatOptions,
+    ChatStarted,
+    Error,
+    FrameDecoder,
+    decode_server_message,
+    encode,
+    frame,
+)
+
+_TOKEN = b'"delta":{"content":"'
+_DONE = b"data: [DONE]"
+
+
+class Parser(Protocol):
+    def feed(self, data: bytes) -> tuple[int, bool]:
+        """Bytes in; (tokens completed in them, whether the stream ended)."""
+
+
+class SSEParser:
+    def __init__(self) -> None:
+        self._tail = b""
+
+    def feed(self, data: bytes) -> tuple[int, bool]:
+        data = self._tail + data
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self._tail = data
+            return 0, False
+        complete, self._tail = data[: end + 2], data[end + 2 :]
+        return complete.count(_TOKEN), _DONE in complete
+
+
+class FrameParser:
+    def __init__(self) -> None:
+        self._decoder = FrameDecoder()
+        self.reply: ChatDone | None = None
+        self.started = 0.0  # when chat_started came: the user message is on disk
+        self.deltas = 0
+
+    def feed(self, data: bytes) -> tuple[int, bool]:
+        tokens = 0
+        done = False
+        for payload in self._decoder.feed(data):
+            message = decode_server_message(payload)
+            if isinstance(message, ChatDelta):
+                tokens += 1
+                self.deltas += 1
+            elif isinstance(message, ChatStarted):
+                self.started = time.perf_counter()
+            elif isinstance(message, ChatDone):
+                self.reply = message
+                done = True
+                # A delta may carry several tokens (if llamad merges them): the
+                # stored reply's count is the truth.
+                stats = message.message.stats
+                if stats is not None and stats.completion_tokens:
+                    tokens += max(0, stats.completion_tokens - self.deltas)
+            elif isinstance(message, Error):
+                raise RuntimeError(f"llamad refused the chat: {message.message}")  # noqa: TRY004
+        return tokens, done
+
+
+@dataclass
+class Stream:
+    """One request: how to open it, and when its tokens came."""
+
+    open: Callable[[], socket.socket]
+    request: bytes
+    parser: Parser
+    sent: float = 0.0
+    first: float = 0.0  # first token
+    last: float = 0.0  # last token
+    tokens: int = 0
+    done: bool = False
+    sock: socket.socket | None = field(default=None, repr=False)
+
+    @property
+    def ttft(self) -> float:
+        return self.first - self.sent
+
+    @property
+    def rate(self) -> float:
+        """Tokens/s while streaming: first token to last."""
+        span = self.last - self.first
+        return (self.tokens - 1) / span if span > 0 else float("nan")
+
+
+def read_streams(streams: Sequence[Stream], timeout: float = 120.0) -> float:
+    """Open every stream, send its request, read all to the end; returns the wall time."""
+    selector = selectors.DefaultSelector()
+    began = time.perf_counter()
+    for stream in streams:
+        stream.sent = time.perf_counter()
+        sock = stream.open()
+        sock.sendall(stream.request)
+        sock.setblocking(False)
+        stream.sock = sock
+        selector.register(sock, selectors.EVENT_READ, stream)
+    remaining = len(streams)
+    deadline = began + timeout
+    try:
+        while remaining:
+            events = selector.select(timeout=max(0.0, deadline - time.perf_counter()))
+            if not events:
+                raise TimeoutError(f"{remaining} streams did not finish within {timeout} s")
+            for key, _ in events:
+                stream = key.data
+                data = stream.sock.recv(262144)
+                now = time.perf_counter()
+                if data:
+                    tokens, done = stream.parser.feed(data)
+                else:
+                    tokens, done = 0, True  # closed by the server
+                if tokens:
+                    if not stream.tokens:
+                        stream.first = now
+                    stream.tokens += tokens
+                    stream.last = now
+                if done:
+                    stream.done = True
+                    remaining -= 1
+                    selector.unregister(stream.sock)
+                    stream.sock.close()
+    finally:
+        for stream in streams:
+            if stream.sock is not None and not stream.done:
+                stream.sock.close()
+        selector.close()
+    return time.perf_counter() - began
+
+
+def unix_opener(path: Path) -> Callable[[], socket.socket]:
+    def open_() -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(path))
+        return sock
+
+    return open_
+
+
+def completion_payload(max_tokens: int, *, seed: int = 42, prompt: str = "hi") -> dict[str, Any]:
+    """What llamad sends upstream for a new conversation with these options."""
+    return {
+        "messages": [{"role": "user", "content": prompt}],
+        "stream": True,
+        "temperature": 0.8,
+        "max_tokens": max_tokens,
+        "seed": seed,
+        "ignore_eos": True,
+    }
+
+
+def http_post(path: str, payload: dict[str, Any]) -> bytes:
+    body = json.dumps(payload).encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: llama-server\r\nContent-Type: application/json\r\n"
+        f"Accept: */*\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+
+
+def direct_stream(endpoint: Path, max_tokens: int, *, seed: int = 42) -> Stream:
+    """A chat completion read straight from llama-server (or the fast upstream)."""
+    return Stream(
+        unix_opener(endpoint),
+        http_post("/v1/chat/completions", completion_payload(max_tokens, seed=seed)),
+        SSEParser(),
+    )
+
+
+def chat_request(max_tokens: int, *, seed: int = 42, request_id: int = 1) -> Chat:
+    return Chat(
+        id=request_id,
+        content="hi",
+        options=ChatOptions(temperature=0.8, max_tokens=max_tokens, seed=seed, ignore_eos=True),
+    )
+
+
+def llamad_stream(control: Path, max_tokens: int, *, seed: int = 42) -> Stream:
+    """The same chat (a new conversation each time) through llamad's control socket."""
+    return Stream(
+        unix_opener(control), frame(encode(chat_request(max_tokens, seed=seed))), FrameParser()
+    )
