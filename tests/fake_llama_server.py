@@ -9,6 +9,8 @@ and answers ``/health`` with 200. Extra flags choose the fault:
   --fake-children N       fork N children that sleep in the same process group
   --fake-never-ready      answer /health with 503 forever
   --fake-ready-after S    answer /health with 503 for S seconds (a slow model load)
+  --fake-start-log PATH   append one line (the pid) to PATH at every start
+  --fake-crash-if PATH    like --fake-crash, but only while PATH exists
 """
 
 from __future__ import annotations
@@ -59,9 +61,14 @@ def main() -> None:
     parser.add_argument("--fake-children", type=int, default=0)
     parser.add_argument("--fake-never-ready", action="store_true")
     parser.add_argument("--fake-ready-after", type=float, default=0.0)
+    parser.add_argument("--fake-start-log")
+    parser.add_argument("--fake-crash-if")
     args, _unknown = parser.parse_known_args()
     print(f"fake llama-server pid {os.getpid()} starting", flush=True)
-    if args.fake_crash:
+    if args.fake_start_log:
+        with open(args.fake_start_log, "a") as starts:
+            starts.write(f"{os.getpid()}\n")
+    if args.fake_crash or (args.fake_crash_if and os.path.exists(args.fake_crash_if)):
         print("fake llama-server: crashing on purpose", flush=True)
         sys.exit(1)
     if args.fake_ignore_sigterm:
