@@ -39,7 +39,7 @@ import trio
 from llamad.concurrency import beside, in_thread
 from llamad.errors import ImageError, LlamadError
 from llamad.events import ChatEvent, EventHub, StateEvent
-from llamad.history import HistoryError, HistoryStore, HistoryWriteError
+from llamad.history import HistoryStore, HistoryWriteError
 from llamad.images import MAX_IMAGES_PER_MESSAGE, data_uri, inspect_image
 from llamad.manager import ModelManager
 from llamad.protocol import (
@@ -78,6 +78,7 @@ from llamad.upstream import (
 log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL_SEC = 0.5
+YIELD_EVERY_CHUNKS = 32
 # A tool marked confirm = true waits this long for a client to answer, then
 # counts as denied: a reply must not hang forever on a closed terminal.
 APPROVAL_TIMEOUT_SEC = 300.0
@@ -227,41 +228,18 @@ class ChatEngine:
                 or (existing.model if existing else None)
                 or self.manager.config.daemon.default_model
             )
-        if existing is None:
-            conversation = await in_thread(
-                self.store.create_conversation,
+        # One transaction: one fsync before the acknowledgement, and a full
+        # disk leaves neither an empty conversation nor an unanswered message.
+        conversation, user, reply = await in_thread(
+            functools.partial(
+                self.store.start_exchange,
+                existing.id if existing is not None else None,
+                parts=parts,
+                images=images,
                 model=request.model,
                 system_prompt=request.options.system,
             )
-        else:
-            conversation = existing
-        try:
-            user = await in_thread(
-                functools.partial(
-                    self.store.append_message,
-                    conversation.id,
-                    role="user",
-                    parts=parts,
-                    images=images,
-                )
-            )
-            reply = await in_thread(
-                self.store.append_message,
-                conversation.id,
-                role="assistant",
-                parts=[],
-                status="incomplete",
-                model=request.model,
-            )
-        except HistoryWriteError:
-            # The disk is full: don't leave the conversation we just created
-            # behind, empty, in everyone's list (found by the fault drill in
-            # tests/faults/test_storage.py). Best effort: a delete frees pages.
-            if existing is None:
-                with contextlib.suppress(HistoryError):
-                    await in_thread(self.store.delete, conversation.id)
-            raise
-        conversation = await in_thread(self.store.get_conversation, conversation.id)
+        )
         return Prepared(conversation, user, reply, request)
 
     def launch(self, prepared: Prepared) -> None:
@@ -510,6 +488,7 @@ class ChatEngine:
             timings: dict[str, Any] = {}
             usage: dict[str, Any] = {}
             completion_tokens = 0
+            chunks = 0
             for round_number in range(1, model.model.max_tool_rounds + 2):
                 # The round after the last allowed one must answer in words.
                 last_round = round_number > model.model.max_tool_rounds
@@ -527,6 +506,11 @@ class ChatEngine:
                             ChatDelta(id=0, conversation=conversation, seq=seq, text=chunk.text),
                         )
                     assembler.feed(chunk.tool_calls)
+                    chunks += 1
+                    if chunks % YIELD_EVERY_CHUNKS == 0:
+                        # httpx hands over every chunk already read without
+                        # yielding; let the connections forward what is queued.
+                        await trio.lowlevel.checkpoint()
                     finish_reason = chunk.finish_reason or finish_reason
                     timings = chunk.timings or timings
                     usage = chunk.usage or usage

@@ -69,6 +69,7 @@ from llamad.protocol import (
     Subscribe,
     Unload,
     Watch,
+    one_line,
 )
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,20 @@ async def contain_client(
             log.exception("%s failed", what)
 
 
+_MAX_MESSAGE = 1000  # characters of an error reply's line
+
+
+def _message(exc: LlamadError) -> str:
+    """The error reply's text: one line (config errors: one per problem), bounded.
+
+    Messages quote what the client sent (``unknown model '...'``); a 5,000-character
+    model name came back whole (found by tests/test_fuzz_transports.py).
+    """
+    if isinstance(exc, ConfigError):
+        return "\n".join(one_line(problem, _MAX_MESSAGE) for problem in exc.problems)
+    return one_line(str(exc), _MAX_MESSAGE)
+
+
 def error_code(exc: LlamadError) -> ErrorCode:
     match exc:
         case UnknownModelError():
@@ -172,7 +187,7 @@ class Dispatcher:
         try:
             await self._handle(request, peer)
         except LlamadError as exc:
-            await peer.send(Error(id=request.id, code=error_code(exc), message=str(exc)))
+            await peer.send(Error(id=request.id, code=error_code(exc), message=_message(exc)))
         except (PeerGone, SubscriberTooSlow):
             raise
         except Exception:
@@ -285,11 +300,12 @@ class Dispatcher:
         conversation = prepared.conversation.id
         with self.manager.hub.subscribe(frozenset({"chat"}), key=conversation) as subscription:
             self.chat.launch(prepared)
-            async for event in subscription.receive:
-                message = _event_message(request.id, event)
-                await peer.send(message)
-                if isinstance(message, ChatDone) and message.message.seq == prepared.reply.seq:
-                    return
+            async for batch in subscription.batches():
+                for event in batch:
+                    message = _event_message(request.id, event)
+                    await peer.send(message)
+                    if isinstance(message, ChatDone) and message.message.seq == prepared.reply.seq:
+                        return
             if subscription.overflowed:
                 raise SubscriberTooSlow
 
@@ -307,8 +323,9 @@ class Dispatcher:
         )
 
     async def _forward(self, request_id: int, subscription: Subscription, peer: Peer) -> None:
-        async for event in subscription.receive:
-            await peer.send(_event_message(request_id, event))
+        async for batch in subscription.batches():
+            for event in batch:
+                await peer.send(_event_message(request_id, event))
         if subscription.overflowed:
             raise SubscriberTooSlow
 

@@ -292,6 +292,26 @@ def _to_message(conversation_id: str, seq: int, rec: _MessageRecord) -> Message:
     )
 
 
+def _new_record(
+    role: Role,
+    parts: list[Part],
+    *,
+    images: dict[str, bytes] | None,
+    status: MessageStatus,
+    model: str | None,
+    stats: MessageStats | None,
+    error: str,
+) -> _MessageRecord:
+    """A message record to store: images by reference, each one's bytes at hand."""
+    stored_parts = [_without_data(part) for part in parts]
+    for part in stored_parts:
+        if isinstance(part, ImagePart) and part.digest not in (images or {}):
+            raise ValueError(f"no bytes given for image {part.digest}")
+    return _MessageRecord(
+        role=role, parts=stored_parts, status=status, model=model, stats=stats, error=error
+    )
+
+
 def _without_data(part: Part) -> Part:
     """What a message record keeps of a part: images by reference only."""
     if isinstance(part, ImagePart) and part.data:
@@ -588,6 +608,14 @@ class HistoryStore:
         self, *, model: str | None, system_prompt: str | None, title: str = ""
     ) -> Conversation:
         """Start an empty conversation; its title comes from the first user message."""
+        conversation_id = self._write(
+            lambda txn: self._create(txn, model=model, system_prompt=system_prompt, title=title)
+        )
+        return self.get_conversation(conversation_id)
+
+    def _create(
+        self, txn: _Txn, *, model: str | None, system_prompt: str | None, title: str
+    ) -> str:
         conversation_id = generate_conversation_id()
         key = conversation_key(conversation_id)
         now = _now_ns()
@@ -598,13 +626,9 @@ class HistoryStore:
             created_ns=now,
             updated_ns=now,
         )
-
-        def change(txn: _Txn) -> None:
-            txn.put(key, _pack(rec), db=self._conversations)
-            txn.put(_U64.pack(now) + key, b"", db=self._by_updated)
-
-        self._write(change)
-        return _to_conversation(conversation_id, rec)
+        txn.put(key, _pack(rec), db=self._conversations)
+        txn.put(_U64.pack(now) + key, b"", db=self._by_updated)
+        return conversation_id
 
     def append_message(
         self,
@@ -623,36 +647,62 @@ class HistoryStore:
         ``images`` maps each ``ImagePart.digest`` in ``parts`` to its bytes;
         they are committed in the same transaction as the message.
         """
-        images = images or {}
-        stored_parts = [_without_data(part) for part in parts]
-        for part in stored_parts:
-            if isinstance(part, ImagePart) and part.digest not in images:
-                raise ValueError(f"no bytes given for image {part.digest}")
+        record = _new_record(
+            role, parts, images=images, status=status, model=model, stats=stats, error=error
+        )
+        return self._write(lambda txn: self._append(txn, conversation_id, record, images or {}))
 
-        def change(txn: _Txn) -> Message:
-            key, conv = self._get_record(txn, conversation_id)
-            now = _now_ns()
-            seq = conv.message_count + 1
-            for part in stored_parts:
-                if isinstance(part, ImagePart):
-                    self._reference_image(txn, part.digest, images[part.digest])
-            rec = _MessageRecord(
-                role=role,
-                parts=stored_parts,
-                status=status,
-                model=model,
-                created_ns=now,
-                stats=stats,
-                error=error,
-            )
-            txn.put(key + _U64.pack(seq), _pack(rec), db=self._messages)
-            conv.message_count = seq
-            if not conv.title and role == "user":
-                conv.title = title_from(_text_of(rec.parts))
-            self._touch(txn, key, conv, now)
-            return _to_message(conversation_id, seq, rec)
+    def start_exchange(
+        self,
+        conversation_id: str | None,
+        *,
+        parts: list[Part],
+        images: dict[str, bytes] | None = None,
+        model: str | None = None,
+        system_prompt: str | None = None,
+    ) -> tuple[Conversation, Message, Message]:
+        """A user message and its empty reply (``incomplete``) in one transaction.
+
+        With ``conversation_id`` None a new conversation is created in the same
+        transaction. One commit (one fsync) before a chat is acknowledged, and
+        a failure leaves nothing behind: no empty conversation, no unanswered
+        message.
+        """
+        images = images or {}
+        user_record = _new_record(
+            "user", parts, images=images, status="complete", model=None, stats=None, error=""
+        )
+        reply_record = _new_record(
+            "assistant", [], images={}, status="incomplete", model=model, stats=None, error=""
+        )
+
+        def change(txn: _Txn) -> tuple[Conversation, Message, Message]:
+            target = conversation_id
+            if target is None:
+                target = self._create(txn, model=model, system_prompt=system_prompt, title="")
+            user = self._append(txn, target, user_record, images)
+            reply = self._append(txn, target, reply_record, {})
+            _, conv = self._get_record(txn, target)
+            return _to_conversation(target, conv), user, reply
 
         return self._write(change)
+
+    def _append(
+        self, txn: _Txn, conversation_id: str, template: _MessageRecord, images: dict[str, bytes]
+    ) -> Message:
+        key, conv = self._get_record(txn, conversation_id)
+        now = _now_ns()
+        seq = conv.message_count + 1
+        for part in template.parts:
+            if isinstance(part, ImagePart):
+                self._reference_image(txn, part.digest, images[part.digest])
+        rec = msgspec.structs.replace(template, created_ns=now)
+        txn.put(key + _U64.pack(seq), _pack(rec), db=self._messages)
+        conv.message_count = seq
+        if not conv.title and rec.role == "user":
+            conv.title = title_from(_text_of(rec.parts))
+        self._touch(txn, key, conv, now)
+        return _to_message(conversation_id, seq, rec)
 
     def update_message(
         self,

@@ -67,10 +67,13 @@ def http_client(endpoint: Endpoint, timeout: float, *, keepalive: bool = True) -
     # llama-server may close a kept-alive connection after a streamed reply;
     # clients that stream pass keepalive=False rather than risk reusing one.
     limits = httpx.Limits(max_keepalive_connections=None if keepalive else 0)
+    # verify=False: llama-server is plain HTTP on this machine, and the default
+    # loads the CA bundle on every client (about 20 ms, blocking the event loop
+    # on every chat and every model start; found by bench/relay.py).
     transport = (
-        httpx.AsyncHTTPTransport(uds=str(endpoint.socket_path), limits=limits)
+        httpx.AsyncHTTPTransport(uds=str(endpoint.socket_path), limits=limits, verify=False)
         if endpoint.socket_path is not None
-        else httpx.AsyncHTTPTransport(limits=limits)
+        else httpx.AsyncHTTPTransport(limits=limits, verify=False)
     )
     return httpx.AsyncClient(transport=transport, base_url=endpoint.base_url, timeout=timeout)
 

@@ -657,3 +657,23 @@ def test_images_are_stored_once_by_digest_and_freed_with_the_last_message(
         assert store.image_count() == 0
         with pytest.raises(KeyError):
             store.get_image(digest)
+
+
+def test_an_exchange_starts_in_one_transaction(tmp_path: Path) -> None:
+    from llamad.protocol import ImagePart
+
+    with HistoryStore(tmp_path / "h") as store:
+        conversation, user, reply = store.start_exchange(
+            None, parts=[TextPart(text="hello")], model="demo", system_prompt="be brief"
+        )
+        assert (conversation.title, conversation.message_count) == ("hello", 2)
+        assert (conversation.model, conversation.system_prompt) == ("demo", "be brief")
+        assert (user.seq, reply.seq, reply.status, reply.model) == (1, 2, "incomplete", "demo")
+        again, user2, reply2 = store.start_exchange(
+            conversation.id, parts=[TextPart(text="more")]
+        )
+        assert (again.id, user2.seq, reply2.seq) == (conversation.id, 3, 4)
+        # An image without its bytes is refused before anything is written.
+        with pytest.raises(ValueError, match="no bytes given"):
+            store.start_exchange(None, parts=[ImagePart(digest="ab" * 32, mime="image/png")])
+        assert len(store.list_conversations(50, None)[0]) == 1
