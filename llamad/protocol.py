@@ -620,8 +620,8 @@ def _salvage_id(payload: bytes, json: bool) -> int | None:
 _MAX_ERROR_DETAIL = 300  # characters of msgspec's explanation kept in an error reply
 
 
-def _one_line(text: str) -> str:
-    """``text`` as one short printable line.
+def one_line(text: str, limit: int = _MAX_ERROR_DETAIL) -> str:
+    """``text`` as one printable line of at most ``limit`` characters.
 
     msgspec's messages quote the offending value (``Invalid enum value 'a<newline>b'``),
     which a client controls: without this an error reply could span lines or
@@ -629,8 +629,8 @@ def _one_line(text: str) -> str:
     """
     if not text.isprintable():
         text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
-    if len(text) > _MAX_ERROR_DETAIL:
-        text = text[: _MAX_ERROR_DETAIL - 1] + "…"
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
     return text
 
 
@@ -642,12 +642,12 @@ def decode_request(payload: bytes, *, json: bool = False) -> Request:
         return _request_decoder.decode(payload)
     except msgspec.ValidationError as exc:
         raise ProtocolError(
-            "bad_request", f"invalid request: {_one_line(str(exc))}", _salvage_id(payload, json)
+            "bad_request", f"invalid request: {one_line(str(exc))}", _salvage_id(payload, json)
         ) from None
     except msgspec.DecodeError as exc:
         encoding = "JSON" if json else "msgpack"
         raise ProtocolError(
-            "bad_frame", f"frame is not valid {encoding}: {_one_line(str(exc))}"
+            "bad_frame", f"frame is not valid {encoding}: {one_line(str(exc))}"
         ) from None
     # msgspec raises these two (not DecodeError) for deeply nested input, e.g.
     # b"\x91" * 100_000, and for a msgpack str that is not UTF-8, e.g. b"\xa1\xff".
@@ -670,7 +670,12 @@ def decode_server_message(payload: bytes, *, json: bool = False) -> ServerMessag
             return _json_server_decoder.decode(payload)
         return _server_decoder.decode(payload)
     # RecursionError, UnicodeDecodeError: as in decode_request (clients must not crash either).
-    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
+    except (
+        msgspec.ValidationError,
+        msgspec.DecodeError,
+        RecursionError,
+        UnicodeDecodeError,
+    ) as exc:
         raise ProtocolError(
-            "bad_frame", f"unreadable message from llamad: {_one_line(str(exc))}"
+            "bad_frame", f"unreadable message from llamad: {one_line(str(exc))}"
         ) from None
