@@ -92,6 +92,12 @@ class SubscriberTooSlow(Exception):
     """The client did not read its events fast enough and is disconnected."""
 
 
+# A client whose socket takes no bytes for this long is stuck, not slow: its
+# connection is closed so its task and buffers are freed at once, rather than
+# when (if ever) it reads again.
+SEND_TIMEOUT_SEC = 10.0
+
+
 class BadRequest(LlamadError):
     """A well-typed request whose values cannot be served (answered ``bad_request``)."""
 

@@ -18,7 +18,13 @@ from pathlib import Path
 
 import trio
 
-from llamad.dispatch import Dispatcher, PeerGone, SubscriberTooSlow, contain_client
+from llamad.dispatch import (
+    SEND_TIMEOUT_SEC,
+    Dispatcher,
+    PeerGone,
+    SubscriberTooSlow,
+    contain_client,
+)
 from llamad.errors import StartupError
 from llamad.protocol import (
     Error,
@@ -96,9 +102,12 @@ class _FramePeer:
         data = frame(encode(message))
         try:
             async with self._lock:
-                await self._stream.send_all(data)
+                with trio.move_on_after(SEND_TIMEOUT_SEC) as stuck:
+                    await self._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise PeerGone from exc
+        if stuck.cancelled_caught:
+            raise SubscriberTooSlow
 
 
 class ControlServer:

@@ -24,6 +24,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 
 from llamad.dispatch import (
     DISCONNECTS,
+    SEND_TIMEOUT_SEC,
     Dispatcher,
     PeerGone,
     SubscriberTooSlow,
@@ -128,9 +129,12 @@ class _WebSocketPeer:
     async def send(self, message: ServerMessage) -> None:
         data: str | bytes = encode_json(message).decode() if self._json else encode(message)
         try:
-            await self._connection.send_message(data)
+            with trio.move_on_after(SEND_TIMEOUT_SEC) as stuck:
+                await self._connection.send_message(data)
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise PeerGone from exc
+        if stuck.cancelled_caught:
+            raise SubscriberTooSlow
 
 
 class WebSocketServer:

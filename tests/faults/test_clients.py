@@ -26,6 +26,7 @@ import pytest
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
+from llamad.dispatch import SEND_TIMEOUT_SEC
 from llamad.protocol import (
     Chat,
     ChatDelta,
@@ -56,6 +57,11 @@ pytestmark = pytest.mark.server
 FLOOD = ChatOptions(max_tokens=6000, ignore_eos=True)
 SMALL = ChatOptions(max_tokens=32, ignore_eos=True)
 WATCHERS = 20
+
+
+def _open_fds(daemon: Llamad) -> int:
+    assert daemon.process is not None
+    return psutil.Process(daemon.process.pid).num_fds()
 
 
 def _rss(daemon: Llamad) -> int:
@@ -172,6 +178,7 @@ def test_client_that_stops_reading_is_dropped_and_costs_nobody_else(
     daemon = ready_daemon(make_llamad, demo_models, parallel=2, ctx_size=2 * 8192)
     baseline = _chat_seconds(daemon, "warm up")
     rss_before = _rss(daemon)
+    fds_before = _open_fds(daemon)
     stuck = _stuck_unix_client if transport == "unix" else _stuck_websocket_client
     title = f"flood over {transport}"
     with stuck(daemon, title) as sock:
@@ -213,6 +220,13 @@ def test_client_that_stops_reading_is_dropped_and_costs_nobody_else(
         # of them; llamad kept at most a queue's worth per client.
         growth = _rss(daemon) - rss_before
         assert growth < 32 * 2**20, f"llamad grew by {growth / 2**20:.1f} MiB"
+        # Stuck clients are closed while they are still stuck, not when they
+        # read again: no progress for SEND_TIMEOUT_SEC frees their connection.
+        wait_until(
+            lambda: _open_fds(daemon) <= fds_before + 2,
+            SEND_TIMEOUT_SEC + SLACK,
+            "llamad to close the stuck connections",
+        )
         for watcher in watchers:
             with watcher:
                 seen = _unix_messages(_read_until_closed(watcher, False, timeout=SLACK * 2))
