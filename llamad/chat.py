@@ -565,7 +565,11 @@ class ChatEngine:
             reply.calls.append(call)
             # Registered before the event goes out, so an instant answer finds it.
             pending = self._expect_approval(conversation, call.id) if confirm else None
-            await self._tool_progress(conversation, seq, reply, call)
+            try:
+                await self._tool_progress(conversation, seq, reply, call)
+            except BaseException:
+                self._approvals.pop((conversation, call.id), None)
+                raise
             if asked.name not in offered:
                 call = _ended(call, "error", f"there is no tool {asked.name!r} in this chat")
             elif pending is not None and not await self._approved(conversation, call.id, pending):
@@ -605,7 +609,7 @@ class ChatEngine:
             with trio.move_on_after(APPROVAL_TIMEOUT_SEC):
                 await pending.answered.wait()
         finally:
-            del self._approvals[(conversation, call)]
+            self._approvals.pop((conversation, call), None)
         return pending.approved
 
     async def _tool_progress(
