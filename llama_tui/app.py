@@ -51,7 +51,6 @@ from llama_tui.view import (
 )
 from llamad.concurrency import first_leaf
 from llamad.protocol import (
-    MAX_IMAGE_BYTES,
     ApproveTool,
     Cancel,
     Chat,
@@ -82,6 +81,7 @@ from llamad.protocol import (
     Subscribe,
     TextPart,
     ToolCallEvent,
+    read_image_file,
 )
 
 FRAME_INTERVAL_SEC = 1 / 30
@@ -506,15 +506,10 @@ def _reason(exc: BaseException) -> str:
 
 def read_image(text: str) -> ImagePart | str:
     """An image file for the next message, or why not; llamad checks what it is."""
-    path = Path(text).expanduser()
     try:
-        size = path.stat().st_size
-        if size > MAX_IMAGE_BYTES:
-            limit = MAX_IMAGE_BYTES // (1024 * 1024)
-            return f"{path.name} is {size / 1e6:.1f} MB; the limit is {limit} MiB"
-        return ImagePart(data=path.read_bytes(), name=path.name)
-    except OSError as exc:
-        return f"cannot read {path}: {exc.strerror or exc}"
+        return read_image_file(Path(text).expanduser())
+    except ValueError as exc:
+        return str(exc)
 
 
 def complete_path(partial: str) -> tuple[str, list[str]]:

@@ -11,7 +11,6 @@ from pathlib import Path
 from llamactl.client import Client, ClientError, RequestFailed
 from llamactl.output import print_json
 from llamad.protocol import (
-    MAX_IMAGE_BYTES,
     ApproveTool,
     Cancel,
     Chat,
@@ -41,6 +40,7 @@ from llamad.protocol import (
     TextPart,
     ToolCall,
     ToolCallEvent,
+    read_image_file,
 )
 
 
@@ -200,15 +200,9 @@ def _ask_approval(call: ToolCall) -> bool:
 
 def _read_image(path: Path) -> ImagePart:
     try:
-        size = path.stat().st_size
-        if size > MAX_IMAGE_BYTES:
-            raise ClientError(
-                f"{path} is {size / 1e6:.1f} MB; the limit is "
-                f"{MAX_IMAGE_BYTES // (1024 * 1024)} MiB — scale it down first"
-            )
-        return ImagePart(data=path.read_bytes(), name=path.name)
-    except OSError as exc:
-        raise ClientError(f"cannot read {path}: {exc.strerror or exc}") from None
+        return read_image_file(path)
+    except ValueError as exc:
+        raise ClientError(str(exc)) from None
 
 
 def _finish(reply: Message, verbose: bool) -> int:

@@ -28,7 +28,7 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -223,10 +223,7 @@ class ChatEngine:
                 raise ConversationBusy(existing.id)
         if images:
             self._check_vision(
-                request.model
-                or self.manager.active
-                or (existing.model if existing else None)
-                or self.manager.config.daemon.default_model
+                self._choose_model(request.model, existing.model if existing else None)
             )
         # One transaction: one fsync before the acknowledgement, and a full
         # disk leaves neither an empty conversation nor an unanswered message.
@@ -294,11 +291,12 @@ class ChatEngine:
     def _publish(self, conversation: str, message: ServerMessage) -> None:
         self.hub.publish(ChatEvent(conversation, message))
 
-    def _choose_model(self, prepared: Prepared) -> str | None:
+    def _choose_model(self, requested: str | None, conversation: str | None) -> str | None:
+        """The model a chat goes to: the one it names, the active one, the conversation's."""
         return (
-            prepared.request.model
+            requested
             or self.manager.active
-            or prepared.conversation.model
+            or conversation
             or self.manager.config.daemon.default_model
         )
 
@@ -306,7 +304,7 @@ class ChatEngine:
         conversation = prepared.conversation.id
         reply = _Reply()
         stats: MessageStats | None = None
-        model_name = self._choose_model(prepared)
+        model_name = self._choose_model(prepared.request.model, prepared.conversation.model)
         status: MessageStatus = "incomplete"
         error = ""
         try:
@@ -552,6 +550,13 @@ class ChatEngine:
         conversation, seq = prepared.conversation.id, prepared.reply.seq
         done: list[ToolCall] = []
         for asked in wanted:
+            index = len(reply.calls)
+
+            async def show(call: ToolCall, index: int = index) -> ToolCall:
+                reply.calls[index] = call
+                await self._tool_progress(conversation, seq, reply, call)
+                return call
+
             settings = self.manager.config.tool(asked.name)
             confirm = settings.confirm and asked.name in offered
             call = ToolCall(
@@ -561,28 +566,23 @@ class ChatEngine:
                 status="awaiting_approval" if confirm else "running",
                 round=round_number,
             )
-            index = len(reply.calls)
             reply.calls.append(call)
-            # Registered before the event goes out, so an instant answer finds it.
-            pending = self._expect_approval(conversation, call.id) if confirm else None
-            try:
-                await self._tool_progress(conversation, seq, reply, call)
-            except BaseException:
-                self._approvals.pop((conversation, call.id), None)
-                raise
             if asked.name not in offered:
+                await show(call)
                 call = _ended(call, "error", f"there is no tool {asked.name!r} in this chat")
-            elif pending is not None and not await self._approved(conversation, call.id, pending):
-                call = _ended(call, "denied", "the user did not allow this call")
+            elif confirm:
+                with self._awaiting_approval(conversation, call.id) as pending:
+                    await show(call)  # after registering, so an instant answer finds it
+                    with trio.move_on_after(APPROVAL_TIMEOUT_SEC):
+                        await pending.answered.wait()
+                if pending.approved:
+                    call = await show(msgspec.structs.replace(call, status="running"))
+                    call = await self._run_one(call, settings.timeout_sec)
+                else:
+                    call = _ended(call, "denied", "the user did not allow this call")
             else:
-                if confirm:
-                    call = msgspec.structs.replace(call, status="running")
-                    reply.calls[index] = call
-                    await self._tool_progress(conversation, seq, reply, call)
-                call = await self._run_one(call, settings.timeout_sec)
-            reply.calls[index] = call
-            await self._tool_progress(conversation, seq, reply, call)
-            done.append(call)
+                call = await self._run_one(await show(call), settings.timeout_sec)
+            done.append(await show(call))
         return done
 
     async def _run_one(self, call: ToolCall, timeout_sec: float) -> ToolCall:
@@ -599,18 +599,14 @@ class ChatEngine:
             return _ended(call, "ok" if outcome.ok else "error", outcome.text)
         return _ended(call, "timeout", f"the tool did not finish within {timeout_sec:g} s")
 
-    def _expect_approval(self, conversation: str, call: str) -> _Approval:
+    @contextlib.contextmanager
+    def _awaiting_approval(self, conversation: str, call: str) -> Iterator[_Approval]:
         pending = _Approval()
         self._approvals[(conversation, call)] = pending
-        return pending
-
-    async def _approved(self, conversation: str, call: str, pending: _Approval) -> bool:
         try:
-            with trio.move_on_after(APPROVAL_TIMEOUT_SEC):
-                await pending.answered.wait()
+            yield pending
         finally:
-            self._approvals.pop((conversation, call), None)
-        return pending.approved
+            del self._approvals[(conversation, call)]
 
     async def _tool_progress(
         self, conversation: str, seq: int, reply: _Reply, call: ToolCall

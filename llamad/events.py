@@ -9,6 +9,7 @@ stuck client must never cost the others anything.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -72,23 +73,28 @@ class Subscription:
 def coalesce(events: list[HubEvent]) -> list[HubEvent]:
     """Join runs of ``ChatDelta`` of the same reply into one; keep everything else in order."""
     merged: list[HubEvent] = []
-    for event in events:
-        previous = merged[-1] if merged else None
-        if (
-            isinstance(event, ChatEvent)
-            and isinstance(event.message, ChatDelta)
-            and isinstance(previous, ChatEvent)
-            and isinstance(previous.message, ChatDelta)
-            and previous.message.conversation == event.message.conversation
-            and previous.message.seq == event.message.seq
-        ):
-            text = previous.message.text + event.message.text
-            merged[-1] = ChatEvent(
-                event.conversation, msgspec.structs.replace(previous.message, text=text)
-            )
-        else:
-            merged.append(event)
+    for key, group in itertools.groupby(events, _delta_key):
+        run = list(group)
+        first = run[0]
+        if key is None or len(run) == 1 or not isinstance(first, ChatEvent):
+            merged += run
+            continue
+        text = "".join(
+            e.message.text
+            for e in run
+            if isinstance(e, ChatEvent) and isinstance(e.message, ChatDelta)
+        )
+        merged.append(
+            ChatEvent(first.conversation, msgspec.structs.replace(first.message, text=text))
+        )
     return merged
+
+
+def _delta_key(event: HubEvent) -> tuple[str, int] | None:
+    """Which reply a delta belongs to; None for every other event."""
+    if isinstance(event, ChatEvent) and isinstance(event.message, ChatDelta):
+        return event.message.conversation, event.message.seq
+    return None
 
 
 def _topic_and_key(event: HubEvent) -> tuple[Topic, str]:

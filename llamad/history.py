@@ -608,14 +608,13 @@ class HistoryStore:
         self, *, model: str | None, system_prompt: str | None, title: str = ""
     ) -> Conversation:
         """Start an empty conversation; its title comes from the first user message."""
-        conversation_id = self._write(
+        return self._write(
             lambda txn: self._create(txn, model=model, system_prompt=system_prompt, title=title)
         )
-        return self.get_conversation(conversation_id)
 
     def _create(
         self, txn: _Txn, *, model: str | None, system_prompt: str | None, title: str
-    ) -> str:
+    ) -> Conversation:
         conversation_id = generate_conversation_id()
         key = conversation_key(conversation_id)
         now = _now_ns()
@@ -628,7 +627,7 @@ class HistoryStore:
         )
         txn.put(key, _pack(rec), db=self._conversations)
         txn.put(_U64.pack(now) + key, b"", db=self._by_updated)
-        return conversation_id
+        return _to_conversation(conversation_id, rec)
 
     def append_message(
         self,
@@ -679,7 +678,8 @@ class HistoryStore:
         def change(txn: _Txn) -> tuple[Conversation, Message, Message]:
             target = conversation_id
             if target is None:
-                target = self._create(txn, model=model, system_prompt=system_prompt, title="")
+                created = self._create(txn, model=model, system_prompt=system_prompt, title="")
+                target = created.id
             user = self._append(txn, target, user_record, images)
             reply = self._append(txn, target, reply_record, {})
             _, conv = self._get_record(txn, target)

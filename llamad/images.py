@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from llamad.errors import ImageError
-from llamad.protocol import MAX_IMAGE_BYTES
+from llamad.protocol import image_size_problem
 
 MAX_IMAGES_PER_MESSAGE: Final = 8
 MIME_TYPES: Final = ("image/png", "image/jpeg", "image/webp", "image/gif")
@@ -33,11 +33,9 @@ def inspect_image(data: bytes, name: str = "the image") -> ImageInfo:
     """Format and size of ``data``; ``ImageError`` with a one-line reason otherwise."""
     if not data:
         raise ImageError(f"{name} is empty")
-    if len(data) > MAX_IMAGE_BYTES:
-        raise ImageError(
-            f"{name} is {len(data) / 1e6:.1f} MB; the limit is "
-            f"{MAX_IMAGE_BYTES // (1024 * 1024)} MiB — scale it down first"
-        )
+    too_big = image_size_problem(name, len(data))
+    if too_big is not None:
+        raise ImageError(too_big)
     try:
         mime, width, height = _sniff(data, name)
     except (struct.error, IndexError):

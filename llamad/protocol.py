@@ -4,7 +4,8 @@ This module is the single source of truth for what travels on the control
 socket: typed, frozen msgspec Structs in two tagged unions (``Request`` from
 clients, ``ServerMessage`` from the daemon) plus a sans-I/O frame codec.
 It imports nothing of the daemon and no I/O library, so ``llamactl`` can use it
-without paying for trio. ``docs/protocol.md`` describes the same thing in prose.
+without paying for trio (``read_image_file``, shared by both clients, is its
+one read of a file). ``docs/protocol.md`` describes the same thing in prose.
 
 Framing on the Unix socket: a 4-byte big-endian unsigned length, then that many
 bytes of msgpack. The length is checked against ``MAX_FRAME_BYTES`` before any
@@ -14,6 +15,7 @@ of the body is read.
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 from typing import Any, Final, Literal
 
 import msgspec
@@ -155,8 +157,29 @@ def _argument_text(arguments: str) -> str:
 
 
 def _short(text: str, limit: int) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= limit else line[: limit - 1] + "…"
+    return one_line(" ".join(text.split()), limit)
+
+
+def image_size_problem(name: str, size: int) -> str | None:
+    """Why an image of ``size`` bytes is refused, or None (checked on both sides)."""
+    if size <= MAX_IMAGE_BYTES:
+        return None
+    limit = MAX_IMAGE_BYTES // (1024 * 1024)
+    return f"{name} is {size / 1e6:.1f} MB; the limit is {limit} MiB — scale it down first"
+
+
+def read_image_file(path: Path) -> ImagePart:
+    """An image file as a part to send; ``ValueError`` with one line if it cannot be.
+
+    Only the size is checked here: llamad reads the type from the bytes.
+    """
+    try:
+        problem = image_size_problem(path.name, path.stat().st_size)
+        if problem is not None:
+            raise ValueError(problem)
+        return ImagePart(data=path.read_bytes(), name=path.name)
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 class MessageStats(msgspec.Struct, frozen=True, kw_only=True):

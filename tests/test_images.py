@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from llamad.errors import ImageError
-from llamad.images import MAX_IMAGE_BYTES, data_uri, inspect_image
+from llamad.images import data_uri, inspect_image
+from llamad.protocol import MAX_IMAGE_BYTES
 
 
 def picture(fmt: str, size: tuple[int, int] = (64, 48), **save: object) -> bytes:
