@@ -37,9 +37,19 @@ import msgspec
 import trio
 
 from llamad.concurrency import beside, in_thread
-from llamad.errors import ImageError, LlamadError
+from llamad.errors import (
+    ApprovalNotPending,
+    ConversationBusy,
+    EmptyMessage,
+    ImageError,
+    LlamadError,
+    RequestCancelled,
+    UnknownTool,
+    UpstreamError,
+)
 from llamad.events import ChatEvent, EventHub, StateEvent
-from llamad.history import HistoryStore, HistoryWriteError
+from llamad.errors import HistoryWriteError
+from llamad.history import HistoryStore
 from llamad.images import MAX_IMAGES_PER_MESSAGE, data_uri, inspect_image
 from llamad.manager import ModelManager
 from llamad.protocol import (
@@ -62,12 +72,11 @@ from llamad.protocol import (
     ToolCallEvent,
     ToolCallStatus,
 )
-from llamad.supervisor import ModelSupervisor, RequestCancelled, http_client
+from llamad.supervisor import ModelSupervisor, http_client
 from llamad.tools import TOOL_NAMES, openai_tools, run_tool
 from llamad.upstream import (
     AssembledCall,
     ToolCallAssembler,
-    UpstreamError,
     context_size,
     count_tokens,
     stream_chat,
@@ -82,22 +91,6 @@ YIELD_EVERY_CHUNKS = 32
 # A tool marked confirm = true waits this long for a client to answer, then
 # counts as denied: a reply must not hang forever on a closed terminal.
 APPROVAL_TIMEOUT_SEC = 300.0
-
-
-class ConversationBusy(LlamadError):
-    def __init__(self, conversation: str) -> None:
-        super().__init__(
-            f"a reply is already being generated in conversation {conversation[:13]}; "
-            "wait for it or cancel it first"
-        )
-
-
-class ApprovalNotPending(LlamadError):
-    def __init__(self, conversation: str, call: str) -> None:
-        super().__init__(
-            f"no tool call {call!r} is waiting for approval in conversation {conversation[:13]}; "
-            "it was answered already, timed out, or the reply ended"
-        )
 
 
 class SlotQueue:
@@ -207,14 +200,12 @@ class ChatEngine:
         )
         parts, images = _checked_images(parts)
         if not images and not any(isinstance(p, TextPart) and p.text.strip() for p in parts):
-            raise LlamadError("the message is empty; type something to send")
+            raise EmptyMessage
         if request.model is not None:
             self.manager.resolve(request.model)  # unknown model: refuse before storing anything
         unknown = [t for t in request.options.tools or () if t not in TOOL_NAMES]
         if unknown:
-            raise LlamadError(
-                f"no tool named {unknown[0]!r}; built-in tools: {', '.join(TOOL_NAMES)}"
-            )
+            raise UnknownTool(unknown[0], TOOL_NAMES)
         existing: Conversation | None = None
         if request.conversation is not None:
             conversation_id = await in_thread(self.store.resolve, request.conversation)
@@ -317,7 +308,7 @@ class ChatEngine:
                         async with queue.slot(report):
                             stats = await self._stream(prepared, model, reply)
                     status = "complete"
-                except (LlamadError, UpstreamError, RequestCancelled) as exc:
+                except LlamadError as exc:
                     status, error = "error", str(exc)
                     log.info("chat in %s failed: %s", conversation[:13], exc)
                 except Exception:

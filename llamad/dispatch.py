@@ -20,19 +20,17 @@ import msgspec
 import trio
 
 from llamad import __version__
-from llamad.chat import ChatEngine, ConversationBusy
+from llamad.chat import ChatEngine
 from llamad.concurrency import beside, consists_of, in_thread
 from llamad.config import Config
 from llamad.errors import (
+    BadRequest,
     ConfigError,
-    ImageError,
+    ConversationBusy,
     LlamadError,
-    ModelFailed,
-    ModelFileMissing,
-    UnknownModelError,
+    NothingGenerating,
 )
 from llamad.events import ChatEvent, LogEvent, StateEvent, Subscription
-from llamad.history import AmbiguousConversation, ConversationNotFound, HistoryWriteError
 from llamad.manager import ModelManager
 from llamad.protocol import (
     ApproveTool,
@@ -43,7 +41,6 @@ from llamad.protocol import (
     Conversations,
     DeleteConversation,
     Error,
-    ErrorCode,
     ExportConversation,
     Exported,
     GetConversation,
@@ -98,10 +95,6 @@ class SubscriberTooSlow(Exception):
 SEND_TIMEOUT_SEC = 10.0
 
 
-class BadRequest(LlamadError):
-    """A well-typed request whose values cannot be served (answered ``bad_request``)."""
-
-
 def _page_limit(limit: int) -> int:
     # The history store raises ValueError for limit < 1, which came back as
     # ``internal`` with a logged traceback (found by tests/test_fuzz_transports.py;
@@ -150,28 +143,6 @@ def _message(exc: LlamadError) -> str:
     return one_line(str(exc), _MAX_MESSAGE)
 
 
-def error_code(exc: LlamadError) -> ErrorCode:
-    match exc:
-        case UnknownModelError():
-            return "unknown_model"
-        case ModelFileMissing():
-            return "model_file_missing"
-        case ModelFailed():
-            return "model_failed"
-        case ConfigError():
-            return "config_error"
-        case ConversationBusy():
-            return "busy"
-        case HistoryWriteError():
-            return "storage"
-        case AmbiguousConversation() | BadRequest() | ImageError():
-            return "bad_request"
-        case ConversationNotFound():
-            return "not_found"
-        case _:
-            return "not_found"
-
-
 class Dispatcher:
     def __init__(
         self,
@@ -193,7 +164,7 @@ class Dispatcher:
         try:
             await self._handle(request, peer)
         except LlamadError as exc:
-            await peer.send(Error(id=request.id, code=error_code(exc), message=_message(exc)))
+            await peer.send(Error(id=request.id, code=exc.code, message=_message(exc)))
         except (PeerGone, SubscriberTooSlow):
             raise
         except Exception:
@@ -247,7 +218,7 @@ class Dispatcher:
             case Cancel(id=rid, conversation=prefix):
                 conversation = await self._resolve(prefix)
                 if not self.chat.cancel(conversation):
-                    raise ConversationNotFound(f"nothing is being generated in {prefix!r}")
+                    raise NothingGenerating(conversation)
                 await peer.send(Ok(id=rid, message="cancelled"))
             case ApproveTool(id=rid, conversation=prefix, call=call, approve=approve):
                 conversation = await self._resolve(prefix)
@@ -284,7 +255,7 @@ class Dispatcher:
                 await in_thread(self.store.delete, conversation_id)
                 await peer.send(Ok(id=rid, message=f"deleted {conversation_id[:13]}"))
             case SearchHistory(id=rid, text=text, limit=limit):
-                hits = await in_thread(self.store.search, text, limit)
+                hits = await in_thread(self.store.search, text, _page_limit(limit))
                 await peer.send(SearchResults(id=rid, hits=hits))
             case ExportConversation(id=rid, conversation=prefix, format=fmt):
                 conversation_id = await self._resolve(prefix)

@@ -1,31 +1,67 @@
-"""The daemon's exception tree.
+"""The daemon's one exception tree.
 
 Every exception a user can cause carries a message that names the problem and
-the fix, so the outermost handler prints ``str(exc)`` as one line and exits::
+the fix, so the outermost handler prints ``str(exc)`` as one line. Each class
+also carries its protocol ``code`` (what an ``error`` reply says) and its
+``http_status`` (what the HTTP API answers), so no transport maps errors by
+hand::
 
-    LlamadError
-    ├── ConfigError            models.toml is unreadable or invalid (exit 78, EX_CONFIG)
-    ├── ServerBinaryNotFound   no llama-server to run
-    ├── UnknownModelError      a name that is neither a model nor an alias
-    ├── ModelFileMissing       the model's GGUF file does not exist
-    ├── ModelFailed            a model could not be brought up (reason attached)
-    │   └── LoadSuperseded     another load was asked for before this one finished
-    ├── StartupError           the daemon cannot start (socket in use, bad directory)
-    ├── ToolInputError         a tool call's arguments cannot be run (told to the model)
-    └── ImageError             an attached image is unreadable, too big or unwanted
+    LlamadError                     internal              500
+    ├── ConfigError                 config_error          400  models.toml is unreadable or invalid (exit 78)
+    ├── ServerBinaryNotFound        internal              500  no llama-server to run
+    ├── StartupError                internal              500  the daemon cannot start (socket in use, bad directory)
+    ├── BadRequest                  bad_request           400  a well-typed request whose values cannot be served
+    │   ├── EmptyMessage                                       a chat with nothing in it
+    │   ├── UnknownTool                                        a tool name that does not exist
+    │   ├── ImageError                                         an attached image is unreadable, too big or unwanted
+    │   └── AmbiguousConversation                              an id prefix matching several conversations
+    ├── NotFound                    not_found             404
+    │   ├── ConversationNotFound                               no conversation has this id or prefix
+    │   ├── MessageNotFound
+    │   ├── NothingGenerating                                  cancel where no reply is being written
+    │   ├── ApprovalNotPending                                 approve_tool for a call that is not waiting
+    │   └── NoModelNamed                                       a request that needs a model and names none
+    ├── UnknownModelError           unknown_model         404  a name that is neither a model nor an alias
+    ├── ModelFileMissing            model_file_missing    404  the model's GGUF file does not exist
+    ├── ModelFailed                 model_failed          503  a model could not be brought up (reason attached)
+    │   ├── LoadSuperseded                                     another load or an unload came first
+    │   ├── DoesNotFit              does_not_fit          503  not enough memory even after every allowed eviction
+    │   └── LoadTimeout             timeout               504  the load waited too long for requests in flight
+    ├── RequestCancelled            cancelled             503  a request in flight on a model that had to stop
+    ├── QueueFull                   queue_full            429  a model's queue is at max_concurrent
+    ├── ConversationBusy            busy                  409  a reply is already being generated there
+    ├── HistoryError                storage               500
+    │   ├── HistoryWriteError       storage               507  a write failed; nothing stored was changed
+    │   ├── HistoryOpenError                                   the store cannot be opened
+    │   └── HistoryUnavailable      history_unavailable   503  llamad runs without history (read-only data dir)
+    ├── UpstreamError               upstream              502  llama-server failed or refused
+    │   └── ContextOverflow         bad_request           400  the message does not fit the model's context
+    ├── ToolInputError              bad_request           400  a tool call's arguments cannot be run (told to the model)
+    ├── Unauthorized                unauthorized          401  no or wrong API key / token
+    ├── Forbidden                   forbidden             403  a key not allowed this model, a foreign Host or Origin
+    └── TooLarge                    too_large             413  a request body over the limit
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
+
+from llamad.protocol import ErrorCode
 
 
 class LlamadError(Exception):
     """Root of llamad's errors; ``str()`` is a complete, user-facing sentence."""
 
+    code: ClassVar[ErrorCode] = "internal"
+    http_status: ClassVar[int] = 500
+
 
 class ConfigError(LlamadError):
     """models.toml cannot be used. ``problems`` holds one line per mistake."""
+
+    code = "config_error"
+    http_status = 400
 
     def __init__(self, problems: Sequence[str]) -> None:
         self.problems = list(problems)
@@ -36,7 +72,101 @@ class ServerBinaryNotFound(LlamadError):
     pass
 
 
+class StartupError(LlamadError):
+    pass
+
+
+# ------------------------------------------------------------ bad requests
+
+
+class BadRequest(LlamadError):
+    """A well-typed request whose values cannot be served."""
+
+    code = "bad_request"
+    http_status = 400
+
+
+class EmptyMessage(BadRequest):
+    def __init__(self) -> None:
+        super().__init__("the message is empty; type something to send")
+
+
+class UnknownTool(BadRequest):
+    def __init__(self, name: str, known: Sequence[str]) -> None:
+        self.name = name
+        super().__init__(f"no tool named {name!r}; built-in tools: {', '.join(known)}")
+
+
+class ImageError(BadRequest):
+    pass
+
+
+class AmbiguousConversation(BadRequest):
+    """An id prefix that matches more than one conversation."""
+
+    def __init__(self, prefix: str, count: int) -> None:
+        self.prefix = prefix
+        self.count = count
+        super().__init__(f"{prefix!r} matches {count} conversations; give more characters")
+
+
+class ToolInputError(BadRequest):
+    """A tool refused its arguments. The message goes back to the model as the result."""
+
+
+# --------------------------------------------------------------- not found
+
+
+class NotFound(LlamadError):
+    code = "not_found"
+    http_status = 404
+
+
+class ConversationNotFound(NotFound):
+    """No conversation has this id or id prefix."""
+
+    def __init__(self, query: str) -> None:
+        self.query = query
+        super().__init__(f"no conversation matches {query!r}; see `llamactl history list`")
+
+
+class MessageNotFound(NotFound):
+    """A conversation has no message with this sequence number."""
+
+    def __init__(self, conversation_id: str, seq: int) -> None:
+        self.conversation_id = conversation_id
+        self.seq = seq
+        super().__init__(f"conversation {conversation_id} has no message {seq}")
+
+
+class NothingGenerating(NotFound):
+    def __init__(self, conversation: str) -> None:
+        super().__init__(f"nothing is being generated in conversation {conversation[:13]}")
+
+
+class ApprovalNotPending(NotFound):
+    def __init__(self, conversation: str, call: str) -> None:
+        super().__init__(
+            f"no tool call {call!r} is waiting for approval in conversation {conversation[:13]}; "
+            "it was answered already, timed out, or the reply ended"
+        )
+
+
+class NoModelNamed(NotFound):
+    def __init__(self, what: str = "this request") -> None:
+        super().__init__(
+            f"{what} needs a model and none is loaded or named; name one, "
+            "e.g. `llamactl load NAME` (`llamactl models` lists them)"
+        )
+
+
+# ------------------------------------------------------------------ models
+
+
 class UnknownModelError(LlamadError):
+    code = "unknown_model"
+    http_status = 404
+
     def __init__(self, name: str, known: Sequence[str]) -> None:
         self.name = name
         self.known = list(known)
@@ -45,6 +175,9 @@ class UnknownModelError(LlamadError):
 
 
 class ModelFileMissing(LlamadError):
+    code = "model_file_missing"
+    http_status = 404
+
     def __init__(self, model: str, path: str) -> None:
         self.model = model
         self.path = path
@@ -54,6 +187,9 @@ class ModelFileMissing(LlamadError):
 
 
 class ModelFailed(LlamadError):
+    code = "model_failed"
+    http_status = 503
+
     def __init__(self, model: str, reason: str) -> None:
         self.model = model
         self.reason = reason
@@ -67,13 +203,113 @@ class LoadSuperseded(ModelFailed):
         self.args = (f"load of {model!r} superseded by {what} requested meanwhile",)
 
 
-class StartupError(LlamadError):
-    pass
+class DoesNotFit(ModelFailed):
+    """Not enough memory for the model even after every eviction allowed."""
+
+    code = "does_not_fit"
+
+    def __init__(self, model: str, reason: str) -> None:
+        super().__init__(model, reason)
+        self.args = (reason,)
 
 
-class ToolInputError(LlamadError):
-    """A tool refused its arguments. The message goes back to the model as the result."""
+class LoadTimeout(ModelFailed):
+    code = "timeout"
+    http_status = 504
 
 
-class ImageError(LlamadError):
-    pass
+class RequestCancelled(LlamadError):
+    """A request in flight on a model that had to stop (unload, crash, shutdown)."""
+
+    code = "cancelled"
+    http_status = 503
+
+
+class QueueFull(LlamadError):
+    code = "queue_full"
+    http_status = 429
+
+    def __init__(self, model: str, limit: int, retry_after: float = 1.0) -> None:
+        self.model = model
+        self.retry_after = retry_after
+        super().__init__(
+            f"model {model!r} already has {limit} requests running or waiting "
+            "(max_concurrent); try again shortly"
+        )
+
+
+class ConversationBusy(LlamadError):
+    code = "busy"
+    http_status = 409
+
+    def __init__(self, conversation: str) -> None:
+        super().__init__(
+            f"a reply is already being generated in conversation {conversation[:13]}; "
+            "wait for it or cancel it first"
+        )
+
+
+# ----------------------------------------------------------------- history
+
+
+class HistoryError(LlamadError):
+    """Root of the chat-history errors."""
+
+    code = "storage"
+
+
+class HistoryWriteError(HistoryError):
+    """A write failed on disk; the transaction was aborted, nothing changed."""
+
+    http_status = 507
+
+    def __init__(self, path: object, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(
+            f"cannot write chat history to {path}: {reason}; nothing already stored was changed"
+        )
+
+
+class HistoryOpenError(HistoryError):
+    """The history directory cannot be opened (permissions, newer schema, corruption)."""
+
+
+class HistoryUnavailable(HistoryError):
+    """llamad runs without its history (the data directory cannot be written)."""
+
+    code = "history_unavailable"
+    http_status = 503
+
+
+# ---------------------------------------------------------------- upstream
+
+
+class UpstreamError(LlamadError):
+    """llama-server failed or refused; ``str()`` is the line to show the user."""
+
+    code = "upstream"
+    http_status = 502
+
+
+class ContextOverflow(UpstreamError):
+    code = "bad_request"
+    http_status = 400
+
+
+# ------------------------------------------------------------------ access
+
+
+class Unauthorized(LlamadError):
+    code = "unauthorized"
+    http_status = 401
+
+
+class Forbidden(LlamadError):
+    code = "forbidden"
+    http_status = 403
+
+
+class TooLarge(LlamadError):
+    code = "too_large"
+    http_status = 413

@@ -59,7 +59,14 @@ from typing import TYPE_CHECKING, Final, TypeVar
 import lmdb
 import msgspec
 
-from llamad.errors import LlamadError
+from llamad.errors import (
+    AmbiguousConversation,
+    ConversationNotFound,
+    HistoryError,
+    HistoryOpenError,
+    HistoryWriteError,
+    MessageNotFound,
+)
 from llamad.protocol import (
     Conversation,
     ImagePart,
@@ -83,54 +90,6 @@ SNIPPET_CONTEXT: Final = 40
 _U64 = struct.Struct(">Q")
 _SEQ_MAX: Final = 2**64 - 1
 _T = TypeVar("_T")
-
-
-# ------------------------------------------------------------------ errors
-
-
-class HistoryError(LlamadError):
-    """Root of the chat-history errors."""
-
-
-class ConversationNotFound(HistoryError):
-    """No conversation has this id or id prefix."""
-
-    def __init__(self, query: str) -> None:
-        self.query = query
-        super().__init__(f"no conversation matches {query!r}; see `llamactl history list`")
-
-
-class AmbiguousConversation(HistoryError):
-    """An id prefix that matches more than one conversation."""
-
-    def __init__(self, prefix: str, count: int) -> None:
-        self.prefix = prefix
-        self.count = count
-        super().__init__(f"{prefix!r} matches {count} conversations; give more characters")
-
-
-class MessageNotFound(HistoryError):
-    """A conversation has no message with this sequence number."""
-
-    def __init__(self, conversation_id: str, seq: int) -> None:
-        self.conversation_id = conversation_id
-        self.seq = seq
-        super().__init__(f"conversation {conversation_id} has no message {seq}")
-
-
-class HistoryWriteError(HistoryError):
-    """A write failed on disk; the transaction was aborted, nothing changed."""
-
-    def __init__(self, path: Path, reason: str) -> None:
-        self.path = path
-        self.reason = reason
-        super().__init__(
-            f"cannot write chat history to {path}: {reason}; nothing already stored was changed"
-        )
-
-
-class HistoryOpenError(HistoryError):
-    """The history directory cannot be opened (permissions, newer schema, corruption)."""
 
 
 # -------------------------------------------------------------- key layout
@@ -1054,13 +1013,7 @@ def _reason(exc: BaseException) -> str:
 
 __all__ = [
     "SCHEMA_VERSION",
-    "AmbiguousConversation",
-    "ConversationNotFound",
-    "HistoryError",
-    "HistoryOpenError",
     "HistoryStore",
-    "HistoryWriteError",
-    "MessageNotFound",
     "conversation_key",
     "generate_conversation_id",
     "message_key",

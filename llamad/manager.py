@@ -21,10 +21,10 @@ import trio
 
 from llamad.config import Config, ModelConfig
 from llamad.errors import (
-    LlamadError,
     LoadSuperseded,
     ModelFailed,
     ModelFileMissing,
+    NoModelNamed,
     UnknownModelError,
 )
 from llamad.events import EventHub
@@ -33,11 +33,6 @@ from llamad.protocol import HealthLevel, ModelStatus
 from llamad.supervisor import ModelSupervisor
 
 log = logging.getLogger(__name__)
-
-
-class NoActiveModel(LlamadError):
-    def __init__(self) -> None:
-        super().__init__("no model is loaded; name one, e.g. `llamactl load demo`")
 
 
 def health_verdict(
@@ -147,7 +142,7 @@ class ModelManager:
         if name is not None:
             return self.resolve(name)
         if self.active is None:
-            raise NoActiveModel
+            raise NoModelNamed
         return self._supervisors[self.active]
 
     def statuses(self) -> dict[str, ModelStatus]:

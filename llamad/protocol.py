@@ -30,15 +30,24 @@ ModelState = Literal["stopped", "starting", "ready", "stopping", "backoff", "fai
 HealthLevel = Literal["ok", "warning", "critical"]
 ErrorCode = Literal[
     "bad_frame",  # the bytes are not a frame or not msgpack; the connection is closed
-    "bad_request",  # a well-formed frame whose content does not match any request
+    "bad_request",  # a request that cannot be served as sent (see docs/protocol.md)
     "unknown_model",
     "model_file_missing",
     "model_failed",
+    "does_not_fit",  # not enough memory for the model even after every allowed eviction
+    "timeout",  # a load waited too long (for requests in flight on what it must evict)
+    "cancelled",  # a request in flight on a model that had to stop
+    "queue_full",  # the model's max_concurrent is reached
     "config_error",
     "not_found",
     "busy",  # e.g. a reply is already being generated in that conversation
     "storage",  # the history could not be written; nothing stored was changed
+    "history_unavailable",  # llamad runs without history (data directory not writable)
+    "upstream",  # llama-server failed or refused
     "permission_denied",
+    "unauthorized",
+    "forbidden",
+    "too_large",
     "internal",
 ]
 LogTopic = Literal["state", "log"]

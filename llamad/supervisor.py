@@ -24,6 +24,7 @@ import httpx
 import trio
 
 from llamad.config import ModelConfig
+from llamad.errors import RequestCancelled
 from llamad.events import EventHub, LogEvent, StateEvent
 from llamad.llama_server import (
     Endpoint,
@@ -57,10 +58,6 @@ log = logging.getLogger(__name__)
 
 READY_POLL_SEC = 0.01  # well under the 20 ms the readiness promise allows
 SETTLED: frozenset[ModelState] = frozenset({"ready", "failed", "stopped"})
-
-
-class RequestCancelled(Exception):
-    """A request in flight on a model that is being stopped or switched away."""
 
 
 def http_client(endpoint: Endpoint, timeout: float, *, keepalive: bool = True) -> httpx.AsyncClient:

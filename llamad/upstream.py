@@ -16,17 +16,11 @@ from typing import Any
 import httpx
 import msgspec
 
+from llamad.errors import ContextOverflow, UpstreamError
+
 # Slack on top of the measured template overhead (tokens can merge differently
 # at message boundaries than in isolation).
 TEMPLATE_SLACK_TOKENS = 4
-
-
-class UpstreamError(Exception):
-    """llama-server failed or refused; ``str()`` is the line to show the user."""
-
-
-class ContextOverflow(UpstreamError):
-    pass
 
 
 class SSEDecoder:

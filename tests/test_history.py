@@ -18,14 +18,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llamad import history
-from llamad.history import (
+from llamad import errors, history
+from llamad.errors import (
     AmbiguousConversation,
     ConversationNotFound,
     HistoryOpenError,
-    HistoryStore,
     HistoryWriteError,
     MessageNotFound,
+)
+from llamad.history import (
+    HistoryStore,
     message_key,
     new_conversation_id,
     updated_key,
@@ -275,7 +277,7 @@ def test_list_newest_first_with_cursor_paging(store: HistoryStore) -> None:
 
 def test_list_empty_and_bad_cursor(store: HistoryStore) -> None:
     assert store.list_conversations() == ([], None)
-    with pytest.raises(history.HistoryError, match="cursor"):
+    with pytest.raises(errors.HistoryError, match="cursor"):
         store.list_conversations(before="zz")
 
 

@@ -16,7 +16,7 @@ from llamad.events import EventHub
 from llamad.llama_server import ServerBinary
 from llamad.manager import ModelManager, health_verdict
 from llamad.protocol import ModelStatus
-from llamad.supervisor import RequestCancelled
+from llamad.errors import RequestCancelled
 from tests.conftest import FAKE_SERVER, short_tempdir
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from llamad.errors import ContextOverflow, UpstreamError
 from llamad.upstream import (
-    ContextOverflow,
     SSEDecoder,
-    UpstreamError,
     interpret_chunk,
     refusal_message,
     turns_to_drop,
