@@ -383,6 +383,6 @@ def test_reload_changes_tools_without_restarting_the_server(
         text.replace('args = ', 'tools = ["calculator"]\nargs = ', 1)
     )
     reloaded = daemon.ctl("reload")
-    assert "updated scripted (tools), server kept" in reloaded.stdout, reloaded.stdout + reloaded.stderr
+    assert "updated scripted (tools), server kept" in reloaded.stdout, reloaded.stderr
     status = daemon.status("scripted")
     assert (status.pid, status.tools) == (pid, ["calculator"])
