@@ -467,8 +467,12 @@ class ModelPool:
     def health(self, model: str | None = None) -> tuple[HealthLevel, str, list[ModelStatus]]:
         statuses = self.statuses()
         if model is not None:
-            name = self._name(model)
-            statuses = {name: msgspec.structs.replace(statuses[name], expected=True)}
+            status = statuses[self._name(model)]
+            if not status.expected and status.state == "stopped":
+                # Not loaded on purpose (never asked for, unloaded, evicted, idle).
+                why = f" ({status.reason})" if status.reason else ""
+                return "warning", f"{status.name} is not loaded{why}", [status]
+            statuses = {status.name: msgspec.structs.replace(status, expected=True)}
         # ModelStatus.since is wall-clock so clients can show it; compare like with like.
         level, summary = health_verdict(statuses, time.time())
         shown = [s for s in statuses.values() if s.expected and s.state != "ready"]
