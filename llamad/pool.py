@@ -660,9 +660,15 @@ class ModelPool:
             async with trio.open_nursery() as nursery:
 
                 async def forward() -> None:
+                    # Changes of state only: a request waiting for a model that is
+                    # loading wants to see it load, not every change of its counts.
+                    last = (self._servers[request.model].state, "")
                     async for event in states.receive:
                         status = getattr(event, "status", None)
-                        if isinstance(status, ModelStatus):
+                        if not isinstance(status, ModelStatus):
+                            continue
+                        if (status.state, status.reason) != last:
+                            last = (status.state, status.reason)
                             on_event(self._status(status.name))
 
                 nursery.start_soon(forward)
