@@ -222,6 +222,7 @@ def running_daemon(
     binary: Path | None = None,
     default_model: str | None = None,
     websocket: str = "127.0.0.1:0",
+    http: str = "127.0.0.1:0",
     prefix: str = "llamad-bench-",
 ) -> Iterator[Daemon]:
     """Start llamad with ``models`` (TOML tables) in a fresh temp dir; stop it after."""
@@ -234,6 +235,7 @@ def running_daemon(
         runtime_dir = "{work}"
         data_dir = "{work / "data"}"
         websocket = "{websocket}"
+        http = "{http}"
         """
     )
     if default_model:

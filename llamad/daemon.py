@@ -14,8 +14,10 @@ import socket
 from collections.abc import MutableMapping
 from pathlib import Path
 
+import msgspec
 import trio
 
+from llamad.api_keys import ensure_own_key, key_ring, read_keys_file
 from llamad.chat import ChatEngine
 from llamad.concurrency import first_leaf
 from llamad.config import Config, load_config
@@ -25,7 +27,11 @@ from llamad.events import EventHub
 from llamad.history import HistoryStore
 from llamad.llama_server import find_server_binary, reap_stale
 from llamad.manager import ModelManager
+from llamad.manager_source import ManagerSource
+from llamad.metrics import Metrics
+from llamad.protocol import StatusReply
 from llamad.systemd import Notifier, listen_sockets
+from llamad.transport import http
 from llamad.transport.unix import ControlServer, bind_control_socket
 from llamad.transport.websocket import WebSocketServer, parse_listen_address, write_token
 
@@ -50,6 +56,7 @@ class Daemon:
         self.notifier = Notifier.from_env(self.environ)
         self.hub = EventHub()
         self._websocket_server: WebSocketServer | None = None
+        self._http_api: http.HttpApi | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # One line per health probe would drown the journal.
@@ -80,9 +87,13 @@ class Daemon:
                     engine = ChatEngine(manager, store, self.hub)
                     await nursery.start(engine.run)
                     websocket = await self._start_websocket(nursery, token_path)
-                    dispatcher = Dispatcher(
+                    http_address = await self._start_http(nursery, ManagerSource(manager))
+                    dispatcher = _Dispatcher(
                         manager, engine, nursery, self.reload_config, websocket=websocket
                     )
+                    dispatcher.http = http_address
+                    if http_address is not None:
+                        dispatcher.api_key_file = str(self._own_key_path())
                     if self._websocket_server is not None:
                         self._websocket_server.dispatcher = dispatcher
                     await nursery.start(ControlServer(dispatcher).serve, listener)
@@ -138,6 +149,43 @@ class Daemon:
         log.info("WebSocket on ws://%s (token in %s)", address, token_path)
         return address
 
+    # ----------------------------------------------------------- the HTTP API
+
+    def _own_key_path(self) -> Path:
+        return self.config.daemon.data_dir / "api_key"
+
+    def _http_settings(self, config: Config) -> http.HttpSettings:
+        """Keys and allowed origins/hosts; ``ConfigError`` for a bad keys file."""
+        daemon = config.daemon
+        keys = None
+        if daemon.auth == "keys":
+            extra = read_keys_file(daemon.api_keys_file, config) if daemon.api_keys_file else []
+            keys = key_ring(ensure_own_key(_private_dir(daemon.data_dir) / "api_key"), extra)
+        return http.HttpSettings(keys, daemon.allowed_origins, daemon.allowed_hosts)
+
+    async def _start_http(self, nursery: trio.Nursery, source: ManagerSource) -> str | None:
+        """Listen for the HTTP API; returns "host:port", or None when it is off."""
+        setting = self.config.daemon.http
+        if setting == "off":
+            return None
+        host, port = parse_listen_address(setting)
+        metrics = Metrics(source)
+        nursery.start_soon(metrics.follow, self.hub)
+        self._http_api = http.HttpApi(source, self._http_settings(self.config), metrics)
+        try:
+            bound = await nursery.start(http.serve, self._http_api, host, port)
+        except Exception as exc:  # the bind failed: OSError, maybe inside a group
+            cause = first_leaf(exc)
+            reason = (cause.strerror if isinstance(cause, OSError) else None) or str(cause)
+            raise StartupError(
+                f"cannot listen for the HTTP API on {setting}: {reason}; set [daemon] "
+                'http to another "HOST:PORT", or "off"'
+            ) from None
+        address = http.listen_address(host, bound)
+        auth = "no API key needed" if self.config.daemon.auth == "none" else "API keys required"
+        log.info("HTTP API on http://%s (%s)", address, auth)
+        return address
+
     async def reload_config(self) -> Config:
         """Re-read models.toml; on error the old configuration stays in force."""
         source = self.config.source
@@ -145,7 +193,11 @@ class Daemon:
             raise LlamadError("llamad was started without a models.toml; nothing to reload")
         self.notifier.reloading()
         try:
-            self.config = load_config(source, self.environ)
+            config = load_config(source, self.environ)
+            if self._http_api is not None:
+                # A bad keys file rejects the whole reload, like a bad models.toml.
+                self._http_api.settings = self._http_settings(config)
+            self.config = config
         finally:
             self.notifier.ready()
         return self.config
@@ -170,6 +222,21 @@ class Daemon:
         while True:
             self.notifier.watchdog()
             await trio.sleep(interval)
+
+
+class _Dispatcher(Dispatcher):
+    """The dispatcher, with the HTTP API's address in ``status``.
+
+    Kept here so the HTTP API touches no line of dispatch.py while the model
+    pool rewrites it; fold into ``Dispatcher.status_reply`` when merging.
+    """
+
+    http: str | None = None
+    api_key_file: str | None = None
+
+    def status_reply(self, request_id: int) -> StatusReply:
+        reply = super().status_reply(request_id)
+        return msgspec.structs.replace(reply, http=self.http, api_key_file=self.api_key_file)
 
 
 def _status_line(manager: ModelManager) -> str:

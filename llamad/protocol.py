@@ -423,6 +423,8 @@ class StatusReply(_Message, frozen=True, kw_only=True, tag="status_reply"):
     active: str | None  # the model the user last loaded, if any
     models: list[ModelStatus]
     websocket: str | None = None  # "host:port" of the WebSocket, when enabled
+    http: str | None = None  # "host:port" of the HTTP API (OpenAI/Anthropic), when enabled
+    api_key_file: str | None = None  # where llamad's own API key is (read it; never sent)
 
 
 class Loaded(_Message, frozen=True, kw_only=True, tag="loaded"):
