@@ -84,7 +84,7 @@ def test_the_keys_file_must_be_private(tmp_path: Path, config: Config) -> None:
     path = tmp_path / "keys.toml"
     path.write_text(f'[[keys]]\nkey = "{KEY_A}"\n')
     path.chmod(0o644)
-    with pytest.raises(ConfigError, match="readable by other users.*chmod 600"):
+    with pytest.raises(ConfigError, match=r"readable by other users.*chmod 600"):
         read_keys_file(path, config)
     path.chmod(0o600)
     assert len(read_keys_file(path, config)) == 1
