@@ -21,14 +21,15 @@ body. A client that disconnects cancels its request upstream at once.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import AsyncGenerator, Iterable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import httpx
 import hypercorn.trio
@@ -52,6 +53,7 @@ from llamad.errors import (
     QueueFull,
     TooLarge,
     Unauthorized,
+    UpstreamError,
 )
 from llamad.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from llamad.metrics import Metrics
@@ -223,6 +225,10 @@ class HttpApi:
             self._count(exchange, CLIENT_GONE)
         except LlamadError as exc:
             await self._fail(exchange, exc)
+        except httpx.TransportError as exc:  # llama-server went away under the request
+            reason = str(exc) or type(exc).__name__
+            failure = UpstreamError(f"llama-server stopped answering: {reason}")
+            await self._fail(exchange, failure)
         except Exception:
             log.exception("HTTP API: internal error on %s %s", exchange.method, exchange.path)
             await self._fail(exchange, None)
@@ -416,7 +422,7 @@ class HttpApi:
                 else:
                     usage, first = await self._relay_whole(exchange, response, asked)
             finally:
-                await response.aclose()
+                await _close(response)
         if self.metrics is not None:
             self.metrics.request_done(
                 lease.name, exchange.endpoint, str(response.status_code), usage, first
@@ -433,12 +439,13 @@ class HttpApi:
         )
         rewriter = StreamRewriter(asked)
         first: float | None = None
-        async for data in response.aiter_raw():
-            out = rewriter.feed(data)
-            if first is None and rewriter.saw_token:
-                first = trio.current_time() - exchange.received
-            if out:
-                await exchange.body(out, more=True)
+        async with _chunks(response) as chunks:
+            async for data in chunks:
+                out = rewriter.feed(data)
+                if first is None and rewriter.saw_token:
+                    first = trio.current_time() - exchange.received
+                if out:
+                    await exchange.body(out, more=True)
         await exchange.body(rewriter.flush(), more=False)
         return rewriter.usage, first
 
@@ -486,11 +493,12 @@ class HttpApi:
                 content_type = response.headers.get("content-type", "application/octet-stream")
                 exchange.sse = content_type.startswith("text/event-stream")
                 await exchange.start(response.status_code, content_type.encode("latin-1"))
-                async for data in response.aiter_raw():
-                    await exchange.body(data, more=True)
+                async with _chunks(response) as chunks:
+                    async for data in chunks:
+                        await exchange.body(data, more=True)
                 await exchange.body(b"", more=False)
             finally:
-                await response.aclose()
+                await _close(response)
         if self.metrics is not None:
             self.metrics.request_done(lease.name, exchange.endpoint, str(response.status_code))
 
@@ -544,6 +552,21 @@ def _with_defaults(body: bytes, model: ModelConfig) -> bytes:
     """
     del model
     return body
+
+
+def _chunks(response: httpx.Response) -> contextlib.aclosing[AsyncGenerator[bytes, None]]:
+    """The body's bytes as they arrive, closed even when the relay is cancelled."""
+    return contextlib.aclosing(cast(AsyncGenerator[bytes, None], response.aiter_raw()))
+
+
+async def _close(response: httpx.Response) -> None:
+    """Close the upstream response even under cancellation.
+
+    Closing the connection is what tells llama-server to stop generating and
+    free the slot: a client that went away must not leave it running.
+    """
+    with trio.CancelScope(shield=True, deadline=trio.current_time() + UPSTREAM_CONNECT_SEC):
+        await response.aclose()
 
 
 async def _until_disconnect(exchange: _Exchange) -> None:
