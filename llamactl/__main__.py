@@ -15,7 +15,7 @@ from pathlib import Path
 
 import msgspec
 
-from llamactl import chat_commands
+from llamactl import api_key_command, chat_commands
 from llamactl.client import Client, ClientError, resolve_socket
 from llamactl.output import print_json
 from llamad.protocol import (
@@ -65,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("-f", "--follow", action="store_true")
     commands.add_parser("reload", parents=[common], help="re-read models.toml")
     chat_commands.add_parsers(commands, common, reading)
+    api_key_command.add_parser(commands, common)
     demo = commands.add_parser("demo-model", help="write a tiny random-weights GGUF model")
     demo.add_argument("path", type=Path)
     demo.add_argument("--variant", default="demo", help="demo or demo-b (default: demo)")
@@ -102,6 +103,9 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
         return 0
     print(f"llamad {reply.version}, pid {reply.pid}, up {_ago(time.time() - reply.uptime)}")
     print(f"config {reply.config_path}")
+    if reply.http is not None:
+        key = "key: `llamactl api-key`" if reply.api_key_file else "no key needed"
+        print(f"http   http://{reply.http}/v1 (OpenAI and Anthropic API; {key})")
     for model in reply.models:
         marker = "*" if model.name == reply.active else " "
         print(f"{marker} {model.name:<16} {_describe(model)}")
@@ -237,6 +241,7 @@ COMMANDS = {
     "reload": cmd_reload,
     "chat": chat_commands.cmd_chat,
     "history": chat_commands.cmd_history,
+    "api-key": api_key_command.cmd_api_key,
 }
 
 
