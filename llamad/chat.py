@@ -41,14 +41,12 @@ from llamad.errors import (
     ApprovalNotPending,
     ConversationBusy,
     EmptyMessage,
+    HistoryWriteError,
     ImageError,
     LlamadError,
-    RequestCancelled,
     UnknownTool,
-    UpstreamError,
 )
 from llamad.events import ChatEvent, EventHub, StateEvent
-from llamad.errors import HistoryWriteError
 from llamad.history import HistoryStore
 from llamad.images import MAX_IMAGES_PER_MESSAGE, data_uri, inspect_image
 from llamad.manager import ModelManager

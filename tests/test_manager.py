@@ -11,12 +11,11 @@ import trio
 import trio.lowlevel
 
 from llamad.config import parse_config
-from llamad.errors import LlamadError
+from llamad.errors import LlamadError, RequestCancelled
 from llamad.events import EventHub
 from llamad.llama_server import ServerBinary
 from llamad.manager import ModelManager, health_verdict
 from llamad.protocol import ModelStatus
-from llamad.errors import RequestCancelled
 from tests.conftest import FAKE_SERVER, short_tempdir
 
 
