@@ -32,9 +32,7 @@ KEY = "sk-test-key-0123456789abcdef"
 DEMO_ONLY = "sk-demo-only-0123456789abcdef"
 AUTH = {"authorization": f"Bearer {KEY}"}
 
-ROLE = (
-    b'data: {"choices":[{"delta":{"role":"assistant","content":null}}],"model":"x.gguf"}\n\n'
-)
+ROLE = b'data: {"choices":[{"delta":{"role":"assistant","content":null}}],"model":"x.gguf"}\n\n'
 TOKEN = b'data: {"choices":[{"delta":{"content":"hi"}}],"model":"x.gguf"}\n\n'
 FINAL = (
     b'data: {"choices":[],"model":"x.gguf","usage":{"prompt_tokens":5,"completion_tokens":2},'

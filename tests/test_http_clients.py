@@ -240,21 +240,14 @@ def test_a_client_leaving_mid_stream_frees_the_slot(
                   endpoint="chat_completions", status="499") == 5  # fmt: skip
 
 
-def test_who_may_use_it(make_llamad: MakeLlamad, demo_models: dict[str, Path]) -> None:
-    handle = make_llamad(demo_config(demo_models), 'default_model = "demo"\n')
-    keys = handle.runtime_dir / "keys.toml"
+def test_who_may_use_it(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path], tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys.toml"
     keys.write_text(f'[[keys]]\nname = "demo only"\nkey = "{LIMITED_KEY}"\nmodels = ["demo"]\n')
     keys.chmod(0o600)
-    config = handle.config_path.read_text().replace(
-        "[daemon]\n", f'[daemon]\napi_keys_file = "{keys}"\nallowed_origins = ["http://ok.example"]\n', 1
-    )
-    handle.config_path.write_text(config)
-    handle.start()
-    handle.wait_for("demo", lambda s: s.state == "ready")
-    with handle.client() as control:
-        reply = control.call(lambda i: Status(id=i))
-    assert isinstance(reply, StatusReply) and reply.http is not None
-    address = reply.http
+    daemon = f'api_keys_file = "{keys}"\nallowed_origins = ["http://ok.example"]\n'
+    _daemon, address, _key = start(make_llamad, demo_config(demo_models), daemon)
 
     limited = openai_client(address, LIMITED_KEY)
     reply = limited.chat.completions.create(model="demo", messages=HELLO, max_tokens=2)
