@@ -80,6 +80,10 @@ log = logging.getLogger(__name__)
 # (llamad.images), 13.4 MiB as base64: one fits, a runaway upload does not.
 MAX_BODY_BYTES = 16 * 1024 * 1024
 UPSTREAM_CONNECT_SEC = 10.0
+# Upstream chunks (one SSE event each, from llama-server) read ahead of a slow
+# client: enough to batch a fast stream, bounded so a stuck client stalls
+# llama-server rather than growing llamad's memory.
+STREAM_QUEUE_CHUNKS = 1024
 CLIENT_GONE = "499"  # the requests metric's status when the client went away (nginx's code)
 _JSON = b"application/json"
 _SSE = b"text/event-stream"
@@ -439,13 +443,21 @@ class HttpApi:
         )
         rewriter = StreamRewriter(asked)
         first: float | None = None
-        async with _chunks(response) as chunks:
-            async for data in chunks:
-                out = rewriter.feed(data)
-                if first is None and rewriter.saw_token:
-                    first = trio.current_time() - exchange.received
-                if out:
-                    await exchange.body(out, more=True)
+        send, receive = trio.open_memory_channel[bytes](STREAM_QUEUE_CHUNKS)
+
+        async def write() -> None:
+            nonlocal first
+            async with receive:
+                async for data in receive:
+                    # Whatever else arrived while the last write went out goes
+                    # out with this one: one write per turn, not one per token.
+                    out = rewriter.feed(_with_waiting(data, receive))
+                    if first is None and rewriter.saw_token:
+                        first = trio.current_time() - exchange.received
+                    if out:
+                        await exchange.body(out, more=True)
+
+        await beside(write, functools.partial(_read_upstream, response, send))
         await exchange.body(rewriter.flush(), more=False)
         return rewriter.usage, first
 
@@ -552,6 +564,28 @@ def _with_defaults(body: bytes, model: ModelConfig) -> bytes:
     """
     del model
     return body
+
+
+async def _read_upstream(response: httpx.Response, send: trio.MemorySendChannel[bytes]) -> None:
+    async with send, _chunks(response) as chunks:
+        async for data in chunks:
+            # No checkpoint while httpx has parsed chunks in hand: all of one
+            # socket read is queued before the writer runs again.
+            try:
+                send.send_nowait(data)
+            except trio.WouldBlock:
+                await send.send(data)
+
+
+def _with_waiting(data: bytes, receive: trio.MemoryReceiveChannel[bytes]) -> bytes:
+    """``data`` and every chunk already queued behind it, joined."""
+    parts = [data]
+    while True:
+        try:
+            parts.append(receive.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            break
+    return data if len(parts) == 1 else b"".join(parts)
 
 
 def _chunks(response: httpx.Response) -> contextlib.aclosing[AsyncGenerator[bytes, None]]:
