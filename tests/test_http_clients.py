@@ -77,6 +77,9 @@ def test_openai_client_lists_and_chats(
     daemon, address, key = start(make_llamad, demo_config(demo_models, aliases=[]))
     status = daemon.ctl("status")
     assert f"http   http://{address}/v1" in status.stdout
+    exports = daemon.ctl("api-key", "--env").stdout
+    assert f"export OPENAI_BASE_URL=http://{address}/v1" in exports
+    assert f"export ANTHROPIC_API_KEY={key}" in exports
     client = openai_client(address, key)
     listed = {model.id: model for model in client.models.list()}
     assert set(listed) == {"demo", "demo-b"}
@@ -247,7 +250,7 @@ def test_who_may_use_it(
     keys.write_text(f'[[keys]]\nname = "demo only"\nkey = "{LIMITED_KEY}"\nmodels = ["demo"]\n')
     keys.chmod(0o600)
     daemon = f'api_keys_file = "{keys}"\nallowed_origins = ["http://ok.example"]\n'
-    _daemon, address, _key = start(make_llamad, demo_config(demo_models), daemon)
+    handle, address, _key = start(make_llamad, demo_config(demo_models), daemon)
 
     limited = openai_client(address, LIMITED_KEY)
     reply = limited.chat.completions.create(model="demo", messages=HELLO, max_tokens=2)
@@ -279,6 +282,12 @@ def test_who_may_use_it(
     # The daemon carried on.
     reply = limited.chat.completions.create(model="demo", messages=HELLO, max_tokens=2)
     assert reply.model == "demo"
+    # A reload re-reads the keys file: the limited key now may use demo-b too.
+    keys.write_text(f'[[keys]]\nname = "both"\nkey = "{LIMITED_KEY}"\n')
+    reloaded = handle.ctl("reload")
+    assert reloaded.returncode == 0, reloaded.stderr
+    reply = limited.chat.completions.create(model="demo-b", messages=HELLO, max_tokens=2)
+    assert reply.model == "demo-b"
 
 
 def test_metrics_move_with_requests(make_llamad: MakeLlamad, demo_models: dict[str, Path]) -> None:

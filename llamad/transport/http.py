@@ -279,8 +279,10 @@ class HttpApi:
 
     async def _handle(self, exchange: _Exchange) -> None:
         settings = self.settings
+        # HTTP/2 carries the host as :authority.
+        host = exchange.headers.get("host") or exchange.headers.get(":authority", "")
         rejection = check_host_and_origin(
-            exchange.headers.get("host", ""),
+            host,
             exchange.headers.get("origin"),
             allowed_origins=settings.allowed_origins,
             allowed_hosts=settings.allowed_hosts,
@@ -650,7 +652,9 @@ async def serve(
     config = HypercornConfig()
     config.bind = [listen_address(host, port)]
     config.accesslog = None
-    config.errorlog = logging.getLogger("llamad.http.server")
+    server_log = logging.getLogger("llamad.http.server")
+    server_log.setLevel(logging.WARNING)  # not hypercorn's "Running on … (CTRL + C to quit)"
+    config.errorlog = server_log
     config.include_server_header = False
     config.keep_alive_timeout = 30.0  # clients reuse a connection between a user's turns
     config.graceful_timeout = 1.0
