@@ -52,9 +52,9 @@ class ManagerSource:
 
     @contextlib.asynccontextmanager
     async def acquire(
-        self, name: str, *, keep_alive: float | None = None
+        self, name: str, *, keep_alive: float | None = None, slot: bool = True
     ) -> AsyncIterator[ManagerLease]:
-        del keep_alive  # the pool's business
+        del keep_alive, slot  # the pool's business: llama-server queues for its slots here
         supervisor = await self._manager.ensure_loaded(name)
         async with supervisor.serving() as scope:
             endpoint = supervisor.endpoint

@@ -53,7 +53,7 @@ class FakeSource:
     config: Config
     client: httpx.AsyncClient
     fail: LlamadError | None = None
-    acquired: list[tuple[str, float | None]] = field(default_factory=list)
+    acquired: list[tuple[str, float | None, bool]] = field(default_factory=list)
 
     def resolve(self, name: str) -> ModelConfig:
         return self.config.resolve(name)
@@ -65,9 +65,9 @@ class FakeSource:
 
     @contextlib.asynccontextmanager
     async def acquire(
-        self, name: str, *, keep_alive: float | None = None
+        self, name: str, *, keep_alive: float | None = None, slot: bool = True
     ) -> AsyncIterator[FakeLease]:
-        self.acquired.append((name, keep_alive))
+        self.acquired.append((name, keep_alive, slot))
         if self.fail is not None:
             raise self.fail
         yield FakeLease(self.resolve(name).name, self.client)
@@ -144,7 +144,7 @@ async def test_a_reply_names_the_model_asked_for_and_keep_alive_goes_to_the_pool
         )
     assert reply.status_code == 200
     assert reply.json()["model"] == "d"
-    assert api.source.acquired == [("d", 300.0)]
+    assert api.source.acquired == [("d", 300.0, True)]
     sent = json.loads(api.upstream.bodies[0])
     assert "keep_alive" not in sent and sent["model"] == "d"
     assert api.upstream.seen[0].url.path == "/v1/chat/completions"
@@ -392,7 +392,7 @@ async def test_upstream_passes_any_request_through(api: Api) -> None:
     assert reply.json() == {"path": "/tokenize", "query": "x=1"}
     assert api.upstream.seen[0].method == "POST"
     assert json.loads(api.upstream.bodies[0]) == {"content": "a"}
-    assert api.source.acquired == [("d", None)]
+    assert api.source.acquired == [("d", None, False)]  # no slot for /slots
     assert nameless.status_code == 404
 
 

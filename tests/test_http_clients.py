@@ -106,6 +106,13 @@ def test_openai_client_lists_and_chats(
     assert text and first is not None
     completion = client.completions.create(model="demo", prompt="once upon", max_tokens=4)
     assert completion.model == "demo" and completion.choices[0].text
+    auth = {"authorization": f"Bearer {key}"}
+    props = httpx.get(f"http://{address}/upstream/demo-b/props", headers=auth, timeout=30)
+    assert props.status_code == 200 and "default_generation_settings" in props.json()
+    tokens = httpx.post(
+        f"http://{address}/upstream/demo/tokenize", json={"content": "hello"}, headers=auth
+    )
+    assert tokens.status_code == 200 and tokens.json()["tokens"]
     # Nothing of this is chat history: that is llamad's own protocol's.
     history = json.loads(daemon.ctl("history", "list", "--json").stdout)
     assert history == []

@@ -126,8 +126,10 @@ class ModelSource(Protocol):
     def statuses(self) -> dict[str, ModelStatus]: ...
 
     def acquire(
-        self, name: str, *, keep_alive: float | None = None
-    ) -> AbstractAsyncContextManager[Lease]: ...
+        self, name: str, *, keep_alive: float | None = None, slot: bool = True
+    ) -> AbstractAsyncContextManager[Lease]:
+        """Hold ``name`` loaded (and, with ``slot``, one of its slots) for one request."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -494,7 +496,8 @@ class HttpApi:
     async def _pass_through(
         self, exchange: _Exchange, name: str, target: str, headers: dict[str, str], body: bytes
     ) -> None:
-        async with self.source.acquire(name) as lease:
+        # No slot: /slots or /metrics must answer while every slot is generating.
+        async with self.source.acquire(name, slot=False) as lease:
             upstream = lease.client.build_request(
                 exchange.method,
                 target,
