@@ -40,10 +40,6 @@ class ManagerSource:
     def config(self) -> Config:
         return self._manager.config
 
-    @property
-    def hub(self) -> object:
-        return self._manager.hub
-
     def resolve(self, name: str) -> ModelConfig:
         return self._manager.resolve(name).model
 
@@ -64,8 +60,3 @@ class ManagerSource:
                 client = http_client(endpoint, 10.0, keepalive=False)
                 self._clients[endpoint] = client
             yield ManagerLease(supervisor.model.name, supervisor.model, client, scope)
-
-    async def aclose(self) -> None:
-        for client in self._clients.values():
-            await client.aclose()
-        self._clients.clear()
