@@ -259,9 +259,16 @@ class Metrics:
         """Count state changes and finished chats for as long as llamad runs."""
         while True:
             with hub.subscribe(frozenset({"state", "chat"})) as subscription:
-                async for batch in subscription.batches():
-                    for event in batch:
-                        self.observe(event)
+                receive = subscription.receive
+                # Every chat delta comes here too: drain what is queued per
+                # wake-up, without batches()' merging of deltas nobody reads.
+                async for event in receive:
+                    self.observe(event)
+                    while True:
+                        try:
+                            self.observe(receive.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
                 if not subscription.overflowed:
                     return
             # Cut off for falling behind (a burst of deltas): count on from here.
