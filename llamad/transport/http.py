@@ -49,6 +49,7 @@ from llamad.config import Config, ModelConfig, is_loopback
 from llamad.errors import (
     Forbidden,
     LlamadError,
+    MethodNotAllowed,
     NotFound,
     QueueFull,
     TooLarge,
@@ -267,7 +268,7 @@ class HttpApi:
         if isinstance(exc, TooLarge):
             # The rest of the body is not read; the connection cannot be reused.
             extra.append((b"connection", b"close"))
-        if isinstance(exc, _MethodNotAllowed):
+        if isinstance(exc, MethodNotAllowed):
             extra.append((b"allow", exc.allow.encode()))
         await exchange.answer(
             status, error_body(status, code, message, anthropic=anthropic), extra=extra
@@ -546,18 +547,9 @@ class HttpApi:
                 return b"".join(chunks)
 
 
-class _MethodNotAllowed(LlamadError):
-    code = "bad_request"
-    http_status = 405
-
-    def __init__(self, method: str, allow: str) -> None:
-        self.allow = allow
-        super().__init__(f"{method} is not allowed here; use {allow}")
-
-
 def _allow(method: str, allow: str) -> None:
     if method not in (m.strip() for m in allow.split(",")):
-        raise _MethodNotAllowed(method, allow)
+        raise MethodNotAllowed(method, allow)
 
 
 def _with_defaults(body: bytes, model: ModelConfig) -> bytes:
