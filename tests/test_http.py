@@ -341,6 +341,8 @@ async def test_keys(api: Api) -> None:
     assert metrics_full.status_code == 200
     assert metrics_full.headers["content-type"].startswith("text/plain")
     assert upstream_refused.status_code == 403
+    refused_keys = {"model": "demo-b", "endpoint": "upstream", "status": "403"}
+    assert _sample(api.metrics, "llamad_requests_total", **refused_keys) == 1
 
 
 async def test_auth_none_needs_no_key(api: Api) -> None:

@@ -310,16 +310,16 @@ class HttpApi:
             _allow(method, "GET, HEAD")
             await exchange.answer(200, b'{"status":"ok"}')
             return
+        # Counted from here on, refused keys included.
+        exchange.endpoint = RELAYED.get(path, "upstream" if path.startswith("/upstream/") else "")
         exchange.key = self._authenticate(exchange)
         if path in RELAYED:
-            exchange.endpoint = RELAYED[path]
             _allow(method, "POST")
             await self._relay(exchange)
         elif path == "/v1/models" or path.startswith("/v1/models/"):
             _allow(method, "GET")
             await self._models(exchange, path.removeprefix("/v1/models").lstrip("/"))
         elif path.startswith("/upstream/"):
-            exchange.endpoint = "upstream"
             await self._upstream(exchange)
         elif path == "/metrics":
             _allow(method, "GET")
