@@ -57,6 +57,7 @@ class Daemon:
         self.hub = EventHub()
         self._websocket_server: WebSocketServer | None = None
         self._http_api: http.HttpApi | None = None
+        self._dispatcher: _Dispatcher | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # One line per health probe would drown the journal.
@@ -92,8 +93,8 @@ class Daemon:
                         manager, engine, nursery, self.reload_config, websocket=websocket
                     )
                     dispatcher.http = http_address
-                    if http_address is not None:
-                        dispatcher.api_key_file = str(self._own_key_path())
+                    self._dispatcher = dispatcher
+                    self._show_key_file(self.config)
                     if self._websocket_server is not None:
                         self._websocket_server.dispatcher = dispatcher
                     await nursery.start(ControlServer(dispatcher).serve, listener)
@@ -151,8 +152,13 @@ class Daemon:
 
     # ----------------------------------------------------------- the HTTP API
 
-    def _own_key_path(self) -> Path:
-        return self.config.daemon.data_dir / "api_key"
+    def _show_key_file(self, config: Config) -> None:
+        """Tell ``status`` (and so ``llamactl api-key``) where llamad's key is, if one is used."""
+        if self._dispatcher is None:
+            return
+        uses_key = self._http_api is not None and config.daemon.auth == "keys"
+        key_file = config.daemon.data_dir / "api_key"
+        self._dispatcher.api_key_file = str(key_file) if uses_key else None
 
     def _http_settings(self, config: Config) -> http.HttpSettings:
         """Keys and allowed origins/hosts; ``ConfigError`` for a bad keys file."""
@@ -198,6 +204,7 @@ class Daemon:
                 # A bad keys file rejects the whole reload, like a bad models.toml.
                 self._http_api.settings = self._http_settings(config)
             self.config = config
+            self._show_key_file(config)
         finally:
             self.notifier.ready()
         return self.config

@@ -320,3 +320,18 @@ def test_metrics_move_with_requests(make_llamad: MakeLlamad, demo_models: dict[s
     assert metric(address, key, "llamad_model_state", model="demo", state="ready") == 1
     assert metric(address, key, "llamad_time_to_first_token_seconds_count", model="demo") >= 2
     assert metric(address, key, "process_resident_memory_bytes") > 1e6
+
+
+def test_auth_none_on_loopback(make_llamad: MakeLlamad, demo_models: dict[str, Path]) -> None:
+    handle = make_llamad(demo_config(demo_models), 'default_model = "demo"\nauth = "none"\n')
+    handle.start()
+    handle.wait_for("demo", lambda s: s.state == "ready")
+    with handle.client() as control:
+        reply = control.call(lambda i: Status(id=i))
+    assert isinstance(reply, StatusReply) and reply.http is not None
+    assert reply.api_key_file is None
+    assert "no key needed" in handle.ctl("status").stdout
+    refused = handle.ctl("api-key")
+    assert refused.returncode == 1 and 'auth = "none"' in refused.stderr
+    listed = httpx.get(f"http://{reply.http}/v1/models")
+    assert listed.status_code == 200 and len(listed.json()["data"]) == 2
