@@ -410,3 +410,29 @@ def _sample(metrics: Metrics, name: str, **labels: str) -> float:
 
 async def _streamed(data: bytes) -> AsyncIterator[bytes]:
     yield data
+
+
+async def test_a_client_hanging_up_after_done_was_served(api: Api) -> None:
+    async def respond(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200, headers={"content-type": "text/event-stream"}, content=_streamed(TOKEN + FINAL)
+        )
+
+    api.upstream.respond = respond
+    body = json.dumps(chat(stream=True)).encode()
+    port = int(api.url.rpartition(":")[2])
+    for _ in range(20):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Authorization: Bearer " + KEY.encode() + b"\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        received = b""
+        while b"data: [DONE]" not in received:  # as a client does: stop reading at [DONE]
+            received += await stream.receive_some()
+        await stream.aclose()
+    await trio.testing.wait_all_tasks_blocked()
+    served = {"model": "demo", "endpoint": "chat_completions", "status": "200"}
+    assert _sample(api.metrics, "llamad_requests_total", **served) == 20
+    assert _sample(api.metrics, "llamad_tokens_total", model="demo", direction="out") == 40

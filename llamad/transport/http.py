@@ -162,6 +162,7 @@ class _Exchange:
     started: bool = False  # the status line went out
     sse: bool = False
     finished: bool = False
+    upstream_done: bool = False  # llama-server's answer has been read to its end
     key: ApiKey | None = None
     metric_model: str = ""  # the configured model, once known
     endpoint: str = ""
@@ -462,7 +463,11 @@ class HttpApi:
                     if out:
                         await exchange.body(out, more=True)
 
-        await beside(write, functools.partial(_read_upstream, response, send))
+        async def read() -> None:
+            await _read_upstream(response, send)
+            exchange.upstream_done = True
+
+        await beside(write, read)
         await exchange.body(rewriter.flush(), more=False)
         return rewriter.usage, first
 
@@ -606,8 +611,10 @@ async def _until_disconnect(exchange: _Exchange) -> None:
         message = await exchange.receive()
         if message["type"] == "http.disconnect":
             # The server reports the end of every exchange as a disconnect,
-            # also one that ended because the whole answer went out.
-            if exchange.finished:
+            # also one that ended because the whole answer went out; and a
+            # client may hang up once it has read "[DONE]", before the last
+            # empty chunk: the request was served all the same.
+            if exchange.finished or exchange.upstream_done:
                 return
             raise ClientGone
 
