@@ -349,9 +349,9 @@ class App:
     def _apply(self, message: ServerMessage) -> None:
         view = self.view
         match message:
-            case StatusReply(models=models, active=active):
+            case StatusReply(models=models, default_model=default_model):
                 view.models = {m.name: m for m in models}
-                view.active_model = active
+                view.active_model = default_model
             case StateChanged(model=status):
                 view.models[status.name] = status
                 if status.state in ("starting", "ready"):
@@ -379,7 +379,8 @@ class App:
                     view.current = conversation.id
                 if all(c.id != conversation.id for c in view.conversations):
                     view.conversations.insert(0, conversation)
-                view.add_user(conversation.id, user)
+                if user is not None:
+                    view.add_user(conversation.id, user)
             case ChatDelta(conversation=conversation, text=text):
                 view.add_delta(conversation, text)
             case ToolCallEvent(conversation=conversation, call=call):

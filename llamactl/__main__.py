@@ -10,14 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import msgspec
 
-from llamactl import api_key_command, chat_commands
+from llamactl import api_key_command, chat_commands, pool_commands
 from llamactl.client import Client, ClientError, resolve_socket
-from llamactl.output import print_json
+from llamactl.output import memory_line, print_json
 from llamad.protocol import (
     Health,
     HealthReply,
@@ -50,15 +50,22 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("status", parents=[reading], help="daemon and model states")
     commands.add_parser("models", parents=[reading], help="configured models and their files")
-    load = commands.add_parser("load", parents=[common], help="switch to a model")
+    load = commands.add_parser(
+        "load", parents=[common], help="load a model (evicting idle ones if memory requires)"
+    )
     load.add_argument("model", help="model name or alias")
     load.add_argument("--no-wait", action="store_true", help="return once the load has begun")
+    load.add_argument("--only", action="store_true", help="unload every other model first")
     unload = commands.add_parser("unload", parents=[common], help="stop a model (default: all)")
     unload.add_argument("model", nargs="?")
     restart = commands.add_parser("restart", parents=[common], help="restart a model")
     restart.add_argument("model", nargs="?", help="default: the active model")
     restart.add_argument("--no-wait", action="store_true")
-    commands.add_parser("health", parents=[reading], help="monitoring check (exit 0/1/2/3)")
+    health = commands.add_parser(
+        "health", parents=[reading], help="monitoring check (exit 0/1/2/3)"
+    )
+    health.add_argument("model", nargs="?", help="check this model only")
+    commands.add_parser("ps", parents=[reading], help="resident models: memory, requests, idle")
     logs = commands.add_parser("logs", parents=[reading], help="llama-server output")
     logs.add_argument("model", nargs="?", help="default: the active model")
     logs.add_argument("-n", "--lines", type=int, default=50, metavar="N")
@@ -103,13 +110,14 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
         return 0
     print(f"llamad {reply.version}, pid {reply.pid}, up {_ago(time.time() - reply.uptime)}")
     print(f"config {reply.config_path}")
+    print(memory_line(reply.memory))
     if reply.http is not None:
         key = "key: `llamactl api-key`" if reply.api_key_file else "no key needed"
         print(f"http   http://{reply.http}/v1 (OpenAI and Anthropic API; {key})")
     for model in reply.models:
-        marker = "*" if model.name == reply.active else " "
+        marker = "*" if model.expected else " "
         print(f"{marker} {model.name:<16} {_describe(model)}")
-    if reply.active is None:
+    if not any(model.expected for model in reply.models):
         print("no model loaded; try `llamactl load NAME`")
     return 0
 
@@ -129,24 +137,19 @@ def cmd_models(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-def _follow_load(client: Client, make: type[Load] | type[Restart], args: argparse.Namespace) -> int:
-    name = args.model
-    if args.no_wait:
-        reply = client.call(lambda i: make(id=i, model=name, wait=False))
-        assert isinstance(reply, Ok)
-        print(reply.message)
-        return 0
+def _follow_load(client: Client, make: Callable[[int], Load | Restart]) -> int:
     client.set_timeout(None)  # a big model may take minutes; llamad enforces ready_timeout_sec
-    last = ""
-    for message in client.stream(lambda i: make(id=i, model=name, wait=True)):
+    shown: dict[str, str] = {}
+    for message in client.stream(make):
         if isinstance(message, StateChanged):
+            # Every model's changes: a load may evict others, and says so.
             status = message.model
             line = f"{status.name}: {status.state}" + (
                 f" ({status.reason})" if status.reason else ""
             )
-            if line != last:
+            if shown.get(status.name) != line:
                 print(line, file=sys.stderr)
-                last = line
+                shown[status.name] = line
         elif isinstance(message, Loaded):
             print(
                 f"{message.model} ready in {message.seconds:.2f} s "
@@ -155,12 +158,23 @@ def _follow_load(client: Client, make: type[Load] | type[Restart], args: argpars
     return 0
 
 
+def _no_wait(client: Client, request: Load | Restart) -> int:
+    reply = client.call(lambda i: msgspec.structs.replace(request, id=i))
+    assert isinstance(reply, Ok)
+    print(reply.message)
+    return 0
+
+
 def cmd_load(client: Client, args: argparse.Namespace) -> int:
-    return _follow_load(client, Load, args)
+    if args.no_wait:
+        return _no_wait(client, Load(id=0, model=args.model, wait=False, only=args.only))
+    return _follow_load(client, lambda i: Load(id=i, model=args.model, only=args.only))
 
 
 def cmd_restart(client: Client, args: argparse.Namespace) -> int:
-    return _follow_load(client, Restart, args)
+    if args.no_wait:
+        return _no_wait(client, Restart(id=0, model=args.model, wait=False))
+    return _follow_load(client, lambda i: Restart(id=i, model=args.model))
 
 
 def cmd_unload(client: Client, args: argparse.Namespace) -> int:
@@ -172,7 +186,7 @@ def cmd_unload(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_health(client: Client, args: argparse.Namespace) -> int:
-    reply = client.call(lambda i: Health(id=i))
+    reply = client.call(lambda i: Health(id=i, model=args.model))
     assert isinstance(reply, HealthReply)
     if args.json:
         print_json(reply)
@@ -237,6 +251,7 @@ COMMANDS = {
     "unload": cmd_unload,
     "restart": cmd_restart,
     "health": cmd_health,
+    "ps": pool_commands.cmd_ps,
     "logs": cmd_logs,
     "reload": cmd_reload,
     "chat": chat_commands.cmd_chat,

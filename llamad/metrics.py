@@ -4,8 +4,7 @@ Three sources, kept apart so nothing else in llamad knows metrics exist:
 
 - **at scrape time**, a collector reads ``statuses()`` (the pool's, or any
   source with that method): each model's state, requests in flight and
-  waiting, and memory (the figures the status carries; RSS of the process
-  otherwise);
+  waiting, and memory (estimated and measured, as the status carries them);
 - **the event hub**: ``follow`` subscribes to the ``state`` topic and counts
   transitions (``transition`` is pure: a load is starting → ready and its
   ``ready_seconds``; backoff is a restart; failed with "crash loop"; stopping
@@ -25,7 +24,6 @@ from typing import Literal, Protocol
 
 import msgspec
 import prometheus_client
-import psutil
 import trio
 import trio.lowlevel
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
@@ -60,6 +58,8 @@ def transition(previous: ModelState | None, status: ModelStatus) -> Transition |
     """
     if status.state == previous:
         return None
+    # A stop may show as stopping then stopped, or (quick enough) stopped alone.
+    stopping = status.state in ("stopping", "stopped") and previous not in ("stopping", "stopped")
     match status.state:
         case "ready" if previous == "starting":
             return "load"
@@ -67,9 +67,9 @@ def transition(previous: ModelState | None, status: ModelStatus) -> Transition |
             return "restart"
         case "failed" if "crash loop" in status.reason:
             return "crash_loop"
-        case "stopping" if status.reason.startswith("evicted"):
+        case _ if stopping and status.reason.startswith("evicted"):
             return "eviction"
-        case "stopping" if status.reason.startswith("idle"):
+        case _ if stopping and status.reason.startswith("idle"):
             return "idle_unload"
     return None
 
@@ -77,18 +77,10 @@ def transition(previous: ModelState | None, status: ModelStatus) -> Transition |
 def memory_figures(status: ModelStatus) -> dict[str, float]:
     """A status's memory figures by kind (``estimated_host``, ``measured_rss``…).
 
-    Reads whatever numeric fields the status's ``memory`` carries (the pool
-    estimates and measures them); without one, the process's RSS.
+    Every number the status's ``memory`` carries (the pool estimates them from
+    the GGUF and measures the running server); a figure not known is left out.
     """
-    memory = getattr(status, "memory", None)
-    if isinstance(memory, msgspec.Struct):
-        return dict(_numbers(msgspec.to_builtins(memory), ""))
-    if status.pid is None:
-        return {}
-    try:
-        return {"measured_rss": float(psutil.Process(status.pid).memory_info().rss)}
-    except psutil.Error:
-        return {}
+    return dict(_numbers(msgspec.to_builtins(status.memory), ""))
 
 
 def _numbers(value: object, prefix: str) -> Iterator[tuple[str, float]]:

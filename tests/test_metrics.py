@@ -5,9 +5,6 @@ Rendered output is read back with prometheus_client's own parser, as Prometheus 
 
 from __future__ import annotations
 
-import os
-
-import msgspec
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
@@ -15,7 +12,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from llamad.events import ChatEvent, EventHub, StateEvent
 from llamad.metrics import Metrics, memory_figures, transition
 from llamad.openai_api import Usage
-from llamad.protocol import ChatDone, Message, MessageStats, ModelState, ModelStatus, TextPart
+from llamad.protocol import (
+    ChatDone,
+    Message,
+    MessageStats,
+    ModelMemory,
+    ModelState,
+    ModelStatus,
+    TextPart,
+)
 
 
 def status(name: str, state: ModelState, reason: str = "", **extra: object) -> ModelStatus:
@@ -56,6 +61,9 @@ def value(metrics: Metrics, name: str, **labels: str) -> float:
         ("ready", "stopping", "evicted for qwen (needs 4 GiB)", "eviction"),
         ("ready", "stopping", "idle for 300 s", "idle_unload"),
         ("ready", "stopping", "unloaded", None),
+        ("ready", "stopped", "evicted for b", "eviction"),  # too quick to show stopping
+        ("stopping", "stopped", "evicted for b", None),  # counted at stopping
+        ("ready", "stopped", "idle for 5 min", "idle_unload"),
         (None, "starting", "", None),
     ],
 )
@@ -128,12 +136,14 @@ def test_chats_over_the_protocol_count_like_http_requests() -> None:
 def test_gauges_are_read_at_scrape_time() -> None:
     source = Source()
     metrics = Metrics(source)
-    source.current = {"a": status("a", "ready", in_flight=2, waiting=3, pid=os.getpid())}
+    memory = ModelMemory(estimated_host=3_000_000, measured_rss=2_000_000)
+    source.current = {"a": status("a", "ready", in_flight=2, waiting=3, memory=memory)}
     assert value(metrics, "llamad_model_state", model="a", state="ready") == 1
     assert value(metrics, "llamad_model_state", model="a", state="stopped") == 0
     assert value(metrics, "llamad_model_requests_in_flight", model="a") == 2
     assert value(metrics, "llamad_model_requests_waiting", model="a") == 3
-    assert value(metrics, "llamad_model_memory_bytes", model="a", kind="measured_rss") > 1e6
+    assert value(metrics, "llamad_model_memory_bytes", model="a", kind="measured_rss") == 2e6
+    assert value(metrics, "llamad_model_memory_bytes", model="a", kind="estimated_host") == 3e6
     assert value(metrics, "process_resident_memory_bytes") > 1e6  # llamad's own
     source.current = {"a": status("a", "stopped")}
     assert value(metrics, "llamad_model_state", model="a", state="stopped") == 1
@@ -141,21 +151,10 @@ def test_gauges_are_read_at_scrape_time() -> None:
         not in samples(metrics)  # fmt: skip
 
 
-def test_memory_figures_come_from_the_status_when_it_has_them() -> None:
-    class Side(msgspec.Struct, frozen=True):
-        host: int = 100
-        gpu: int | None = None
-
-    class Memory(msgspec.Struct, frozen=True):
-        estimated: Side = Side()
-        measured_rss: int = 90
-        note: str = "x"
-
-    class WithMemory(ModelStatus, frozen=True, kw_only=True):
-        memory: Memory = Memory()
-
-    figures = memory_figures(WithMemory(name="a", state="ready", since=0.0, pid=os.getpid()))
-    assert figures == {"estimated_host": 100.0, "measured_rss": 90.0}
+def test_memory_figures_are_those_the_status_knows() -> None:
+    memory = ModelMemory(estimated_host=100, estimated_gpu=0, measured_rss=90)
+    figures = memory_figures(status("a", "ready", memory=memory))
+    assert figures == {"estimated_host": 100.0, "estimated_gpu": 0.0, "measured_rss": 90.0}
 
 
 async def test_follow_counts_what_the_hub_publishes() -> None:

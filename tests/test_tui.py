@@ -139,7 +139,7 @@ def test_model_picker_shows_loading_then_ready(
     make_llamad: MakeLlamad, tmp_path: Path, tui: Callable[..., Tmux]
 ) -> None:
     model = tmp_path / "fake.gguf"
-    model.write_bytes(b"GGUF")
+    model.write_bytes(b"GGUF\x03\x00\x00\x00")
     daemon = make_llamad(
         f'[models.fast]\npath = "{model}"\n'
         f'[models.slow]\npath = "{model}"\nargs = ["--fake-ready-after", "5"]\n',
