@@ -20,15 +20,12 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import llamad
 from llamad.protocol import Status, StatusReply
 from tests.conftest import Llamad, demo_config
 
 pytestmark = pytest.mark.server
 
 MakeLlamad = Callable[..., Llamad]
-# By file, not by import: the shared venv's editable install would find another checkout's.
-HAS_POOL = (Path(llamad.__file__).parent / "pool.py").is_file()
 LIMITED_KEY = "sk-only-demo-0123456789abcdef"
 HELLO = [{"role": "user", "content": "hello"}]
 
@@ -121,17 +118,49 @@ def test_openai_client_lists_and_chats(
 def test_one_client_asks_for_one_model_then_another(
     make_llamad: MakeLlamad, demo_models: dict[str, Path]
 ) -> None:
-    daemon, address, key = start(make_llamad, demo_config(demo_models))
+    # Room for one model: every change of model is a swap.
+    _daemon, address, key = start(make_llamad, demo_config(demo_models), "max_models = 1\n")
     client = openai_client(address, key)
     for model in ("demo", "demo-b", "demo"):
         reply = client.chat.completions.create(model=model, messages=HELLO, max_tokens=4)
         assert reply.model == model
-    assert daemon.status("demo").state == "ready"
+    assert metric(address, key, "llamad_model_evictions_total", model="demo") == 1
+    assert metric(address, key, "llamad_model_evictions_total", model="demo-b") == 1
+    assert metric(address, key, "llamad_model_loads_total", model="demo") == 2
 
 
-@pytest.mark.xfail(
-    not HAS_POOL, reason="two models at once needs the model pool (issue 12)", strict=False
-)
+def test_keep_alive_zero_unloads_once_the_request_is_done(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path]
+) -> None:
+    daemon, address, key = start(make_llamad, demo_config(demo_models))
+    client = openai_client(address, key)
+    reply = client.chat.completions.create(
+        model="demo-b", messages=HELLO, max_tokens=4, extra_body={"keep_alive": 0}
+    )
+    assert reply.model == "demo-b"
+    daemon.wait_for("demo-b", lambda s: s.state == "stopped", timeout=10)
+    assert daemon.status("demo").state == "ready"  # the others are left alone
+    assert metric(address, key, "llamad_model_idle_unloads_total", model="demo-b") == 1
+
+
+def test_a_full_queue_is_429_with_retry_after(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path]
+) -> None:
+    _daemon, address, key = start(
+        make_llamad, demo_config(demo_models, ctx_size=8192, max_concurrent=1)
+    )
+    client = openai_client(address, key)
+    stream = client.chat.completions.create(
+        model="demo", messages=HELLO, max_tokens=4000, stream=True, extra_body={"ignore_eos": True}
+    )
+    next(iter(stream))  # the first request holds the model's one place
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(model="demo", messages=HELLO, max_tokens=2)
+    assert int(refused.value.response.headers["retry-after"]) >= 1
+    assert "max_concurrent" in str(refused.value)
+    stream.close()
+
+
 def test_two_models_stream_in_parallel(
     make_llamad: MakeLlamad, demo_models: dict[str, Path]
 ) -> None:
