@@ -222,6 +222,7 @@ def running_daemon(
     binary: Path | None = None,
     default_model: str | None = None,
     websocket: str = "127.0.0.1:0",
+    http: str = "127.0.0.1:0",
     prefix: str = "llamad-bench-",
     daemon_extra: str = "",
 ) -> Iterator[Daemon]:
@@ -235,6 +236,7 @@ def running_daemon(
         runtime_dir = "{work}"
         data_dir = "{work / "data"}"
         websocket = "{websocket}"
+        http = "{http}"
         """
     )
     if default_model:

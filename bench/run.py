@@ -51,6 +51,18 @@ def _relay_capacity(quick: bool) -> list[Figure]:
     return relay.capacity(rounds=3, single_tokens=50_000, streams=50, per_stream=2_000)
 
 
+def _http_relay(quick: bool) -> list[Figure]:
+    from bench import http_relay
+
+    return http_relay.overhead(rounds=3 if quick else 7, max_tokens=1000 if quick else 2000)
+
+
+def _http_capacity(quick: bool) -> list[Figure]:
+    from bench import http_relay
+
+    return http_relay.capacity(rounds=1 if quick else 3, tokens=20_000 if quick else 50_000)
+
+
 def _switch(quick: bool) -> list[Figure]:
     from bench import switch
 
@@ -90,6 +102,8 @@ def _pool(quick: bool) -> list[Figure]:
 BENCHES = [
     Bench("relay_overhead", "demo model: direct vs Unix socket vs WebSocket", _relay_overhead),
     Bench("relay_capacity", "fast synthetic upstream: 1 and 50 streams", _relay_capacity),
+    Bench("http_relay", "demo model: direct vs the HTTP API (OpenAI SSE)", _http_relay),
+    Bench("http_capacity", "fast synthetic upstream through the HTTP API", _http_capacity),
     Bench("switch", "load B: llamad vs llama-server alone", _switch),
     Bench("cli", "llamactl status vs python -c pass", _cli),
     Bench("history", "LMDB store: appends, 10k conversations, 100k messages", _history),

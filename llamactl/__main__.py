@@ -15,7 +15,7 @@ from pathlib import Path
 
 import msgspec
 
-from llamactl import chat_commands, pool_commands
+from llamactl import api_key_command, chat_commands, pool_commands
 from llamactl.client import Client, ClientError, resolve_socket
 from llamactl.output import memory_line, print_json
 from llamad.protocol import (
@@ -72,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("-f", "--follow", action="store_true")
     commands.add_parser("reload", parents=[common], help="re-read models.toml")
     chat_commands.add_parsers(commands, common, reading)
+    api_key_command.add_parser(commands, common)
     demo = commands.add_parser("demo-model", help="write a tiny random-weights GGUF model")
     demo.add_argument("path", type=Path)
     demo.add_argument("--variant", default="demo", help="demo or demo-b (default: demo)")
@@ -110,6 +111,9 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
     print(f"llamad {reply.version}, pid {reply.pid}, up {_ago(time.time() - reply.uptime)}")
     print(f"config {reply.config_path}")
     print(memory_line(reply.memory))
+    if reply.http is not None:
+        key = "key: `llamactl api-key`" if reply.api_key_file else "no key needed"
+        print(f"http   http://{reply.http}/v1 (OpenAI and Anthropic API; {key})")
     for model in reply.models:
         marker = "*" if model.expected else " "
         print(f"{marker} {model.name:<16} {_describe(model)}")
@@ -252,6 +256,7 @@ COMMANDS = {
     "reload": cmd_reload,
     "chat": chat_commands.cmd_chat,
     "history": chat_commands.cmd_history,
+    "api-key": api_key_command.cmd_api_key,
 }
 
 

@@ -461,6 +461,8 @@ class StatusReply(_Message, frozen=True, kw_only=True, tag="status_reply"):
     # Where a new chat that names no model goes: the model loaded last, else
     # [daemon] default_model, else the only resident model; None when there is none.
     default_model: str | None = None
+    http: str | None = None  # "host:port" of the HTTP API (OpenAI/Anthropic), when enabled
+    api_key_file: str | None = None  # where llamad's own API key is (read it; never sent)
 
 
 class Loaded(_Message, frozen=True, kw_only=True, tag="loaded"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -168,6 +169,8 @@ def make_llamad(llama_server_binary: Path) -> Iterator[Callable[..., Llamad]]:
                 """
             )
             + ("" if "websocket" in daemon else 'websocket = "127.0.0.1:0"\n')
+            # Tests run several llamads at once: never the fixed default port.
+            + ("" if re.search(r"^\s*http\s*=", daemon, re.M) else 'http = "127.0.0.1:0"\n')
             + textwrap.dedent(daemon)
             + "\n"
             + textwrap.dedent(models)

@@ -387,6 +387,20 @@ def test_config_is_immutable_and_picklable() -> None:
             '[daemon]\nwebsocket = "8765"\n',
             'daemon.websocket: expected "HOST:PORT" or "off", got "8765"',
         ),
+        (
+            '[daemon]\nhttp = "8766"\n',
+            'daemon.http: expected "HOST:PORT" or "off", got "8766"',
+        ),
+        (
+            '[daemon]\nauth = "maybe"\n',
+            'daemon.auth: expected one of "keys", "none", got "maybe"',
+        ),
+        (
+            '[daemon]\nhttp = "0.0.0.0:8766"\nauth = "none"\n',
+            'daemon.auth: "none" is only allowed when the HTTP API listens on a loopback '
+            'address, not "0.0.0.0:8766": anyone who can reach it could use your models; '
+            'use API keys (auth = "keys") or listen on 127.0.0.1',
+        ),
     ],
 )
 def test_each_mistake_is_one_exact_line(text: str, expected: str) -> None:
@@ -696,3 +710,10 @@ def test_bad_pool_keys_are_one_line_each() -> None:
         '"512MiB", got "lots"',
         f'{SOURCE}: daemon.preload[0]: no model or alias named "nope"; configured models: m',
     ]
+
+def test_the_http_api_is_on_with_keys_by_default_and_none_is_fine_on_loopback() -> None:
+    default = parse_config("", source=Path("models.toml"), env={"HOME": "/home/u"}).daemon
+    assert (default.http, default.auth, default.api_keys_file) == ("127.0.0.1:8766", "keys", None)
+    text = '[daemon]\nhttp = "[::1]:9000"\nauth = "none"\napi_keys_file = "keys.toml"\n'
+    daemon = parse_config(text, source=Path("/etc/llamad/models.toml"), env={}).daemon
+    assert daemon.auth == "none" and daemon.api_keys_file == Path("/etc/llamad/keys.toml")
