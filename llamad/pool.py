@@ -659,10 +659,13 @@ class ModelPool:
         with self.hub.subscribe(frozenset({"state"}), key=request.model) as states:
             async with trio.open_nursery() as nursery:
 
+                # Changes of state only: a request waiting for a model that is
+                # loading wants to see it load, not every change of its counts.
+                # (Read now: the planner may start the model before forward runs.)
+                last = (self._servers[request.model].state, self._servers[request.model].reason)
+
                 async def forward() -> None:
-                    # Changes of state only: a request waiting for a model that is
-                    # loading wants to see it load, not every change of its counts.
-                    last = (self._servers[request.model].state, "")
+                    nonlocal last
                     async for event in states.receive:
                         status = getattr(event, "status", None)
                         if not isinstance(status, ModelStatus):
