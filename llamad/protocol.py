@@ -221,9 +221,35 @@ class Message(msgspec.Struct, frozen=True, kw_only=True):
         return [part for part in self.parts if isinstance(part, ImagePart)]
 
 
+HANDLE_CHARS: Final = 6
+# Crockford's base32 in lower case: no i, l, o or u, so a handle read aloud or
+# copied by hand is not mistyped.
+_HANDLE_ALPHABET: Final = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+def conversation_handle(conversation_id: str) -> str:
+    """The short name of a conversation: its id's last 30 random bits in base32.
+
+    UUIDv7 ids begin with the time, so every recent conversation shares a long
+    prefix; the tail is random, so six characters tell them apart. llamad
+    keeps handles unique; an id that is not a UUID gets an empty handle.
+    """
+    digits = conversation_id.replace("-", "")
+    if len(digits) != 32:
+        return ""
+    try:
+        value = int(digits[-8:], 16)
+    except ValueError:
+        return ""
+    return "".join(
+        _HANDLE_ALPHABET[(value >> (5 * place)) & 31] for place in reversed(range(HANDLE_CHARS))
+    )
+
+
 class Conversation(msgspec.Struct, frozen=True, kw_only=True):
     id: str  # UUIDv7: time-ordered; clients may use any unique prefix
     title: str
+    handle: str = ""  # short and unique: accepted wherever an id is (conversation_handle)
     model: str | None = None
     system_prompt: str | None = None
     created: float = 0.0
@@ -318,12 +344,19 @@ class Chat(_Request, frozen=True, kw_only=True, tag="chat"):
     message is stored), any of ``state_changed`` / ``queue_position`` /
     ``context_trimmed``, ``chat_delta`` per piece of text, and finally
     ``chat_done`` (the stored reply) or ``error``.
+
+    ``retry``: regenerate the reply to the conversation's last user message,
+    replacing the last reply (``content`` is ignored). ``edit``: replace the
+    last user message (and its reply) with ``content``, then generate. Both
+    need ``conversation`` and a user message in it (``bad_request`` otherwise).
     """
 
     content: str | list[Part]
     conversation: str | None = None
     model: str | None = None
     options: ChatOptions = ChatOptions()
+    retry: bool = False
+    edit: bool = False
 
 
 class Cancel(_Request, frozen=True, kw_only=True, tag="cancel"):
