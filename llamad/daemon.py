@@ -25,11 +25,20 @@ from llamad.events import EventHub
 from llamad.history import HistoryStore
 from llamad.llama_server import find_server_binary, reap_stale
 from llamad.manager import ModelManager
+from llamad.paths import WEBSOCKET_ADDRESS_NAME
 from llamad.systemd import Notifier, listen_sockets
 from llamad.transport.unix import ControlServer, bind_control_socket
 from llamad.transport.websocket import WebSocketServer, parse_listen_address, write_token
 
 log = logging.getLogger(__name__)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text``, mode 0600 from the start."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
 
 
 def _private_dir(path: Path) -> Path:
@@ -73,6 +82,7 @@ class Daemon:
         history_path = _private_dir(self.config.daemon.data_dir) / "history.lmdb"
         store = await trio.to_thread.run_sync(HistoryStore, history_path)
         token_path = self.config.daemon.runtime_dir / "token"
+        address_path = self.config.daemon.runtime_dir / WEBSOCKET_ADDRESS_NAME
         try:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async with trio.open_nursery() as nursery:
@@ -80,6 +90,10 @@ class Daemon:
                     engine = ChatEngine(manager, store, self.hub)
                     await nursery.start(engine.run)
                     websocket = await self._start_websocket(nursery, token_path)
+                    if websocket is not None:
+                        _write_private(address_path, f"ws://{websocket}/\n")
+                    else:  # one left by a llamad that was killed would mislead clients
+                        address_path.unlink(missing_ok=True)
                     dispatcher = Dispatcher(
                         manager, engine, nursery, self.reload_config, websocket=websocket
                     )
@@ -108,6 +122,7 @@ class Daemon:
             if not activated:
                 self.socket_path.unlink(missing_ok=True)
             token_path.unlink(missing_ok=True)
+            address_path.unlink(missing_ok=True)
             listener.close()
             store.close()
             self.notifier.close()
