@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -16,73 +15,12 @@ from typing import Any
 import pytest
 
 from llamad.protocol import Status, StatusReply
-from tests.conftest import FAKE_SERVER, Llamad, demo_config, ready_daemon
+from tests.conftest import FAKE_SERVER, Llamad, demo_config, long_reply_daemon, ready_daemon
+from tests.tmux import Tmux
 
 pytestmark = pytest.mark.server
 
 MakeLlamad = Callable[..., Llamad]
-
-
-class Tmux:
-    """One tmux session running llama-tui, at a fixed size."""
-
-    def __init__(
-        self, name: str, command: list[str], env: dict[str, str], size: tuple[int, int], log: Path
-    ):
-        self.name = name
-        self.log = log
-        width, height = size
-        exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items() if k.isidentifier())
-        # stderr goes to a file: if the TUI dies, its session (and screen) goes with it.
-        script = (
-            f"env -i {exports} TERM=xterm-256color {shlex.join(command)} "
-            f"2>>{shlex.quote(str(log))}; echo exit=$? >> {shlex.quote(str(log))}"
-        )
-        subprocess.run(
-            ["tmux", "new-session", "-d", "-s", name, "-x", str(width), "-y", str(height), script],
-            check=True,
-        )
-
-    def send(self, *keys: str) -> None:
-        subprocess.run(["tmux", "send-keys", "-t", self.name, *keys], check=True)
-
-    def type(self, text: str) -> None:
-        subprocess.run(["tmux", "send-keys", "-t", self.name, "-l", text], check=True)
-
-    def screen(self) -> str:
-        result = subprocess.run(
-            ["tmux", "capture-pane", "-p", "-t", self.name],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0:
-            died = self.log.read_text() if self.log.exists() else "(no output)"
-            raise AssertionError(f"llama-tui is gone; what it printed:\n{died}")
-        return result.stdout
-
-    def wait_until(self, done: Callable[[str], bool], what: str, timeout: float = 15.0) -> str:
-        """Poll until the screen satisfies ``done`` (tmux may show half-painted frames)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            screen = self.screen()
-            if done(screen):
-                return screen
-            if time.monotonic() > deadline:
-                raise AssertionError(f"never saw {what}; the screen:\n{screen}")
-            time.sleep(0.05)
-
-    def wait_for(self, text: str, timeout: float = 15.0) -> str:
-        return self.wait_until(lambda screen: text in screen, repr(text), timeout)
-
-    def resize(self, width: int, height: int) -> None:
-        subprocess.run(
-            ["tmux", "resize-window", "-t", self.name, "-x", str(width), "-y", str(height)],
-            check=True,
-        )
-
-    def kill(self) -> None:
-        subprocess.run(["tmux", "kill-session", "-t", self.name], check=False, capture_output=True)
 
 
 @pytest.fixture
@@ -446,19 +384,6 @@ def test_retry_and_edit_replace_the_last_turn(
 def _messages(daemon: Llamad, conversation: str) -> list[dict[str, Any]]:
     shown = json.loads(daemon.ctl("history", "show", conversation, "--json").stdout)
     return list(shown["messages"])
-
-
-def long_reply_daemon(make_llamad: MakeLlamad, demo_models: dict[str, Path]) -> Llamad:
-    """demo generating for seconds: past its end-of-text, up to 30,000 tokens."""
-    models = "".join(
-        f'[models.{name}]\npath = "{path}"\nctx_size = 32768\n'
-        'args = ["--threads", "1", "--ignore-eos", "--n-predict", "30000"]\n\n'
-        for name, path in demo_models.items()
-    )
-    daemon = make_llamad(models, 'default_model = "demo"\n')
-    daemon.start()
-    daemon.wait_for("demo", lambda s: s.state == "ready")
-    return daemon
 
 
 def test_scrolled_up_the_view_holds_still_while_a_reply_streams(
