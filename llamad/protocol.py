@@ -651,11 +651,31 @@ def frame(payload: bytes) -> bytes:
 
 
 _msgpack_encoder = msgspec.msgpack.Encoder()
-_request_decoder: msgspec.msgpack.Decoder[Request] = msgspec.msgpack.Decoder(Request)
-_server_decoder: msgspec.msgpack.Decoder[ServerMessage] = msgspec.msgpack.Decoder(ServerMessage)
 _json_encoder = msgspec.json.Encoder()
-_json_request_decoder: msgspec.json.Decoder[Request] = msgspec.json.Decoder(Request)
-_json_server_decoder: msgspec.json.Decoder[ServerMessage] = msgspec.json.Decoder(ServerMessage)
+# Decoders are built on first use: each costs about a millisecond to build, and
+# a client needs one of the four (``llamactl status`` pays for every import).
+_RequestDecoder = msgspec.msgpack.Decoder[Request] | msgspec.json.Decoder[Request]
+_ServerDecoder = msgspec.msgpack.Decoder[ServerMessage] | msgspec.json.Decoder[ServerMessage]
+_request_decoders: dict[bool, _RequestDecoder] = {}
+_server_decoders: dict[bool, _ServerDecoder] = {}
+
+
+def _request_decoder(json: bool) -> _RequestDecoder:
+    decoder = _request_decoders.get(json)
+    if decoder is None:
+        decoder = msgspec.json.Decoder(Request) if json else msgspec.msgpack.Decoder(Request)
+        _request_decoders[json] = decoder
+    return decoder
+
+
+def _server_decoder(json: bool) -> _ServerDecoder:
+    decoder = _server_decoders.get(json)
+    if decoder is None:
+        decoder = (
+            msgspec.json.Decoder(ServerMessage) if json else msgspec.msgpack.Decoder(ServerMessage)
+        )
+        _server_decoders[json] = decoder
+    return decoder
 
 
 def encode(message: _Message) -> bytes:
@@ -702,9 +722,7 @@ def one_line(text: str, limit: int = _MAX_ERROR_DETAIL) -> str:
 def decode_request(payload: bytes, *, json: bool = False) -> Request:
     """Decode one request body or raise ``ProtocolError`` saying what is wrong."""
     try:
-        if json:
-            return _json_request_decoder.decode(payload)
-        return _request_decoder.decode(payload)
+        return _request_decoder(json).decode(payload)
     except msgspec.ValidationError as exc:
         raise ProtocolError(
             "bad_request", f"invalid request: {one_line(str(exc))}", _salvage_id(payload, json)
@@ -731,9 +749,7 @@ def decode_request(payload: bytes, *, json: bool = False) -> Request:
 
 def decode_server_message(payload: bytes, *, json: bool = False) -> ServerMessage:
     try:
-        if json:
-            return _json_server_decoder.decode(payload)
-        return _server_decoder.decode(payload)
+        return _server_decoder(json).decode(payload)
     # RecursionError, UnicodeDecodeError: as in decode_request (clients must not crash either).
     except (
         msgspec.ValidationError,
