@@ -12,11 +12,14 @@ command's module is imported only to run it (``COMMANDS``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from llamactl import _lean  # noqa: F401 - first, before msgspec: see its docstring
 from llamactl.client import Client, ClientError, resolve_socket
@@ -123,10 +126,22 @@ def add_parsers(
         demo.add_argument("--variant", default="demo", help="demo or demo-b (default: demo)")
 
 
-def _parser(only: str | None = None) -> argparse.ArgumentParser:
+class _FixedWidthFormatter(argparse.HelpFormatter):
+    """For parsing, not for help: argparse makes a formatter for every argument
+    added, and the default one imports shutil to ask the terminal's width."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=98)
+
+
+def _parser(only: str | None = None, *, helping: bool = True) -> argparse.ArgumentParser:
     """The command line; with ``only``, just that command's parser is built."""
     common, reading = _shared_options()
-    parser = argparse.ArgumentParser(prog="llamactl", description="Control the llamad daemon.")
+    parser = argparse.ArgumentParser(
+        prog="llamactl",
+        description="Control the llamad daemon.",
+        formatter_class=argparse.HelpFormatter if helping else _FixedWidthFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"llamactl {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     if only is None:
@@ -322,8 +337,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = argv[0] if argv else ""
     if name and not name.startswith("-") and name not in COMMANDS:
         return _unknown_command(name)
-    # --help, --version, or no command: the whole parser answers (and exits).
-    args = _parser(name if name in COMMANDS else None).parse_args(argv)
+    if argv == ["--version"]:
+        print(f"llamactl {__version__}")
+        return 0
+    # --help, or no command: the whole parser answers (and exits).
+    helping = "-h" in argv or "--help" in argv
+    args = _parser(name if name in COMMANDS else None, helping=helping).parse_args(argv)
     if args.command in LOCAL_COMMANDS:
         return cmd_demo_model(args)
     module = sys.modules[__name__]
@@ -342,5 +361,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+def run() -> NoReturn:
+    """The command's entry point: ``main``, then exit at once.
+
+    The interpreter's clean-up at exit tears down every module and class
+    msgspec and the protocol made, about a quarter of ``llamactl status``'s
+    own time; nothing of llamactl's needs it once its output is flushed.
+    """
+    code = main()
+    # OSError: the reader went away (`llamactl logs | head`); nobody is left to tell.
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError):
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
