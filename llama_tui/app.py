@@ -143,6 +143,9 @@ class App:
         self._refresh_on_ok: set[int] = set()  # renames and deletes: reload the list after
         self._escape_out = ""  # a control sequence (OSC 52) for the painter to write
         self._suspended = False  # $EDITOR has the terminal
+        # Requests go from several tasks; a stream takes one writer at a time
+        # (trio raises BusyResourceError for a second).
+        self._sending = trio.Lock()
         self._opened = False
 
     # ----------------------------------------------------------- plumbing
@@ -159,7 +162,8 @@ class App:
             self.invalidate()
             return request_id
         try:
-            await self._connection.send(make(id=request_id))
+            async with self._sending:
+                await self._connection.send(make(id=request_id))
         except Disconnected as exc:
             self.view.notice = str(exc)
         return request_id
@@ -174,7 +178,8 @@ class App:
             # Marked before the await: the reply may be read before send returns.
             self.view.mark_sent(item, request_id, time.time())
             try:
-                await connection.send(_chat_request(item, request_id))
+                async with self._sending:
+                    await connection.send(_chat_request(item, request_id))
             except Disconnected:
                 return  # it is "sent", so the reconnect checks whether it arrived
         self.invalidate()

@@ -347,10 +347,11 @@ def test_slash_commands_never_reach_the_model(
     assert newest["title"] == "with a system prompt"
 
 
+# Strict: once llamad serves ``retry`` and ``edit``, this passes, and the marker must go.
+@pytest.mark.xfail(strict=True, reason="llamad's side of chat retry/edit is not built yet")
 def test_retry_and_edit_replace_the_last_turn(
     make_llamad: MakeLlamad, demo_models: dict[str, Path], tui: Callable[..., Tmux]
 ) -> None:
-    """Needs llamad's side of ``chat`` ``retry`` / ``edit``."""
     daemon = ready_daemon(make_llamad, demo_models)
     assert daemon.ctl("chat", "--max-tokens", "8", "the first question").returncode == 0
     conversation = daemon_last_conversation(daemon)
@@ -362,7 +363,7 @@ def test_retry_and_edit_replace_the_last_turn(
     screen.wait_until(lambda s: "tok/s" in s and "writing" not in s, "the retried reply")
     again = _messages(daemon, conversation)
     assert [m["role"] for m in again] == ["user", "assistant"]  # replaced, not added
-    assert again[1]["created"] > first[1]["created"]
+    assert again[1] != first[1]  # a new reply (its time, text and stats)
     # Up on an empty input: the last message, to edit; Enter replaces that turn.
     screen.send("Up")
     screen.wait_for("editing your last message")
