@@ -223,6 +223,7 @@ def running_daemon(
     default_model: str | None = None,
     websocket: str = "127.0.0.1:0",
     prefix: str = "llamad-bench-",
+    daemon_extra: str = "",
 ) -> Iterator[Daemon]:
     """Start llamad with ``models`` (TOML tables) in a fresh temp dir; stop it after."""
     work = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))  # short: socket path limit
@@ -238,6 +239,7 @@ def running_daemon(
     )
     if default_model:
         daemon_table += f'default_model = "{default_model}"\n'
+    daemon_table += daemon_extra
     config = work / "models.toml"
     config.write_text(daemon_table + "\n" + models)
     env = {

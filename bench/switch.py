@@ -73,7 +73,11 @@ def measure(rounds: int) -> dict[str, list[float]]:
     binary = server_binary()
     samples: dict[str, list[float]] = {"direct": [], "end_to_end": [], "daemon": [], "server": []}
     tables = "".join(model_table(name, path) for name, path in models.items())
-    with running_daemon(tables) as daemon, daemon.client(timeout=60) as client:
+    # Room for one model: every load is a swap (evict, then start).
+    with (
+        running_daemon(tables, daemon_extra="max_models = 1\n") as daemon,
+        daemon.client(timeout=60) as client,
+    ):
         client.call(lambda i: Load(id=i, model="demo"))
         for round_no in range(rounds):
             target = "demo-b" if round_no % 2 == 0 else "demo"

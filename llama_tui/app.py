@@ -367,9 +367,9 @@ class App:
     def _apply(self, message: ServerMessage) -> None:
         view = self.view
         match message:
-            case StatusReply(models=models, active=active):
+            case StatusReply(models=models, default_model=default_model):
                 view.models = {m.name: m for m in models}
-                view.active_model = active
+                view.active_model = default_model
             case StateChanged(model=status):
                 view.models[status.name] = status
                 if status.state in ("starting", "ready"):
@@ -398,8 +398,8 @@ class App:
                     self._nursery.start_soon(self.flush)
             case ChatStarted(id=request_id, conversation=conversation, user=user):
                 item = view.started(request_id, conversation.id)
-                if item is not None and item.kind != "chat":
-                    view.drop_last_turn(conversation.id)  # that turn is being replaced
+                if item is not None and item.kind != "chat":  # that turn is being replaced
+                    view.drop_last_turn(conversation.id, keep_message=item.kind == "retry")
                     self._reload_after.add(conversation.id)
                 if all(c.id != conversation.id for c in view.conversations):
                     view.conversations.insert(0, conversation)

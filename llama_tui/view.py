@@ -315,23 +315,25 @@ class View:
     def set_messages(self, conversation: str, messages: list[Message]) -> None:
         self.entries[conversation] = [_entry(m) for m in messages if m.role != "system"]
 
-    def add_user(self, conversation: str, message: Message) -> None:
+    def add_user(self, conversation: str, message: Message | None) -> None:
+        """A reply begins: to ``message``, or (None: a retry) to the last user message."""
         entries = self.entries.setdefault(conversation, [])
-        # A retried or edited turn comes back with the seq it replaces.
-        same = [i for i, e in enumerate(entries) if e.role == "user" and e.seq == message.seq]
-        if same and message.seq:
-            del entries[same[0] :]
-        entries.append(_entry(message))
+        if message is not None:
+            # An edited turn may come back with the seq it replaces.
+            same = [i for i, e in enumerate(entries) if e.role == "user" and e.seq == message.seq]
+            if same and message.seq:
+                del entries[same[0] :]
+            entries.append(_entry(message))
         entries.append(Entry("assistant", "", "incomplete"))
         self.generating.add(conversation)
         self.waiting_first_token.add(conversation)
 
-    def drop_last_turn(self, conversation: str) -> None:
-        """Take the last user message and what follows off the screen (a retry or an edit)."""
+    def drop_last_turn(self, conversation: str, *, keep_message: bool = False) -> None:
+        """Take the last user message (or, ``keep_message``, only its reply) off the screen."""
         entries = self.entries.get(conversation, [])
         users = [i for i, e in enumerate(entries) if e.role == "user"]
         if users:
-            del entries[users[-1] :]
+            del entries[users[-1] + (1 if keep_message else 0) :]
 
     def add_delta(self, conversation: str, text: str) -> None:
         entries = self.entries.setdefault(conversation, [Entry("assistant", "", "incomplete")])

@@ -17,13 +17,13 @@ import importlib
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
 from llamactl import _lean  # noqa: F401 - first, before msgspec: see its docstring
 from llamactl.client import Client, ClientError, resolve_socket
-from llamactl.output import StateLines, print_json
+from llamactl.output import StateLines, memory_line, print_json
 from llamad import __version__
 from llamad.protocol import (
     Health,
@@ -55,10 +55,11 @@ STOPPED_REASON_SECONDS = 60.0
 COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("daemon and model states", __name__),
     "models": ("configured models and their files", __name__),
-    "load": ("switch to a model", __name__),
+    "load": ("load a model (evicting idle ones if memory requires)", __name__),
     "unload": ("stop a model (default: all)", __name__),
     "restart": ("restart a model", __name__),
     "health": ("monitoring check (exit 0/1/2/3)", __name__),
+    "ps": ("resident models: memory, requests, idle", "llamactl.pool_commands"),
     "logs": ("llama-server output", __name__),
     "reload": ("re-read models.toml", __name__),
     "chat": (
@@ -105,6 +106,7 @@ def add_parsers(
         load = add("load", common)
         load.add_argument("model", help="model name or alias")
         load.add_argument("--no-wait", action="store_true", help="return once the load has begun")
+        load.add_argument("--only", action="store_true", help="unload every other model first")
     if wanted("unload"):
         add("unload", common).add_argument("model", nargs="?")
     if wanted("restart"):
@@ -112,7 +114,7 @@ def add_parsers(
         restart.add_argument("model", nargs="?", help="default: the active model")
         restart.add_argument("--no-wait", action="store_true")
     if wanted("health"):
-        add("health", reading)
+        add("health", reading).add_argument("model", nargs="?", help="check this model only")
     if wanted("logs"):
         logs = add("logs", reading)
         logs.add_argument("model", nargs="?", help="default: the active model")
@@ -199,10 +201,11 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
         return 0
     print(f"llamad {reply.version}, pid {reply.pid}, up {_ago(time.time() - reply.uptime)}")
     print(f"config {reply.config_path}")
+    print(memory_line(reply.memory))
     for model in reply.models:
-        marker = "*" if model.name == reply.active else " "
+        marker = "*" if model.expected else " "
         print(f"{marker} {model.name:<16} {_describe(model)}")
-    if reply.active is None:
+    if not any(model.expected for model in reply.models):
         print("no model loaded; try `llamactl load NAME`")
     return 0
 
@@ -222,17 +225,12 @@ def cmd_models(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-def _follow_load(client: Client, make: type[Load] | type[Restart], args: argparse.Namespace) -> int:
-    name = args.model
-    if args.no_wait:
-        reply = client.call(lambda i: make(id=i, model=name, wait=False))
-        assert isinstance(reply, Ok)
-        print(reply.message)
-        return 0
+def _follow_load(client: Client, make: Callable[[int], Load | Restart]) -> int:
     client.set_timeout(None)  # a big model may take minutes; llamad enforces ready_timeout_sec
     states = StateLines()
-    for message in client.stream(lambda i: make(id=i, model=name, wait=True)):
+    for message in client.stream(make):
         if isinstance(message, StateChanged):
+            # Every model's changes: a load may evict others, and says so.
             if message.model.state != "ready":  # the last line says it, with the times
                 states.show(message.model)
         elif isinstance(message, Loaded):
@@ -243,12 +241,25 @@ def _follow_load(client: Client, make: type[Load] | type[Restart], args: argpars
     return 0
 
 
+def _no_wait(client: Client, request: Load | Restart) -> int:
+    import msgspec
+
+    reply = client.call(lambda i: msgspec.structs.replace(request, id=i))
+    assert isinstance(reply, Ok)
+    print(reply.message)
+    return 0
+
+
 def cmd_load(client: Client, args: argparse.Namespace) -> int:
-    return _follow_load(client, Load, args)
+    if args.no_wait:
+        return _no_wait(client, Load(id=0, model=args.model, wait=False, only=args.only))
+    return _follow_load(client, lambda i: Load(id=i, model=args.model, only=args.only))
 
 
 def cmd_restart(client: Client, args: argparse.Namespace) -> int:
-    return _follow_load(client, Restart, args)
+    if args.no_wait:
+        return _no_wait(client, Restart(id=0, model=args.model, wait=False))
+    return _follow_load(client, lambda i: Restart(id=i, model=args.model))
 
 
 def cmd_unload(client: Client, args: argparse.Namespace) -> int:
@@ -260,7 +271,7 @@ def cmd_unload(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_health(client: Client, args: argparse.Namespace) -> int:
-    reply = client.call(lambda i: Health(id=i))
+    reply = client.call(lambda i: Health(id=i, model=args.model))
     assert isinstance(reply, HealthReply)
     if args.json:
         print_json(reply)

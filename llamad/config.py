@@ -115,6 +115,8 @@ class Supervision:
     stop_drain_sec: float = 5.0
     health_interval_sec: float = 5.0
     health_failures: int = 3
+    # Unload after this long without a request; 0 keeps it until memory is needed.
+    ttl_sec: float = 0.0
 
 
 @attrs.frozen
@@ -131,7 +133,8 @@ class ModelConfig:
     aliases: tuple[str, ...] = ()
     mmproj: Path | None = None  # llama-server --mmproj: the vision projector
     parallel: int = 1  # llama-server --parallel
-    ttl_sec: float | None = None  # reserved for idle unload
+    pinned: bool = False  # loaded at start, never evicted or unloaded for being idle
+    max_concurrent: int = 512  # requests running or waiting for this model, then queue_full
     tools: tuple[str, ...] = ()  # built-in tools offered to this model
     max_tool_rounds: int = 5  # model -> tools -> model rounds in one reply
     supervision: Supervision = attrs.field(factory=Supervision)
@@ -154,7 +157,12 @@ class DaemonConfig:
     socket: Path | None = None  # None: runtime_dir/control.sock
     runtime_dir: Path = attrs.field(factory=paths.runtime_dir)
     data_dir: Path = attrs.field(factory=paths.data_dir)
-    default_model: str | None = None  # loaded at start
+    default_model: str | None = None  # loaded at start; chats that name no model use it
+    preload: tuple[str, ...] = ()  # also loaded at start
+    memory_budget: str = "auto"  # host memory the models may use: "auto" or a size ("12GiB")
+    gpu_memory_budget: str = "auto"  # the same for GPU memory (summed over devices)
+    max_models: int | None = None  # resident models at most (None: as many as fit)
+    load_timeout_sec: float = 300.0  # a load waiting for other models' requests gives up
     log_lines: int = 1000  # per-model ring buffer of llama-server output lines
     websocket: str = "127.0.0.1:8765"  # "HOST:PORT", or "off"
     allowed_origins: tuple[str, ...] = ()  # web pages allowed to use the WebSocket
@@ -212,14 +220,16 @@ _POSITIVE = frozenset(
         "ctx_size",
         "parallel",
         "log_lines",
-        "ttl_sec",
         "max_tool_rounds",
+        "max_concurrent",
+        "max_models",
+        "load_timeout_sec",
         "timeout_sec",
     }
 )
 # Zero means something here: restart at once, every ready start counts as
 # stable, cancel requests in flight at once on a switch.
-_NON_NEGATIVE = frozenset({"restart_sec", "stable_after_sec", "stop_drain_sec"})
+_NON_NEGATIVE = frozenset({"restart_sec", "stable_after_sec", "stop_drain_sec", "ttl_sec"})
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _BAD_NAME = re.compile(r"[\s/]")
@@ -520,6 +530,13 @@ def parse_config(text: str, *, source: Path, env: Mapping[str, str] = os.environ
     daemon: DaemonConfig | None = problems.structure(
         converter, daemon_fields, DaemonConfig, ("daemon",)
     )
+    for key in ("memory_budget", "gpu_memory_budget"):
+        value = daemon_raw.get(key)
+        if isinstance(value, str) and value != "auto":
+            try:
+                parse_size(value)
+            except ValueError as exc:
+                problems.add(("daemon", key), str(exc))
     websocket = daemon_raw.get("websocket")
     if isinstance(websocket, str) and websocket != "off" and not _LISTEN.fullmatch(websocket):
         problems.add(
@@ -560,7 +577,7 @@ def parse_config(text: str, *, source: Path, env: Mapping[str, str] = os.environ
         if usable and model is not None:
             models[name] = model
 
-    _check_names(problems, tables, daemon_raw.get("default_model"))
+    _check_names(problems, tables, daemon_raw.get("default_model"), daemon_raw.get("preload"))
     _check_model_tools(problems, tables)
     tools = _parse_tools(problems, converter, document.get("tools", {}))
     searchers = [n for n, t in tables.items() if "file_search" in (t.get("tools") or ())]
@@ -615,7 +632,10 @@ def _parse_tools(
 
 
 def _check_names(
-    problems: _Problems, tables: Mapping[str, Mapping[str, Any]], default_model: object
+    problems: _Problems,
+    tables: Mapping[str, Mapping[str, Any]],
+    default_model: object,
+    preload: object = None,
 ) -> None:
     """Aliases are valid and unambiguous; ``default_model`` names a model or alias.
 
@@ -642,11 +662,41 @@ def _check_names(
                 )
             else:
                 owner.setdefault(alias, name)
+    known = f"configured models: {', '.join(tables)}" if tables else "no models are configured"
     if isinstance(default_model, str) and default_model not in owner:
-        known = f"configured models: {', '.join(tables)}" if tables else "no models are configured"
         problems.add(
             ("daemon", "default_model"), f"no model or alias named {_show(default_model)}; {known}"
         )
+    for index, name in enumerate(preload if isinstance(preload, list) else []):
+        if isinstance(name, str) and name not in owner:
+            problems.add(
+                ("daemon", "preload", index), f"no model or alias named {_show(name)}; {known}"
+            )
+
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
+
+
+def parse_size(text: str) -> int:
+    """``"12GiB"``, ``"512 MiB"``, ``"8G"``, ``"1.5GB"`` in bytes (``Ki``/``Mi``… binary)."""
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise ValueError(
+            f'expected "auto" or a size such as "12GiB" or "512MiB", got {_show(text)}'
+        )
+    number, unit = match.groups()
+    unit = (unit or "").lower()
+    if "i" in unit:
+        scale = 1024 ** ("kmgt".index(unit[0]) + 1)
+    else:
+        scale = _UNITS[unit.rstrip("b")] if unit not in ("", "b") else 1
+    return int(float(number) * scale)
+
+
+def budget_bytes(setting: str) -> int | None:
+    """A ``memory_budget`` value in bytes; None for "auto"."""
+    return None if setting == "auto" else parse_size(setting)
 
 
 def load_config(path: Path, env: Mapping[str, str] = os.environ) -> Config:

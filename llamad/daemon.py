@@ -16,16 +16,16 @@ from pathlib import Path
 
 import trio
 
-from llamad.chat import ChatEngine
 from llamad.concurrency import first_leaf
 from llamad.config import Config, load_config
+from llamad.conversations import ChatService
 from llamad.dispatch import Dispatcher
 from llamad.errors import LlamadError, StartupError
 from llamad.events import EventHub
 from llamad.history import HistoryStore
 from llamad.llama_server import find_server_binary, reap_stale
-from llamad.manager import ModelManager
 from llamad.paths import WEBSOCKET_ADDRESS_NAME
+from llamad.pool import STATE_FILE, ModelPool
 from llamad.systemd import Notifier, listen_sockets
 from llamad.transport.unix import ControlServer, bind_control_socket
 from llamad.transport.websocket import WebSocketServer, parse_listen_address, write_token
@@ -78,45 +78,51 @@ class Daemon:
         sockets_dir = _private_dir(self.config.daemon.runtime_dir / "models")
         for pidfile in sockets_dir.glob("*.pid"):
             reap_stale(pidfile)
-        manager = ModelManager(self.config, binary, sockets_dir, self.hub, self.environ)
-        history_path = _private_dir(self.config.daemon.data_dir) / "history.lmdb"
+        data_dir = _private_dir(self.config.daemon.data_dir)
+        pool = ModelPool(
+            self.config,
+            binary,
+            sockets_dir,
+            self.hub,
+            self.environ,
+            state_path=data_dir / STATE_FILE,
+        )
+        history_path = data_dir / "history.lmdb"
         store = await trio.to_thread.run_sync(HistoryStore, history_path)
         token_path = self.config.daemon.runtime_dir / "token"
         address_path = self.config.daemon.runtime_dir / WEBSOCKET_ADDRESS_NAME
         try:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(manager.run)
-                    engine = ChatEngine(manager, store, self.hub)
-                    await nursery.start(engine.run)
+                    await nursery.start(pool.run)
+                    chats = ChatService(pool, store, self.hub)
+                    await nursery.start(chats.run)
                     websocket = await self._start_websocket(nursery, token_path)
                     if websocket is not None:
                         _write_private(address_path, f"ws://{websocket}/\n")
                     else:  # one left by a llamad that was killed would mislead clients
                         address_path.unlink(missing_ok=True)
                     dispatcher = Dispatcher(
-                        manager, engine, nursery, self.reload_config, websocket=websocket
+                        pool, chats, nursery, self.reload_config, websocket=websocket
                     )
                     if self._websocket_server is not None:
                         self._websocket_server.dispatcher = dispatcher
                     await nursery.start(ControlServer(dispatcher).serve, listener)
                     log.info("listening on %s", self.socket_path)
-                    nursery.start_soon(self._report_status, manager)
+                    nursery.start_soon(self._report_status, pool)
                     if self.notifier.watchdog_interval is not None:
                         nursery.start_soon(self._watchdog, self.notifier.watchdog_interval)
-                    self.notifier.ready(_status_line(manager))
+                    self.notifier.ready(_status_line(pool))
                     task_status.started()
-                    default = self.config.daemon.default_model
-                    if default is not None:
-                        nursery.start_soon(dispatcher.load_in_background, default, False)
+                    await pool.restore()
                     async for signum in signals:
                         if signum == signal.SIGHUP:
-                            nursery.start_soon(self._reload_on_signal, manager)
+                            nursery.start_soon(self._reload_on_signal, pool)
                             continue
                         log.info("%s received, stopping", signal.Signals(signum).name)
                         break
                     self.notifier.stopping()
-                    await manager.shutdown()
+                    await pool.shutdown()
                     nursery.cancel_scope.cancel()
         finally:
             if not activated:
@@ -165,20 +171,20 @@ class Daemon:
             self.notifier.ready()
         return self.config
 
-    async def _reload_on_signal(self, manager: ModelManager) -> None:
+    async def _reload_on_signal(self, pool: ModelPool) -> None:
         try:
             config = await self.reload_config()
         except LlamadError as exc:
             # A user mistake, not a bug: the message says it all, no traceback.
             log.error("reload rejected, keeping the old configuration:\n%s", exc)  # noqa: TRY400
             return
-        changes = await manager.reload(config)
+        changes = await pool.reload(config)
         log.info("reloaded %s: %s", config.source, "; ".join(changes) or "no model changed")
 
-    async def _report_status(self, manager: ModelManager) -> None:
+    async def _report_status(self, pool: ModelPool) -> None:
         with self.hub.subscribe(frozenset({"state"})) as subscription:
             async for _event in subscription.receive:
-                self.notifier.status(_status_line(manager))
+                self.notifier.status(_status_line(pool))
 
     async def _watchdog(self, interval: float) -> None:
         # Pinged from the event loop itself: if the loop hangs, systemd notices.
@@ -187,9 +193,8 @@ class Daemon:
             await trio.sleep(interval)
 
 
-def _status_line(manager: ModelManager) -> str:
-    if manager.active is None:
+def _status_line(pool: ModelPool) -> str:
+    shown = [s for s in pool.statuses().values() if s.expected or s.state != "stopped"]
+    if not shown:
         return "no model loaded"
-    supervisor = manager.resolve(manager.active)
-    reason = f" ({supervisor.reason})" if supervisor.reason else ""
-    return f"{manager.active}: {supervisor.state}{reason}"
+    return "; ".join(f"{s.name}: {s.state}" + (f" ({s.reason})" if s.reason else "") for s in shown)

@@ -20,9 +20,9 @@ import msgspec
 import trio
 
 from llamad import __version__
-from llamad.chat import ChatEngine
 from llamad.concurrency import beside, consists_of, in_thread
 from llamad.config import Config
+from llamad.conversations import ChatService
 from llamad.errors import (
     BadRequest,
     ConfigError,
@@ -31,7 +31,7 @@ from llamad.errors import (
     NothingGenerating,
 )
 from llamad.events import ChatEvent, LogEvent, StateEvent, Subscription
-from llamad.manager import ModelManager
+from llamad.pool import ModelPool
 from llamad.protocol import (
     ApproveTool,
     Cancel,
@@ -146,13 +146,13 @@ def _message(exc: LlamadError) -> str:
 class Dispatcher:
     def __init__(
         self,
-        manager: ModelManager,
-        chat: ChatEngine,
+        pool: ModelPool,
+        chat: ChatService,
         background: trio.Nursery,
         reload_config: Callable[[], Awaitable[Config]],
         websocket: str | None = None,
     ) -> None:
-        self.manager = manager
+        self.pool = pool
         self.chat = chat
         self.store = chat.store
         self.websocket = websocket
@@ -178,39 +178,39 @@ class Dispatcher:
             )
 
     async def _handle(self, request: Request, peer: Peer) -> None:
-        manager = self.manager
+        pool = self.pool
         match request:
             case Status(id=rid):
                 await peer.send(self.status_reply(rid))
-            case Load(id=rid, model=name, wait=wait):
-                await self._load(rid, name, wait, peer, restart=False)
+            case Load(id=rid, model=name, wait=wait, only=only):
+                await self._load(rid, name, wait, peer, restart=False, only=only)
             case Restart(id=rid, model=name, wait=wait):
-                target = manager.target(name).model.name
-                await self._load(rid, target, wait, peer, restart=True)
+                target = pool.resolve(name).name if name is not None else pool.default_model()
+                await self._load(rid, target, wait, peer, restart=True, only=False)
             case Unload(id=rid, model=name):
-                stopped = await manager.unload(name)
+                stopped = await pool.unload([name] if name is not None else None)
                 message = f"stopped {', '.join(stopped)}" if stopped else "nothing was running"
                 await peer.send(Ok(id=rid, message=message))
-            case Health(id=rid):
-                level, summary, status = manager.health()
-                await peer.send(HealthReply(id=rid, level=level, summary=summary, model=status))
+            case Health(id=rid, model=name):
+                level, summary, models = pool.health(name)
+                await peer.send(HealthReply(id=rid, level=level, summary=summary, models=models))
             case Logs(id=rid, model=name, lines=count, follow=follow):
-                supervisor = manager.target(name)
-                model = supervisor.model.name
+                model = pool.resolve(name).name if name is not None else pool.default_model()
+                supervisor = pool.server(model)
                 tail = list(supervisor.output)[-count:] if count > 0 else []
                 if not follow:
                     await peer.send(LogLines(id=rid, model=model, lines=tail))
                     return
-                with manager.hub.subscribe(frozenset({"log"}), key=model) as subscription:
+                with pool.hub.subscribe(frozenset({"log"}), key=model) as subscription:
                     await peer.send(LogLines(id=rid, model=model, lines=tail))
                     await self._forward(rid, subscription, peer)
             case Reload(id=rid):
                 config = await self._reload_config()
-                changes = await manager.reload(config)
+                changes = await pool.reload(config)
                 summary = "; ".join(changes) if changes else "no model changed"
                 await peer.send(Ok(id=rid, message=f"reloaded {config.source}: {summary}"))
             case Subscribe(id=rid, topics=topics):
-                with manager.hub.subscribe(frozenset(topics)) as subscription:
+                with pool.hub.subscribe(frozenset(topics)) as subscription:
                     await peer.send(Ok(id=rid, message="subscribed"))
                     await self._forward(rid, subscription, peer)
             case Chat(id=rid):
@@ -226,7 +226,7 @@ class Dispatcher:
                 await peer.send(Ok(id=rid, message="approved" if approve else "denied"))
             case Watch(id=rid, conversation=prefix):
                 conversation = await self._resolve(prefix)
-                with manager.hub.subscribe(frozenset({"chat"}), key=conversation) as subscription:
+                with pool.hub.subscribe(frozenset({"chat"}), key=conversation) as subscription:
                     await peer.send(Ok(id=rid, message=f"watching {conversation}"))
                     await self._forward(rid, subscription, peer)
             case ListConversations(id=rid, limit=limit, before=before):
@@ -275,7 +275,7 @@ class Dispatcher:
     async def _chat(self, request: Chat, peer: Peer) -> None:
         prepared = await self.chat.prepare(request)
         conversation = prepared.conversation.id
-        with self.manager.hub.subscribe(frozenset({"chat"}), key=conversation) as subscription:
+        with self.pool.hub.subscribe(frozenset({"chat"}), key=conversation) as subscription:
             self.chat.launch(prepared)
             async for batch in subscription.batches():
                 for event in batch:
@@ -287,16 +287,17 @@ class Dispatcher:
                 raise SubscriberTooSlow
 
     def status_reply(self, request_id: int) -> StatusReply:
-        config = self.manager.config
+        config = self.pool.config
         return StatusReply(
             id=request_id,
             version=__version__,
             pid=os.getpid(),
             uptime=time.monotonic() - self._started,
             config_path=str(config.source or ""),
-            active=self.manager.active,
-            models=list(self.manager.statuses().values()),
+            models=list(self.pool.statuses().values()),
             websocket=self.websocket,
+            memory=self.pool.pool_memory(),
+            default_model=self.pool.default_model_or_none(),
         )
 
     async def _forward(self, request_id: int, subscription: Subscription, peer: Peer) -> None:
@@ -306,24 +307,26 @@ class Dispatcher:
         if subscription.overflowed:
             raise SubscriberTooSlow
 
-    async def _load(self, rid: int, name: str, wait: bool, peer: Peer, *, restart: bool) -> None:
-        supervisor = self.manager.resolve(name)
-        model = supervisor.model.name
+    async def _load(
+        self, rid: int, name: str, wait: bool, peer: Peer, *, restart: bool, only: bool
+    ) -> None:
+        model = self.pool.resolve(name).name
         if not wait:
-            self._background.start_soon(self.load_in_background, model, restart)
+            self._background.start_soon(self.load_in_background, model, restart, only)
             await peer.send(Ok(id=rid, message=f"loading {model}"))
             return
         began = trio.current_time()
-        with self.manager.hub.subscribe(frozenset({"state"}), key=model) as subscription:
+        with self.pool.hub.subscribe(frozenset({"state"})) as subscription:
             try:
                 await beside(
-                    functools.partial(self.manager.load, model, restart=restart),
+                    functools.partial(self.pool.load, model, restart=restart, only=only),
                     functools.partial(self._forward, rid, subscription, peer),
                 )
             except LlamadError:
                 await self._flush_queued(rid, subscription, peer)
                 raise
             await self._flush_queued(rid, subscription, peer)
+        supervisor = self.pool.server(model)
         await peer.send(
             Loaded(
                 id=rid,
@@ -342,9 +345,9 @@ class Dispatcher:
                 return
             await peer.send(_event_message(rid, event))
 
-    async def load_in_background(self, model: str, restart: bool) -> None:
+    async def load_in_background(self, model: str, restart: bool, only: bool = False) -> None:
         try:
-            await self.manager.load(model, restart=restart)
+            await self.pool.load(model, restart=restart, only=only)
         except LlamadError as exc:
             # Clients learn of it from the state events and `status`.
             log.warning("background load of %s: %s", model, exc)

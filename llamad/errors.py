@@ -6,40 +6,42 @@ also carries its protocol ``code`` (what an ``error`` reply says) and its
 ``http_status`` (what the HTTP API answers), so no transport maps errors by
 hand::
 
-    LlamadError                     internal              500
-    ├── ConfigError                 config_error          400  models.toml is unreadable or invalid (exit 78)
-    ├── ServerBinaryNotFound        internal              500  no llama-server to run
-    ├── StartupError                internal              500  the daemon cannot start (socket in use, bad directory)
-    ├── BadRequest                  bad_request           400  a well-typed request whose values cannot be served
-    │   ├── EmptyMessage                                       a chat with nothing in it
-    │   ├── UnknownTool                                        a tool name that does not exist
-    │   ├── ImageError                                         an attached image is unreadable, too big or unwanted
-    │   └── AmbiguousConversation                              an id prefix matching several conversations
-    ├── NotFound                    not_found             404
-    │   ├── ConversationNotFound                               no conversation has this id or prefix
+    class                        code                 HTTP  when
+    LlamadError                  internal             500
+    ├── ConfigError              config_error         400  models.toml is unreadable or invalid
+    ├── ServerBinaryNotFound     internal             500  no llama-server to run
+    ├── StartupError             internal             500  the daemon cannot start
+    ├── BadRequest               bad_request          400  a request that cannot be served as sent
+    │   ├── EmptyMessage                                   a chat with nothing in it
+    │   ├── UnknownTool                                    a tool name that does not exist
+    │   ├── ImageError                                     an image unreadable, too big, unwanted
+    │   ├── AmbiguousConversation                          a prefix matching several conversations
+    │   └── ToolInputError                                 a tool's arguments (told to the model)
+    ├── NotFound                 not_found            404
+    │   ├── ConversationNotFound                           no conversation has this id or prefix
     │   ├── MessageNotFound
-    │   ├── NothingGenerating                                  cancel where no reply is being written
-    │   ├── ApprovalNotPending                                 approve_tool for a call that is not waiting
-    │   └── NoModelNamed                                       a request that needs a model and names none
-    ├── UnknownModelError           unknown_model         404  a name that is neither a model nor an alias
-    ├── ModelFileMissing            model_file_missing    404  the model's GGUF file does not exist
-    ├── ModelFailed                 model_failed          503  a model could not be brought up (reason attached)
-    │   ├── LoadSuperseded                                     another load or an unload came first
-    │   ├── DoesNotFit              does_not_fit          503  not enough memory even after every allowed eviction
-    │   └── LoadTimeout             timeout               504  the load waited too long for requests in flight
-    ├── RequestCancelled            cancelled             503  a request in flight on a model that had to stop
-    ├── QueueFull                   queue_full            429  a model's queue is at max_concurrent
-    ├── ConversationBusy            busy                  409  a reply is already being generated there
-    ├── HistoryError                storage               500
-    │   ├── HistoryWriteError       storage               507  a write failed; nothing stored was changed
-    │   ├── HistoryOpenError                                   the store cannot be opened
-    │   └── HistoryUnavailable      history_unavailable   503  llamad runs without history (read-only data dir)
-    ├── UpstreamError               upstream              502  llama-server failed or refused
-    │   └── ContextOverflow         bad_request           400  the message does not fit the model's context
-    ├── ToolInputError              bad_request           400  a tool call's arguments cannot be run (told to the model)
-    ├── Unauthorized                unauthorized          401  no or wrong API key / token
-    ├── Forbidden                   forbidden             403  a key not allowed this model, a foreign Host or Origin
-    └── TooLarge                    too_large             413  a request body over the limit
+    │   ├── NothingGenerating                              cancel where no reply is being written
+    │   ├── ApprovalNotPending                             approve_tool for a call not waiting
+    │   └── NoModelNamed                                   a request needs a model, names none
+    ├── UnknownModelError        unknown_model        404  neither a model nor an alias
+    ├── ModelFileMissing         model_file_missing   404  the model's GGUF file does not exist
+    ├── ModelFailed              model_failed         503  a model could not be brought up
+    │   ├── LoadSuperseded                                 another load or an unload came first
+    │   ├── DoesNotFit           does_not_fit         503  not enough memory after every eviction
+    │   └── LoadTimeout          timeout              504  waited too long for requests in flight
+    ├── RequestCancelled         cancelled            503  the model had to stop under a request
+    ├── QueueFull                queue_full           429  the model's max_concurrent is reached
+    ├── ConversationBusy         busy                 409  a reply is being generated there
+    ├── HistoryError             storage              500
+    │   ├── HistoryWriteError    storage              507  a write failed; nothing was changed
+    │   ├── HistoryOpenError                               the store cannot be opened
+    │   └── HistoryUnavailable   history_unavailable  503  running without history
+    ├── UpstreamError            upstream             502  llama-server failed or refused
+    │   └── ContextOverflow      bad_request          400  the message does not fit the context
+    ├── Unauthorized             unauthorized         401  no or wrong API key / token
+    ├── Forbidden                forbidden            403  a key not allowed this model, a foreign
+    │                                                      Host or Origin
+    └── TooLarge                 too_large            413  a request body over the limit
 """
 
 from __future__ import annotations
@@ -60,8 +62,8 @@ class LlamadError(Exception):
 class ConfigError(LlamadError):
     """models.toml cannot be used. ``problems`` holds one line per mistake."""
 
-    code = "config_error"
-    http_status = 400
+    code: ClassVar[ErrorCode] = "config_error"
+    http_status: ClassVar[int] = 400
 
     def __init__(self, problems: Sequence[str]) -> None:
         self.problems = list(problems)
@@ -82,8 +84,8 @@ class StartupError(LlamadError):
 class BadRequest(LlamadError):
     """A well-typed request whose values cannot be served."""
 
-    code = "bad_request"
-    http_status = 400
+    code: ClassVar[ErrorCode] = "bad_request"
+    http_status: ClassVar[int] = 400
 
 
 class EmptyMessage(BadRequest):
@@ -118,8 +120,8 @@ class ToolInputError(BadRequest):
 
 
 class NotFound(LlamadError):
-    code = "not_found"
-    http_status = 404
+    code: ClassVar[ErrorCode] = "not_found"
+    http_status: ClassVar[int] = 404
 
 
 class ConversationNotFound(NotFound):
@@ -164,8 +166,8 @@ class NoModelNamed(NotFound):
 
 
 class UnknownModelError(LlamadError):
-    code = "unknown_model"
-    http_status = 404
+    code: ClassVar[ErrorCode] = "unknown_model"
+    http_status: ClassVar[int] = 404
 
     def __init__(self, name: str, known: Sequence[str]) -> None:
         self.name = name
@@ -175,8 +177,8 @@ class UnknownModelError(LlamadError):
 
 
 class ModelFileMissing(LlamadError):
-    code = "model_file_missing"
-    http_status = 404
+    code: ClassVar[ErrorCode] = "model_file_missing"
+    http_status: ClassVar[int] = 404
 
     def __init__(self, model: str, path: str) -> None:
         self.model = model
@@ -187,8 +189,8 @@ class ModelFileMissing(LlamadError):
 
 
 class ModelFailed(LlamadError):
-    code = "model_failed"
-    http_status = 503
+    code: ClassVar[ErrorCode] = "model_failed"
+    http_status: ClassVar[int] = 503
 
     def __init__(self, model: str, reason: str) -> None:
         self.model = model
@@ -206,7 +208,7 @@ class LoadSuperseded(ModelFailed):
 class DoesNotFit(ModelFailed):
     """Not enough memory for the model even after every eviction allowed."""
 
-    code = "does_not_fit"
+    code: ClassVar[ErrorCode] = "does_not_fit"
 
     def __init__(self, model: str, reason: str) -> None:
         super().__init__(model, reason)
@@ -214,20 +216,20 @@ class DoesNotFit(ModelFailed):
 
 
 class LoadTimeout(ModelFailed):
-    code = "timeout"
-    http_status = 504
+    code: ClassVar[ErrorCode] = "timeout"
+    http_status: ClassVar[int] = 504
 
 
 class RequestCancelled(LlamadError):
     """A request in flight on a model that had to stop (unload, crash, shutdown)."""
 
-    code = "cancelled"
-    http_status = 503
+    code: ClassVar[ErrorCode] = "cancelled"
+    http_status: ClassVar[int] = 503
 
 
 class QueueFull(LlamadError):
-    code = "queue_full"
-    http_status = 429
+    code: ClassVar[ErrorCode] = "queue_full"
+    http_status: ClassVar[int] = 429
 
     def __init__(self, model: str, limit: int, retry_after: float = 1.0) -> None:
         self.model = model
@@ -239,8 +241,8 @@ class QueueFull(LlamadError):
 
 
 class ConversationBusy(LlamadError):
-    code = "busy"
-    http_status = 409
+    code: ClassVar[ErrorCode] = "busy"
+    http_status: ClassVar[int] = 409
 
     def __init__(self, conversation: str) -> None:
         super().__init__(
@@ -255,13 +257,13 @@ class ConversationBusy(LlamadError):
 class HistoryError(LlamadError):
     """Root of the chat-history errors."""
 
-    code = "storage"
+    code: ClassVar[ErrorCode] = "storage"
 
 
 class HistoryWriteError(HistoryError):
     """A write failed on disk; the transaction was aborted, nothing changed."""
 
-    http_status = 507
+    http_status: ClassVar[int] = 507
 
     def __init__(self, path: object, reason: str) -> None:
         self.path = path
@@ -278,8 +280,8 @@ class HistoryOpenError(HistoryError):
 class HistoryUnavailable(HistoryError):
     """llamad runs without its history (the data directory cannot be written)."""
 
-    code = "history_unavailable"
-    http_status = 503
+    code: ClassVar[ErrorCode] = "history_unavailable"
+    http_status: ClassVar[int] = 503
 
 
 # ---------------------------------------------------------------- upstream
@@ -288,28 +290,28 @@ class HistoryUnavailable(HistoryError):
 class UpstreamError(LlamadError):
     """llama-server failed or refused; ``str()`` is the line to show the user."""
 
-    code = "upstream"
-    http_status = 502
+    code: ClassVar[ErrorCode] = "upstream"
+    http_status: ClassVar[int] = 502
 
 
 class ContextOverflow(UpstreamError):
-    code = "bad_request"
-    http_status = 400
+    code: ClassVar[ErrorCode] = "bad_request"
+    http_status: ClassVar[int] = 400
 
 
 # ------------------------------------------------------------------ access
 
 
 class Unauthorized(LlamadError):
-    code = "unauthorized"
-    http_status = 401
+    code: ClassVar[ErrorCode] = "unauthorized"
+    http_status: ClassVar[int] = 401
 
 
 class Forbidden(LlamadError):
-    code = "forbidden"
-    http_status = 403
+    code: ClassVar[ErrorCode] = "forbidden"
+    http_status: ClassVar[int] = 403
 
 
 class TooLarge(LlamadError):
-    code = "too_large"
-    http_status = 413
+    code: ClassVar[ErrorCode] = "too_large"
+    http_status: ClassVar[int] = 413

@@ -672,13 +672,18 @@ class HistoryStore:
         images: dict[str, bytes] | None = None,
         model: str | None = None,
         system_prompt: str | None = None,
-    ) -> tuple[Conversation, Message, Message]:
+        replace_from: int | None = None,
+    ) -> tuple[Conversation, Message | None, Message]:
         """A user message and its empty reply (``incomplete``) in one transaction.
 
         With ``conversation_id`` None a new conversation is created in the same
         transaction. One commit (one fsync) before a chat is acknowledged, and
         a failure leaves nothing behind: no empty conversation, no unanswered
-        message.
+        message. ``model`` becomes the conversation's model.
+
+        ``replace_from`` first deletes the messages from that seq on (an edit of
+        the last turn, or a retry of the last reply); with empty ``parts`` no
+        user message is added (a retry), and the user message returned is None.
         """
         images = images or {}
         user_record = _new_record(
@@ -688,12 +693,19 @@ class HistoryStore:
             "assistant", [], images={}, status="incomplete", model=model, stats=None, error=""
         )
 
-        def change(txn: _Txn) -> tuple[Conversation, Message, Message]:
+        def change(txn: _Txn) -> tuple[Conversation, Message | None, Message]:
             target = conversation_id
             if target is None:
                 created = self._create(txn, model=model, system_prompt=system_prompt, title="")
                 target = created.id
-            user = self._append(txn, target, user_record, images)
+            else:
+                key, conv = self._get_record(txn, target)
+                if replace_from is not None:
+                    self._truncate(txn, key, conv, replace_from)
+                if model is not None and conv.model != model:
+                    conv.model = model
+                    txn.put(key, _pack(conv), db=self._conversations)
+            user = self._append(txn, target, user_record, images) if parts else None
             reply = self._append(txn, target, reply_record, {})
             _, conv = self._get_record(txn, target)
             return _to_conversation(target, conv), user, reply
@@ -716,6 +728,20 @@ class HistoryStore:
             conv.title = title_from(_text_of(rec.parts))
         self._touch(txn, key, conv, now)
         return _to_message(conversation_id, seq, rec)
+
+    def _truncate(self, txn: _Txn, key: bytes, conv: _ConversationRecord, first: int) -> None:
+        """Delete the messages from seq ``first`` on (their images released)."""
+        for seq in range(max(first, 1), conv.message_count + 1):
+            message_key_bytes = key + _U64.pack(seq)
+            raw = txn.get(message_key_bytes, db=self._messages)
+            if raw is None:
+                continue
+            for part in _unpack(raw, _msg_decoder).parts:
+                if isinstance(part, ImagePart):
+                    self._release_image(txn, part.digest)
+            txn.delete(message_key_bytes, db=self._messages)
+        conv.message_count = min(conv.message_count, max(first - 1, 0))
+        txn.put(key, _pack(conv), db=self._conversations)
 
     def update_message(
         self,

@@ -16,6 +16,7 @@ Kept free of heavy imports: ``llamactl`` imports it on every run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import stat
@@ -47,10 +48,8 @@ def ensure_private_dir(path: Path, *, uid: int | None = None, repair: bool = Fal
     """
     uid = os.getuid() if uid is None else uid
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with contextlib.suppress(FileExistsError):
         os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
     info = os.lstat(path)
     fix = f"remove it (`rm -r {path}`) or choose another directory"
     if stat.S_ISLNK(info.st_mode):

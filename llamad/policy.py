@@ -137,6 +137,7 @@ class HealthProbed:
 class Exited:
     code: int | None = None
     signal: int | None = None
+    detail: str = ""  # the server's own last error line, when it died starting
 
 
 @dataclass(frozen=True)
@@ -346,8 +347,8 @@ class ModelMachine:
                     return []
                 self._failure_reason = f"health check failed {self._health_misses} times in a row"
                 return self._terminate(now, "policy", self._failure_reason)
-            case Exited(code, sig):
-                return self._on_exit(ExitInfo(code=code, signal=_signal_name(sig)), now)
+            case Exited(code, sig, detail):
+                return self._on_exit(ExitInfo(code=code, signal=_signal_name(sig)), now, detail)
             case TimerFired(timer, token):
                 if token != self._timer_token:
                     return []  # superseded while it was on its way
@@ -355,7 +356,7 @@ class ModelMachine:
             case _:
                 assert_never(event)
 
-    def _on_exit(self, exit_info: ExitInfo, now: float) -> list[Action]:
+    def _on_exit(self, exit_info: ExitInfo, now: float, detail: str = "") -> list[Action]:
         self.last_exit = exit_info
         what = exit_info.describe()
         match self.state:
@@ -374,6 +375,8 @@ class ModelMachine:
                 failed = exit_info.signal is not None or exit_info.code != 0
                 if self.state == "starting":
                     what = f"{what} before it was ready"
+                    if detail:
+                        what = f"{what}: {detail}"
                 return [self._cancel_timer(), *self._after_failure(now, what, failed=failed)]
             case "stopped" | "backoff" | "failed":
                 return []  # no process of ours was running; nothing to react to

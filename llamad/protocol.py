@@ -72,6 +72,26 @@ class ExitInfo(msgspec.Struct, frozen=True, kw_only=True):
         return f"exited with code {self.code}"
 
 
+class ModelMemory(msgspec.Struct, frozen=True, kw_only=True):
+    """A model's memory in bytes: estimated from the GGUF before start, measured after."""
+
+    estimated_host: int = 0
+    estimated_gpu: int = 0
+    measured_rss: int | None = None  # the running server's resident set
+    measured_pss: int | None = None  # ...with shared pages divided among their users
+    measured_gpu: int | None = None  # from nvidia-smi, where there is one
+
+
+class PoolMemory(msgspec.Struct, frozen=True, kw_only=True):
+    """The pool's budget (None: no limit) and what the resident models use of it."""
+
+    budget_host: int | None = None
+    budget_gpu: int | None = None
+    max_models: int | None = None
+    used_host: int = 0
+    used_gpu: int = 0
+
+
 class ModelStatus(msgspec.Struct, frozen=True, kw_only=True):
     """Everything a client may show about one configured model."""
 
@@ -83,7 +103,7 @@ class ModelStatus(msgspec.Struct, frozen=True, kw_only=True):
     restarts: int = 0  # automatic restarts since the last user load/restart
     last_exit: ExitInfo | None = None
     ready_seconds: float | None = None  # spawn -> /health 200 of the last start
-    waiting: int = 0  # requests waiting for this model to become ready
+    waiting: int = 0  # requests waiting for this model to be ready, or for a slot
     in_flight: int = 0  # requests being served by this model
     path: str = ""
     file_exists: bool = True
@@ -91,6 +111,13 @@ class ModelStatus(msgspec.Struct, frozen=True, kw_only=True):
     endpoint: str = ""  # where llama-server listens: a socket path or host:port
     tools: list[str] = []  # the llamad tools offered to this model
     vision: bool | None = None  # accepts images; None until a running server said
+    memory: ModelMemory = ModelMemory()
+    last_used: float | None = None  # Unix time a request last finished with it
+    unload_at: float | None = None  # Unix time it unloads for being idle, if it will
+    pinned: bool = False  # loaded at start, never evicted or unloaded for being idle
+    expected: bool = False  # should be running (loaded and not since unloaded or evicted)
+    ctx_size: int = 0
+    parallel: int = 1
 
 
 # --------------------------------------------------------- chat and history
@@ -272,6 +299,7 @@ class ChatOptions(msgspec.Struct, frozen=True, kw_only=True):
     seed: int | None = None
     ignore_eos: bool = False  # keep generating past end-of-sequence (benchmarks, tests)
     tools: list[str] | None = None  # offer these tools instead of the model's own list
+    keep_alive: float | None = None  # seconds to stay loaded once idle (0 now, < 0 for ever)
 
 
 # ------------------------------------------------------------------- requests
@@ -286,14 +314,16 @@ class Status(_Request, frozen=True, kw_only=True, tag="status"):
 
 
 class Load(_Request, frozen=True, kw_only=True, tag="load"):
-    """Switch to ``model`` (a name or alias), stopping any other.
+    """Make ``model`` (a name or alias) resident, evicting idle models if memory requires.
 
-    With ``wait`` the daemon streams ``StateChanged`` events for the model and
-    ends with ``Loaded`` or ``Error``; without it, it replies ``Ok`` at once.
+    With ``only``, every other model is unloaded first. With ``wait`` the
+    daemon streams ``StateChanged`` events for the model and ends with
+    ``Loaded`` or ``Error``; without it, it replies ``Ok`` at once.
     """
 
     model: str
     wait: bool = True
+    only: bool = False
 
 
 class Unload(_Request, frozen=True, kw_only=True, tag="unload"):
@@ -303,18 +333,20 @@ class Unload(_Request, frozen=True, kw_only=True, tag="unload"):
 
 
 class Restart(_Request, frozen=True, kw_only=True, tag="restart"):
-    """Stop and start ``model`` (default: the active one); replies like ``Load``."""
+    """Stop and start ``model`` (default: the last loaded one); replies like ``Load``."""
 
     model: str | None = None
     wait: bool = True
 
 
 class Health(_Request, frozen=True, kw_only=True, tag="health"):
-    """A monitoring verdict. Reply: ``HealthReply``."""
+    """A monitoring verdict over every expected model, or over ``model`` alone."""
+
+    model: str | None = None
 
 
 class Logs(_Request, frozen=True, kw_only=True, tag="logs"):
-    """The last ``lines`` output lines of ``model`` (default: the active one).
+    """The last ``lines`` output lines of ``model`` (default: the last loaded one).
 
     Reply: ``LogLines``; with ``follow`` then one ``LogLine`` event per new line
     until the client disconnects.
@@ -339,8 +371,9 @@ class Chat(_Request, frozen=True, kw_only=True, tag="chat"):
     """Send a user message and stream the reply.
 
     ``conversation``: an id (or unique prefix), or None for a new one.
-    ``model``: load this model first; default the active model, then the
-    conversation's, then ``default_model``. Answer: ``chat_started`` (the user
+    ``model``: the model to answer (loaded if needed); default the
+    conversation's own model, then the last loaded, then ``default_model``.
+    Answer: ``chat_started`` (the user
     message is stored), any of ``state_changed`` / ``queue_position`` /
     ``context_trimmed``, ``chat_delta`` per piece of text, and finally
     ``chat_done`` (the stored reply) or ``error``.
@@ -355,8 +388,8 @@ class Chat(_Request, frozen=True, kw_only=True, tag="chat"):
     conversation: str | None = None
     model: str | None = None
     options: ChatOptions = ChatOptions()
-    retry: bool = False
-    edit: bool = False
+    retry: bool = False  # regenerate the reply to the last user message (content ignored)
+    edit: bool = False  # replace the last user message (and its reply) with ``content``
 
 
 class Cancel(_Request, frozen=True, kw_only=True, tag="cancel"):
@@ -453,9 +486,12 @@ class StatusReply(_Message, frozen=True, kw_only=True, tag="status_reply"):
     pid: int
     uptime: float
     config_path: str
-    active: str | None  # the model the user last loaded, if any
     models: list[ModelStatus]
     websocket: str | None = None  # "host:port" of the WebSocket, when enabled
+    memory: PoolMemory = PoolMemory()
+    # Where a new chat that names no model goes: the model loaded last, else
+    # [daemon] default_model, else the only resident model; None when there is none.
+    default_model: str | None = None
 
 
 class Loaded(_Message, frozen=True, kw_only=True, tag="loaded"):
@@ -470,8 +506,8 @@ class Loaded(_Message, frozen=True, kw_only=True, tag="loaded"):
 class HealthReply(_Message, frozen=True, kw_only=True, tag="health_reply"):
     id: int
     level: HealthLevel
-    summary: str
-    model: ModelStatus | None = None
+    summary: str  # one line naming each model that is not OK
+    models: list[ModelStatus] = []  # the expected models that are not ready
 
 
 class LogLines(_Message, frozen=True, kw_only=True, tag="log_lines"):
@@ -500,7 +536,7 @@ class ChatStarted(_Message, frozen=True, kw_only=True, tag="chat_started"):
 
     id: int
     conversation: Conversation
-    user: Message
+    user: Message | None  # None for a retry: the last user message is answered again
     reply_seq: int
 
 

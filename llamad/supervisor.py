@@ -17,7 +17,7 @@ import signal
 import subprocess
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import httpx
@@ -94,8 +94,9 @@ class ModelSupervisor:
         self.endpoint = endpoint_for(model, runtime_dir)
         self.pidfile = runtime_dir / f"{model.name}.pid"
         self.output: deque[str] = deque(maxlen=log_lines)
-        self.waiting = 0
         self.in_flight: set[trio.CancelScope] = set()
+        # Called after every change of state (the pool plans again on it).
+        self.on_change: Callable[[], None] | None = None
         self._environ = environ if environ is not None else os.environ
         self._machine = ModelMachine(model.supervision, trio.current_time())
         self._events_send, self._events_receive = trio.open_memory_channel[Event](math.inf)
@@ -107,6 +108,7 @@ class ModelSupervisor:
         self._posted = 0  # user requests posted / handled: lets waiters skip stale states
         self._handled = 0
         self.vision: bool | None = None  # from the running server's /props
+        self._client: httpx.AsyncClient | None = None
 
     # ---------------------------------------------------------------- queries
 
@@ -134,7 +136,6 @@ class ModelSupervisor:
             restarts=machine.restarts,
             last_exit=machine.last_exit,
             ready_seconds=machine.ready_seconds,
-            waiting=self.waiting,
             in_flight=len(self.in_flight),
             path=str(self.model.path),
             file_exists=self.model.path.is_file(),
@@ -146,9 +147,19 @@ class ModelSupervisor:
 
     # --------------------------------------------------------------- commands
 
+    def update_config(self, model: ModelConfig) -> None:
+        """New settings that do not change the server (tools, restart policy, ttl)."""
+        self.model = model
+        self._machine.policy = model.supervision
+
     def _post_request(self, event: Event) -> int:
+        """Apply a user request at once, so whoever asked sees the new state now.
+
+        (The pool decides from states: a start still queued would look
+        "stopped" to it and be asked for twice.)
+        """
         self._posted += 1
-        self._events_send.send_nowait(event)
+        self._apply(event)
         return self._posted
 
     def start(self) -> int:
@@ -184,22 +195,26 @@ class ModelSupervisor:
         for scope in list(self.in_flight):
             scope.cancel()
 
-    @contextlib.asynccontextmanager
-    async def serving(self) -> AsyncIterator[trio.CancelScope]:
-        """Hold the model for one request: waits for ready, counts as in flight.
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """The HTTP client to this server for requests (a lease's), one per supervisor.
 
-        The body runs inside the yielded cancel scope; ``drain`` cancels it when
-        the model has to stop. ``RequestCancelled`` then tells the caller why.
+        No read timeout: a reply may take minutes; the caller's cancel scope
+        bounds it. No kept-alive connections: llama-server may close one after a
+        streamed reply, and reusing it would fail the next request.
         """
-        self.waiting += 1
-        self._publish()
-        try:
-            await self.wait_until(lambda: self.state in ("ready", "failed", "stopped"))
-        finally:
-            self.waiting -= 1
-        if self.state != "ready":
-            self._publish()
-            raise RequestCancelled(f"model {self.model.name!r} is {self.state}: {self.reason}")
+        if self._client is None:
+            self._client = http_client(self.endpoint, timeout=10.0, keepalive=False)
+            self._client.timeout = httpx.Timeout(None, connect=10.0)
+        return self._client
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[trio.CancelScope]:
+        """Count one request in flight; ``drain`` cancels its scope when the model stops.
+
+        The body runs inside the yielded cancel scope; ``RequestCancelled``
+        then tells the caller why.
+        """
         with trio.CancelScope() as scope:
             self.in_flight.add(scope)
             self._publish()
@@ -223,6 +238,9 @@ class ModelSupervisor:
                 async for event in self._events_receive:
                     self._apply(event)
         finally:
+            if self._client is not None:
+                with trio.CancelScope(shield=True):
+                    await self._client.aclose()
             # Shutdown without a graceful stop (cancellation, a crash): never leave
             # a server behind. A graceful stop already reaped it.
             if self._process is not None and self._process.poll() is None:
@@ -267,6 +285,8 @@ class ModelSupervisor:
     def _wake(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
+        if self.on_change is not None:
+            self.on_change()
 
     def _publish(self) -> None:
         self._wake()
@@ -321,10 +341,13 @@ class ModelSupervisor:
         if self._process is process:
             self._process = None
             self.pidfile.unlink(missing_ok=True)
+        # Why a server died before it was ready is in its own output (e.g.
+        # "invalid magic characters"); the exit code alone says nothing.
+        detail = failure_line(self.output) if self.state == "starting" else ""
         if returncode < 0:
-            self._events_send.send_nowait(Exited(signal=-returncode))
+            self._events_send.send_nowait(Exited(signal=-returncode, detail=detail))
         else:
-            self._events_send.send_nowait(Exited(code=returncode))
+            self._events_send.send_nowait(Exited(code=returncode, detail=detail))
 
     async def _probe_health(self, scope: trio.CancelScope) -> None:
         supervision = self.model.supervision
@@ -377,3 +400,16 @@ async def _healthy(client: httpx.AsyncClient) -> bool:
     except httpx.HTTPError:
         return False
     return response.status_code == 200
+
+
+_FAILURE_WORDS = ("error", "failed", "invalid", "cannot", "unable", "not found", "no such")
+
+
+def failure_line(output: Iterable[str], look_back: int = 40) -> str:
+    """The last line of llama-server's output that says what went wrong, or ""."""
+    lines = list(output)[-look_back:]
+    for line in reversed(lines):
+        lowered = line.lower()
+        if any(word in lowered for word in _FAILURE_WORDS):
+            return " ".join(line.split())[:300]
+    return ""

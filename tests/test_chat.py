@@ -204,7 +204,7 @@ def test_cancel_keeps_what_came(make_llamad: MakeLlamad, demo_models: dict[str, 
     assert stored.messages[-1].text == "".join(received)
 
 
-def test_chat_naming_another_model_switches_first(
+def test_chat_naming_another_model_loads_it_beside_the_first(
     make_llamad: MakeLlamad, demo_models: dict[str, Path]
 ) -> None:
     daemon = ready_daemon(make_llamad, demo_models)
@@ -215,7 +215,27 @@ def test_chat_naming_another_model_switches_first(
     done = messages[-1]
     assert isinstance(done, ChatDone)
     assert done.message.status == "complete" and done.message.model == "demo-b"
-    assert daemon.status("demo").state == "stopped"
+    assert daemon.status("demo").state == "ready"  # room for both: nothing was unloaded
+
+
+def test_a_conversation_continues_with_its_own_model(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path]
+) -> None:
+    daemon = ready_daemon(make_llamad, demo_models)
+    first = daemon.ctl("chat", "-v", "-m", "demo-b", "--max-tokens", "3", "hi")
+    assert first.returncode == 0, first.stderr
+    conversation = json.loads(daemon.ctl("history", "list", "--json").stdout)[0]["id"]
+    # The user moves on to demo, and even unloads demo-b...
+    assert daemon.ctl("load", "--only", "demo").returncode == 0
+    assert daemon.status("demo-b").state == "stopped"
+    again = daemon.ctl("chat", "-v", "-c", conversation[:13], "--max-tokens", "3", "and?")
+    assert again.returncode == 0, again.stderr
+    # ...but the conversation is answered by its own model, loaded for it.
+    assert again.stderr.rstrip().splitlines()[-1].startswith("[demo-b · complete")
+    assert daemon.status("demo-b").state == "ready"
+    # A new conversation goes to the model loaded last.
+    fresh = daemon.ctl("chat", "-v", "--max-tokens", "3", "hello")
+    assert fresh.stderr.rstrip().splitlines()[-1].startswith("[demo · complete")
 
 
 def test_unknown_model_is_refused_before_anything_is_stored(

@@ -546,7 +546,7 @@ class Bystander:
                     status = True
                     self.statuses += 1
                     demo = next(m for m in message.models if m.name == "demo")
-                    if message.active != "demo" or demo.state != "ready":
+                    if not demo.expected or demo.state != "ready":
                         self._problem(f"status changed: {message}")
                 case ChatStarted(id=rid) if rid == chat_id and started is None:
                     started = message

@@ -148,7 +148,8 @@ def test_small_things(make_llamad: MakeLlamad, demo_models: dict[str, Path]) -> 
 
 def test_each_state_is_printed_once(make_llamad: MakeLlamad, demo_models: dict[str, Path]) -> None:
     daemon = ready_daemon(make_llamad, demo_models)
-    for command in (("load", "demo-b"), ("chat", "-m", "demo", "--max-tokens", "3", "hi")):
+    for command in (("load", "demo-b"), ("chat", "-m", "demo-b", "--max-tokens", "3", "hi")):
+        assert ctl(daemon, "unload", "demo-b").returncode == 0  # so that it starts again
         result = ctl(daemon, *command)
         assert result.returncode == 0, result.stderr
         states = [line for line in result.stderr.splitlines() if ": " in line]

@@ -95,6 +95,8 @@ def test_the_final_replies_are_those_the_page_says_end_a_request() -> None:
 # names each field in backticks; prose may name them plainly ({code, signal}).
 SHARED: list[tuple[type[msgspec.Struct], str, bool]] = [
     (protocol.ModelStatus, "ModelStatus", True),
+    (protocol.ModelMemory, "ModelStatus", True),
+    (protocol.PoolMemory, "ModelStatus", True),
     (protocol.Conversation, "Conversation and Message", True),
     (protocol.Message, "Conversation and Message", True),
     (protocol.ToolCall, "Conversation and Message", True),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from llamad.chat import SlotQueue
+from llamad.pool import SlotQueue
 
 
 async def test_limit_fifo_and_positions(autojump_clock: trio.testing.MockClock) -> None:

@@ -84,7 +84,7 @@ def test_model_picker_shows_loading_then_ready(
     make_llamad: MakeLlamad, tmp_path: Path, tui: Callable[..., Tmux]
 ) -> None:
     model = tmp_path / "fake.gguf"
-    model.write_bytes(b"GGUF")
+    model.write_bytes(b"GGUF\x03\x00\x00\x00")
     daemon = make_llamad(
         f'[models.fast]\npath = "{model}"\n'
         f'[models.slow]\npath = "{model}"\nargs = ["--fake-ready-after", "5"]\n',
@@ -347,8 +347,6 @@ def test_slash_commands_never_reach_the_model(
     assert newest["title"] == "with a system prompt"
 
 
-# Strict: once llamad serves ``retry`` and ``edit``, this passes, and the marker must go.
-@pytest.mark.xfail(strict=True, reason="llamad's side of chat retry/edit is not built yet")
 def test_retry_and_edit_replace_the_last_turn(
     make_llamad: MakeLlamad, demo_models: dict[str, Path], tui: Callable[..., Tmux]
 ) -> None:
@@ -370,16 +368,23 @@ def test_retry_and_edit_replace_the_last_turn(
     screen.send(*["BSpace"] * len("question"))
     screen.type("edited words")
     screen.send("Enter")
-    screen.wait_until(
-        lambda s: "the first edited words" in s and "writing" not in s and "tok/s" in s,
-        "the edited turn answered",
-    )
-    edited = _messages(daemon, conversation)
-    assert [(m["role"], m["parts"][0]["text"] if m["role"] == "user" else "") for m in edited] == [
-        ("user", "the first edited words"),
-        ("assistant", ""),
-    ]
-    assert "the first question" not in chat_pane(screen.screen())
+    deadline = time.monotonic() + 15
+    while True:
+        edited = _messages(daemon, conversation)
+        turn = [(m["role"], m["status"], _text(m)) for m in edited]
+        if turn[-1][:2] == ("assistant", "complete") and turn[0][2] == "the first edited words":
+            break
+        assert time.monotonic() < deadline, f"the edited turn was never answered: {turn}"
+        time.sleep(0.1)
+    assert [role for role, _, _ in turn] == ["user", "assistant"]  # replaced, not added
+    screen.wait_until(lambda s: "tok/s" in s and "replying" not in s, "the reply shown")
+    screen.send("Home")
+    pane = chat_pane(screen.wait_for("the first edited words"))
+    assert "the first question" not in pane
+
+
+def _text(message: dict[str, Any]) -> str:
+    return "".join(part.get("text", "") for part in message["parts"])
 
 
 def _messages(daemon: Llamad, conversation: str) -> list[dict[str, Any]]:

@@ -45,7 +45,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> floa
 def fake_model(directory: Path) -> Path:
     """A file for the fake server's ``path``: it only has to exist."""
     model = directory / "fake.gguf"
-    model.write_bytes(b"GGUF")
+    model.write_bytes(b"GGUF\x03\x00\x00\x00")
     return model
 
 
