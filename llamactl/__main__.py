@@ -146,15 +146,15 @@ def _parser(only: str | None = None, *, helping: bool = True) -> argparse.Argume
     )
     parser.add_argument("--version", action="version", version=f"llamactl {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    if only is None:
-        modules = list(dict.fromkeys(module for _, module in COMMANDS.values()))
-    else:
-        modules = [COMMANDS[only][1]]
-    for name in modules:
-        if name == __name__:
-            add_parsers(commands, common, reading, only)
-        else:
-            importlib.import_module(name).add_parsers(commands, common, reading)
+    added: set[str] = set()
+    for name, (_, module) in COMMANDS.items():  # in this order in --help
+        if only is not None and name != only:
+            continue
+        if module == __name__:
+            add_parsers(commands, common, reading, name)
+        elif module not in added:  # a module adds all of its commands at once
+            importlib.import_module(module).add_parsers(commands, common, reading)
+            added.add(module)
     return parser
 
 
