@@ -292,6 +292,7 @@ class View:
     _result_query: str = ""
     _notice: str = ""
     _notice_at: float = 0.0
+    _quit_warned: bool = False
     _rows_seen: tuple[str, int, int] = ("", 0, 0)  # conversation, width, rows at last layout
 
     # ------------------------------------------------------------ notices
@@ -607,11 +608,11 @@ class View:
             self.approval, self.mode = None, "chat"
             return AnswerToolCall(conversation, call.id, approve=char in ("y", "Y"))
         if char == "\x11":  # Ctrl+Q
-            return Quit()
+            return self._quit()
         if char == "\x03":  # Ctrl+C: stop the reply; twice in a row quits
             self.interrupts += 1
             if self.interrupts >= 2:
-                return Quit()
+                return self._quit()
             if self.current in self.generating:
                 return CancelReply(self.current)
             self.notice = "Ctrl+C again quits"
@@ -689,6 +690,18 @@ class View:
         if char and not name and char.isprintable():
             self.input += char
             return None
+        return None
+
+    def _quit(self) -> Quit | None:
+        """Quit, unless messages are still unsent: then say so, and quit on the next try."""
+        unsent = sum(1 for item in self.outbox if item.kind != "retry")
+        if not unsent or self._quit_warned:
+            return Quit()
+        self._quit_warned = True
+        self.notice = (
+            f"{unsent} message{'s' if unsent > 1 else ''} not sent yet would be lost: "
+            "quit again to quit anyway"
+        )
         return None
 
     def _submit(self) -> Intent | None:

@@ -347,6 +347,16 @@ def test_a_message_typed_while_disconnected_waits_visibly_and_goes_later() -> No
     assert view.outbox == []
 
 
+def test_quitting_with_unsent_messages_asks_twice() -> None:
+    view = view_with_chat()
+    view.connected = False
+    type_text(view, "not yet sent")
+    view.key("KEY_ENTER", "\r")
+    assert view.key("", "\x11") is None  # Ctrl+Q
+    assert "1 message not sent yet would be lost" in view.notice
+    assert view.key("", "\x11") == Quit()
+
+
 def test_messages_wait_for_the_reply_before_them_and_esc_takes_one_back() -> None:
     view = view_with_chat()
     view.generating.add("c1")
