@@ -16,8 +16,10 @@ from llamad.ownership import owned_by
 from llamad.protocol import Status, StatusReply
 
 
-def add_parser(
-    commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+def add_parsers(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+    reading: argparse.ArgumentParser,
 ) -> None:
     parser = commands.add_parser(
         "api-key", parents=[common], help="print the API key of the HTTP API"

@@ -61,6 +61,14 @@ def ps_rows(reply: StatusReply, now: float) -> list[list[str]]:
     return rows
 
 
+def add_parsers(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+    reading: argparse.ArgumentParser,
+) -> None:
+    commands.add_parser("ps", parents=[reading], help="resident models: memory, requests, idle")
+
+
 def cmd_ps(client: Client, args: argparse.Namespace) -> int:
     reply = client.call(lambda i: Status(id=i))
     assert isinstance(reply, StatusReply)

@@ -26,6 +26,7 @@ from llamad.events import EventHub
 from llamad.history import HistoryStore
 from llamad.llama_server import find_server_binary, reap_stale
 from llamad.metrics import Metrics
+from llamad.paths import WEBSOCKET_ADDRESS_NAME
 from llamad.pool import STATE_FILE, ModelPool
 from llamad.systemd import Notifier, listen_sockets
 from llamad.transport import http
@@ -33,6 +34,14 @@ from llamad.transport.unix import ControlServer, bind_control_socket
 from llamad.transport.websocket import WebSocketServer, parse_listen_address, write_token
 
 log = logging.getLogger(__name__)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text``, mode 0600 from the start."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
 
 
 def _private_dir(path: Path) -> Path:
@@ -86,6 +95,7 @@ class Daemon:
         history_path = data_dir / "history.lmdb"
         store = await trio.to_thread.run_sync(HistoryStore, history_path)
         token_path = self.config.daemon.runtime_dir / "token"
+        address_path = self.config.daemon.runtime_dir / WEBSOCKET_ADDRESS_NAME
         try:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async with trio.open_nursery() as nursery:
@@ -93,6 +103,10 @@ class Daemon:
                     chats = ChatService(pool, store, self.hub)
                     await nursery.start(chats.run)
                     websocket = await self._start_websocket(nursery, token_path)
+                    if websocket is not None:
+                        _write_private(address_path, f"ws://{websocket}/\n")
+                    else:  # one left by a llamad that was killed would mislead clients
+                        address_path.unlink(missing_ok=True)
                     http_address = await self._start_http(nursery, pool)
                     dispatcher = Dispatcher(
                         pool, chats, nursery, self.reload_config, websocket=websocket
@@ -123,6 +137,7 @@ class Daemon:
             if not activated:
                 self.socket_path.unlink(missing_ok=True)
             token_path.unlink(missing_ok=True)
+            address_path.unlink(missing_ok=True)
             listener.close()
             store.close()
             self.notifier.close()
@@ -238,6 +253,4 @@ def _status_line(pool: ModelPool) -> str:
     shown = [s for s in pool.statuses().values() if s.expected or s.state != "stopped"]
     if not shown:
         return "no model loaded"
-    return "; ".join(
-        f"{s.name}: {s.state}" + (f" ({s.reason})" if s.reason else "") for s in shown
-    )
+    return "; ".join(f"{s.name}: {s.state}" + (f" ({s.reason})" if s.reason else "") for s in shown)

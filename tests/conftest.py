@@ -227,3 +227,16 @@ def ready_daemon(
     daemon.start()
     daemon.wait_for("demo", lambda s: s.state == "ready")
     return daemon
+
+
+def long_reply_daemon(make_llamad: Callable[..., Llamad], demo_models: dict[str, Path]) -> Llamad:
+    """demo generating for seconds: past its end-of-text, up to 30,000 tokens."""
+    models = "".join(
+        f'[models.{name}]\npath = "{path}"\nctx_size = 32768\n'
+        'args = ["--threads", "1", "--ignore-eos", "--n-predict", "30000"]\n\n'
+        for name, path in demo_models.items()
+    )
+    daemon = make_llamad(models, 'default_model = "demo"\n')
+    daemon.start()
+    daemon.wait_for("demo", lambda s: s.state == "ready")
+    return daemon
