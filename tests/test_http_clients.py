@@ -164,7 +164,9 @@ def test_a_full_queue_is_429_with_retry_after(
 def test_two_models_stream_in_parallel(
     make_llamad: MakeLlamad, demo_models: dict[str, Path]
 ) -> None:
-    _daemon, address, key = start(make_llamad, demo_config(demo_models, ctx_size=2048))
+    daemon, address, key = start(make_llamad, demo_config(demo_models, ctx_size=2048))
+    for name in ("demo", "demo-b"):  # both resident first: the streams, not loads, overlap
+        assert daemon.ctl("load", name).returncode == 0
     client = openai_client(address, key)
     results: dict[str, str] = {}
     generated: dict[str, int] = {}
