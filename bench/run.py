@@ -51,6 +51,19 @@ def _relay_capacity(quick: bool) -> list[Figure]:
     return relay.capacity(rounds=3, single_tokens=50_000, streams=50, per_stream=2_000)
 
 
+def _router(quick: bool) -> list[Figure]:
+    from bench import router
+
+    return router.run(
+        rounds=3 if quick else 10,
+        real_rounds=1 if quick else 4,
+        short=50,
+        long=500 if quick else 2000,
+        real_long=300 if quick else 2000,
+        threads=router.default_threads(),
+    )
+
+
 def _switch(quick: bool) -> list[Figure]:
     from bench import switch
 
@@ -84,6 +97,7 @@ def _tui(quick: bool) -> list[Figure]:
 BENCHES = [
     Bench("relay_overhead", "demo model: direct vs Unix socket vs WebSocket", _relay_overhead),
     Bench("relay_capacity", "fast synthetic upstream: 1 and 50 streams", _relay_capacity),
+    Bench("router", "llamad vs llama.cpp's router mode, same binary and models", _router),
     Bench("switch", "load B: llamad vs llama-server alone", _switch),
     Bench("cli", "llamactl status vs python -c pass", _cli),
     Bench("history", "LMDB store: appends, 10k conversations, 100k messages", _history),
