@@ -224,10 +224,13 @@ def running_daemon(
     websocket: str = "127.0.0.1:0",
     prefix: str = "llamad-bench-",
     daemon_extra: str = "",
+    tree: Path | None = None,
 ) -> Iterator[Daemon]:
     """Start llamad with ``models`` (TOML tables) in a fresh temp dir; stop it after.
 
-    ``daemon_extra``: more lines for the ``[daemon]`` table.
+    ``daemon_extra``: more lines for the ``[daemon]`` table. ``tree``: run the
+    llamad package found in that directory (default: ``BENCH_DAEMON_CWD``, or
+    this repository).
     """
     work = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))  # short: socket path limit
     server = binary or server_binary()
@@ -260,7 +263,7 @@ def running_daemon(
             stderr=subprocess.STDOUT,
             # BENCH_DAEMON_CWD: run the llamad package found there instead
             # (a patched copy, to measure a fix before making it).
-            cwd=os.environ.get("BENCH_DAEMON_CWD", ROOT),
+            cwd=tree or os.environ.get("BENCH_DAEMON_CWD", ROOT),
         )
     daemon = Daemon(work, process, env)
     try:

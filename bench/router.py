@@ -30,7 +30,9 @@ Gemma 3 270M, see ``bench.common.real_models``) runs when installed, and is
 skipped with a note when not.
 
 A third contender (say llamad's HTTP API) is one more entry in ``CONTENDERS``:
-a context manager that starts it and yields a ``Contender``.
+a context manager that starts it and yields a ``Contender``. ``--variant
+NAME=DIR`` adds the llamad package found in DIR (a patched copy of the tree)
+as one more contender, to measure a change side by side before making it.
 
     .venv/bin/python -m bench.router [--rounds 10] [--real-rounds 4] [--short 50]
         [--long 2000] [--threads N] [--no-real] [--json out.json]
@@ -132,6 +134,11 @@ class Contender(Protocol):
 
     def chat(self, model: str, max_tokens: int) -> Reply:
         """One new conversation with ``model``, read to its end."""
+
+
+# What starts a contender: the models (two names) and threads per llama-server in,
+# a context manager out that yields its client and stops it after.
+Starter = Callable[[dict[str, Path], int], contextlib.AbstractContextManager[Contender]]
 
 
 def _read_reply(sock: socket.socket, reply: Reply, feed: Callable[[bytes, float], bool]) -> Reply:
@@ -361,18 +368,28 @@ def llamad_models_toml(models: dict[str, Path], threads: int) -> tuple[str, str]
 
 
 @contextlib.contextmanager
-def llamad(models: dict[str, Path], threads: int) -> Iterator[Contender]:
+def llamad(
+    models: dict[str, Path], threads: int, *, tree: Path | None = None, name: str = "llamad"
+) -> Iterator[Contender]:
     daemon_extra, tables = llamad_models_toml(models, threads)
-    with running_daemon(tables, websocket="off", daemon_extra=daemon_extra) as daemon:
-        yield LlamadClient(daemon.socket_path)
+    with running_daemon(tables, websocket="off", daemon_extra=daemon_extra, tree=tree) as daemon:
+        yield LlamadClient(daemon.socket_path, name)
+
+
+def llamad_variant(name: str, tree: Path) -> Starter:
+    """One more llamad contender, run from the package in ``tree``."""
+
+    def start(
+        models: dict[str, Path], threads: int
+    ) -> contextlib.AbstractContextManager[Contender]:
+        return llamad(models, threads, tree=tree, name=name)
+
+    return start
 
 
 # A contender: a context manager that starts it (from the models and the
 # threads per llama-server) and yields its client. The router is the baseline.
-CONTENDERS: dict[
-    str, Callable[[dict[str, Path], int], contextlib.AbstractContextManager[Contender]]
-]
-CONTENDERS = {"router": router, "llamad": llamad}
+CONTENDERS: dict[str, Starter] = {"router": router, "llamad": llamad}
 BASELINE = "router"
 
 
@@ -396,9 +413,7 @@ def measure(
     short: int,
     long: int,
     threads: int,
-    contenders: dict[
-        str, Callable[[dict[str, Path], int], contextlib.AbstractContextManager[Contender]]
-    ] = CONTENDERS,
+    contenders: dict[str, Starter] = CONTENDERS,
 ) -> dict[str, Samples]:
     """Interleaved rounds over ``models`` (two names); samples per contender."""
     first, second = list(models)
@@ -550,9 +565,15 @@ def run(
     real_long: int,
     threads: int,
     real: bool = True,
+    variants: dict[str, Path] | None = None,
 ) -> list[Figure]:
+    contenders = dict(CONTENDERS)
+    for name, tree in (variants or {}).items():
+        contenders[name] = llamad_variant(name, tree)
     demo = shared_demo_models()
-    results = measure(demo, rounds=rounds, short=short, long=long, threads=threads)
+    results = measure(
+        demo, rounds=rounds, short=short, long=long, threads=threads, contenders=contenders
+    )
     figures = figures_for("demo", results, short=short, long=long)
     if not real:
         return figures
@@ -564,7 +585,14 @@ def run(
             flush=True,
         )
         return figures
-    results = measure(pair, rounds=real_rounds, short=short, long=real_long, threads=threads)
+    results = measure(
+        pair,
+        rounds=real_rounds,
+        short=short,
+        long=real_long,
+        threads=threads,
+        contenders=contenders,
+    )
     label = " / ".join(pair)
     real_figures = figures_for(label, results, short=short, long=real_long)
     if note:
@@ -590,6 +618,13 @@ def main() -> None:
     parser.add_argument("--real-long", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--no-real", action="store_true", help="the demo models only")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="one more llamad contender, run from the llamad package in DIR",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     figures = run(
@@ -600,6 +635,7 @@ def main() -> None:
         real_long=args.real_long,
         threads=args.threads,
         real=not args.no_real,
+        variants={name: Path(tree) for name, _, tree in (v.partition("=") for v in args.variant)},
     )
     print(table(figures))
     for figure in figures:
