@@ -79,7 +79,7 @@ from llamad.upstream import (
     ToolCallAssembler,
     context_size,
     count_tokens,
-    stream_chat,
+    stream_chat_direct,
     template_overhead,
     turns_to_drop,
 )
@@ -88,6 +88,11 @@ log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL_SEC = 0.5
 YIELD_EVERY_CHUNKS = 32
+# Once text flows, read llama-server at most once per this window: a fast
+# model's tokens then come out of one read together (one wake-up, one delta,
+# one send for several tokens) instead of one each; a token waits at most
+# this long. Slower than one token per window, nothing changes.
+BATCH_WINDOW_SEC = 0.002
 # A tool marked confirm = true waits this long for a client to answer, then
 # counts as denied: a reply must not hang forever on a closed terminal.
 APPROVAL_TIMEOUT_SEC = 300.0
@@ -355,6 +360,9 @@ class ChatEngine:
         )
 
     async def _history_for_upstream(self, prepared: Prepared) -> list[Message]:
+        if prepared.request.conversation is None:
+            # A new conversation holds only the message just stored: no read.
+            return [prepared.user]
         messages = await in_thread(self.store.all_messages, prepared.conversation.id)
         # Everything before the reply being written, minus failed replies.
         return [
@@ -395,16 +403,40 @@ class ChatEngine:
 
     async def _fit(
         self,
-        client: httpx.AsyncClient,
         model: ModelSupervisor,
         prepared: Prepared,
         history: list[Message],
     ) -> list[Message]:
-        """Leave out the oldest turns when the history does not fit the context."""
+        """Leave out the oldest turns when the history does not fit the context.
+
+        An HTTP client is made only when llama-server must be asked something
+        (its facts, once per process; token counts, when bytes do not settle it).
+        """
+        async with contextlib.AsyncExitStack() as stack:
+            client: httpx.AsyncClient | None = None
+
+            async def ask() -> httpx.AsyncClient:
+                nonlocal client
+                if client is None:
+                    client = await stack.enter_async_context(
+                        http_client(model.endpoint, timeout=10.0)
+                    )
+                return client
+
+            return await self._fit_with(ask, model, prepared, history)
+
+    async def _fit_with(
+        self,
+        ask: Callable[[], Any],
+        model: ModelSupervisor,
+        prepared: Prepared,
+        history: list[Message],
+    ) -> list[Message]:
         key = (model.model.name, model.status().pid)
         if key not in self._model_facts:
             # Both measured before either is stored: chats run concurrently, and
             # one must never see half of what another is still measuring.
+            client = await ask()
             facts = (await context_size(client), await template_overhead(client))
             self._model_facts[key] = facts
         n_ctx, per_message = self._model_facts[key]
@@ -424,6 +456,7 @@ class ChatEngine:
             if message.role == "user" or not turns:
                 turns.append([])
             turns[-1].append(message)
+        client = await ask()
         turn_tokens = []
         for turn in turns:
             tokens = 0
@@ -448,77 +481,72 @@ class ChatEngine:
         seq = prepared.reply.seq
         options = prepared.request.options
         tools = list(options.tools if options.tools is not None else model.model.tools)
-        timeout = httpx.Timeout(None, connect=10.0)
         text = reply.text
-        async with http_client(model.endpoint, timeout=10.0, keepalive=False) as client:
-            client.timeout = timeout
-            history = await self._fit(
-                client, model, prepared, await self._history_for_upstream(prepared)
-            )
-            messages: list[dict[str, Any]] = []
-            if prepared.conversation.system_prompt:
-                messages.append({"role": "system", "content": prepared.conversation.system_prompt})
-            messages += await self._upstream_messages(history)
-            payload: dict[str, Any] = {"messages": messages, "stream": True}
-            if tools:
-                payload["tools"] = openai_tools(tools)
-            if options.temperature is not None:
-                payload["temperature"] = options.temperature
-            if options.max_tokens is not None:
-                payload["max_tokens"] = options.max_tokens
-            if options.seed is not None:
-                payload["seed"] = options.seed
-            if options.ignore_eos:
-                payload["ignore_eos"] = True
-            began = time.monotonic()
-            first_token: float | None = None
-            last_flush = began
-            finish_reason: str | None = None
-            timings: dict[str, Any] = {}
-            usage: dict[str, Any] = {}
-            completion_tokens = 0
-            chunks = 0
-            for round_number in range(1, model.model.max_tool_rounds + 2):
-                # The round after the last allowed one must answer in words.
-                last_round = round_number > model.model.max_tool_rounds
-                if tools and last_round:
-                    payload["tool_choice"] = "none"
-                assembler = ToolCallAssembler()
-                timings, usage = {}, {}
-                async for chunk in stream_chat(client, payload):
-                    if chunk.text:
-                        if first_token is None:
-                            first_token = time.monotonic()
-                        text.append(chunk.text)
-                        self._publish(
-                            conversation,
-                            ChatDelta(id=0, conversation=conversation, seq=seq, text=chunk.text),
-                        )
-                    assembler.feed(chunk.tool_calls)
-                    chunks += 1
-                    if chunks % YIELD_EVERY_CHUNKS == 0:
-                        # httpx hands over every chunk already read without
-                        # yielding; let the connections forward what is queued.
-                        await trio.lowlevel.checkpoint()
-                    finish_reason = chunk.finish_reason or finish_reason
-                    timings = chunk.timings or timings
-                    usage = chunk.usage or usage
-                    now = time.monotonic()
-                    if now - last_flush >= FLUSH_INTERVAL_SEC:
-                        last_flush = now
-                        await self._flush(conversation, seq, reply)
-                completion_tokens += (
-                    timings.get("predicted_n") or usage.get("completion_tokens") or 0
-                )
-                wanted = assembler.calls()
-                if not tools or not wanted or last_round:
-                    break
-                done = await self._run_tools(prepared, round_number, wanted, tools, reply)
-                payload["messages"] = [
-                    *payload["messages"],
-                    _assistant_calls(done),
-                    *(_tool_result(call) for call in done),
-                ]
+        history = await self._fit(model, prepared, await self._history_for_upstream(prepared))
+        messages: list[dict[str, Any]] = []
+        if prepared.conversation.system_prompt:
+            messages.append({"role": "system", "content": prepared.conversation.system_prompt})
+        messages += await self._upstream_messages(history)
+        payload: dict[str, Any] = {"messages": messages, "stream": True}
+        if tools:
+            payload["tools"] = openai_tools(tools)
+        if options.temperature is not None:
+            payload["temperature"] = options.temperature
+        if options.max_tokens is not None:
+            payload["max_tokens"] = options.max_tokens
+        if options.seed is not None:
+            payload["seed"] = options.seed
+        if options.ignore_eos:
+            payload["ignore_eos"] = True
+        began = time.monotonic()
+        first_token: float | None = None
+        last_flush = began
+        finish_reason: str | None = None
+        timings: dict[str, Any] = {}
+        usage: dict[str, Any] = {}
+        completion_tokens = 0
+        chunks = 0
+        for round_number in range(1, model.model.max_tool_rounds + 2):
+            # The round after the last allowed one must answer in words.
+            last_round = round_number > model.model.max_tool_rounds
+            if tools and last_round:
+                payload["tool_choice"] = "none"
+            assembler = ToolCallAssembler()
+            timings, usage = {}, {}
+            async for chunk in stream_chat_direct(
+                model.endpoint, payload, batch_window=BATCH_WINDOW_SEC
+            ):
+                if chunk.text:
+                    if first_token is None:
+                        first_token = time.monotonic()
+                    text.append(chunk.text)
+                    self._publish(
+                        conversation,
+                        ChatDelta(id=0, conversation=conversation, seq=seq, text=chunk.text),
+                    )
+                assembler.feed(chunk.tool_calls)
+                chunks += 1
+                if chunks % YIELD_EVERY_CHUNKS == 0:
+                    # httpx hands over every chunk already read without
+                    # yielding; let the connections forward what is queued.
+                    await trio.lowlevel.checkpoint()
+                finish_reason = chunk.finish_reason or finish_reason
+                timings = chunk.timings or timings
+                usage = chunk.usage or usage
+                now = time.monotonic()
+                if now - last_flush >= FLUSH_INTERVAL_SEC:
+                    last_flush = now
+                    await self._flush(conversation, seq, reply)
+            completion_tokens += timings.get("predicted_n") or usage.get("completion_tokens") or 0
+            wanted = assembler.calls()
+            if not tools or not wanted or last_round:
+                break
+            done = await self._run_tools(prepared, round_number, wanted, tools, reply)
+            payload["messages"] = [
+                *payload["messages"],
+                _assistant_calls(done),
+                *(_tool_result(call) for call in done),
+            ]
         ended = time.monotonic()
         return MessageStats(
             finish_reason=finish_reason,
