@@ -13,9 +13,9 @@ Stages, each a superset of the one before where it says ``+``:
 - ``httpx``: ``upstream.stream_chat`` (httpx, SSE, chunk decoding);
 - ``direct``: ``upstream.stream_chat_direct`` (no httpx);
 - ``direct+hub``: + a ``ChatDelta`` published on the ``EventHub``, a subscriber
-  task taking ``batches()``, the message re-addressed, msgpack-encoded,
-  framed and written to a client socket (read by another task, as a client
-  would);
+  task taking ``batches()`` and sending each event as the control socket
+  does (``dispatch._event_message``, the Unix transport's peer: msgpack,
+  frame, lock, send timeout) to a client socket that another task reads;
 - ``httpx+hub``: the same on top of ``httpx``.
 
 With ``--callgrind`` each stage runs under ``valgrind --tool=callgrind`` twice
@@ -111,20 +111,20 @@ async def _raw_chunks(path: str) -> AsyncIterator[bytes]:
 
 
 def _reader(stage: str, path: Path) -> Callable[[], AsyncIterator[object]]:
+    from llamad import upstream
     from llamad.llama_server import Endpoint
     from llamad.supervisor import http_client
-    from llamad.upstream import stream_chat, stream_chat_direct
 
     payload = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
     endpoint = Endpoint(socket_path=path)
     if stage == "raw":
         return lambda: _raw_chunks(str(path))
-    if stage.startswith("direct"):
-        return lambda: stream_chat_direct(endpoint, payload)
+    if stage.startswith("direct"):  # looked up here: older trees (--variant) lack it
+        return lambda: upstream.stream_chat_direct(endpoint, payload)
 
     async def through_httpx() -> AsyncIterator[object]:
         async with http_client(endpoint, timeout=10.0, keepalive=False) as client:
-            async for chunk in stream_chat(client, payload):
+            async for chunk in upstream.stream_chat(client, payload):
                 yield chunk
 
     return through_httpx
@@ -132,8 +132,10 @@ def _reader(stage: str, path: Path) -> Callable[[], AsyncIterator[object]]:
 
 async def run_stage(stage: str, tokens: int) -> float:
     """Relay ``tokens`` tokens through ``stage``; the CPU seconds it took."""
+    from llamad.dispatch import _event_message
     from llamad.events import ChatEvent, EventHub
-    from llamad.protocol import ChatDelta, encode, frame
+    from llamad.protocol import ChatDelta
+    from llamad.transport.unix import _FramePeer
 
     directory = Path(tempfile.mkdtemp(prefix="llamad-relay-cost-", dir="/tmp"))
     path = directory / "up.sock"
@@ -151,12 +153,12 @@ async def run_stage(stage: str, tokens: int) -> float:
             with hub.subscribe(frozenset({"chat"}), key="c") as subscription:
                 if stage.endswith("+hub"):
 
-                    async def forward() -> None:
+                    peer = _FramePeer(daemon_end)
+
+                    async def forward() -> None:  # as dispatch's _chat loop does
                         async for batch in subscription.batches():
                             for event in batch:
-                                assert isinstance(event, ChatEvent)
-                                message = msgspec.structs.replace(event.message, id=1)
-                                await daemon_end.send_all(frame(encode(message)))
+                                await peer.send(_event_message(1, event))
 
                     async def client() -> None:
                         while await client_end.receive_some(262144):
