@@ -503,6 +503,25 @@ async def test_refusals_and_a_killed_server_are_one_line_errors(
     assert "\n" not in str(refused.value)
 
 
+@pytest.mark.server
+async def test_a_cancelled_stream_stops_at_once_and_frees_the_server(
+    llama_server_binary: Path, demo_models: dict[str, Path]
+) -> None:
+    endless = CHAT | {"max_tokens": 100_000}
+    with real_server(llama_server_binary, demo_models["demo"], ctx=8192) as server:
+        texts: list[str] = []
+        with trio.CancelScope() as scope:
+            async for chunk in stream_chat_direct(server.endpoint, endless):
+                texts.append(chunk.text)
+                if len(texts) == 20:
+                    scope.cancel()
+        assert scope.cancelled_caught and len(texts) == 20
+        # The closed socket told llama-server to stop: its one slot serves the next.
+        again = await _collect(stream_chat_direct(server.endpoint, CHAT))
+        assert merge_chunks(again).timings is not None
+        assert "".join(c.text for c in again) == "".join(c.text for c in _read_whole(server, CHAT))
+
+
 async def _scripted_upstream(reply: bytes, nursery: trio.Nursery) -> Endpoint:
     """A socket that answers any request with ``reply`` and closes: faults on cue."""
     path = short_tempdir() / "s.sock"
