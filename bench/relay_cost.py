@@ -152,7 +152,6 @@ async def run_stage(stage: str, tokens: int) -> float:
             nursery.start_soon(_upstream, listener, tokens, taken)
             with hub.subscribe(frozenset({"chat"}), key="c") as subscription:
                 if stage.endswith("+hub"):
-
                     peer = _FramePeer(daemon_end)
 
                     async def forward() -> None:  # as dispatch's _chat loop does
