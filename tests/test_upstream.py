@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from llamad.errors import ContextOverflow, UpstreamError
 from llamad.llama_server import Endpoint
+from llamad.supervisor import http_client
 from llamad.upstream import (
     Chunk,
     ResponseReader,
@@ -29,6 +30,7 @@ from llamad.upstream import (
     interpret_chunk,
     merge_chunks,
     refusal_message,
+    stream_chat,
     stream_chat_direct,
     turns_to_drop,
 )
@@ -463,6 +465,24 @@ async def test_direct_stream_reads_what_a_plain_client_reads(
     assert final.finish_reason == "length"
     assert final.timings is not None and final.timings["predicted_n"] == 60
     assert "".join(c.text for c in direct) == "".join(c.text for c in whole) != ""
+
+
+# httpx leaves the generators under aiter_raw to the garbage collector when a
+# reply is left at [DONE] (as stream_chat always has); trio reports them.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.server
+async def test_the_httpx_stream_reads_the_same_merged_per_read(
+    llama_server_binary: Path, demo_models: dict[str, Path]
+) -> None:
+    with real_server(llama_server_binary, demo_models["demo"]) as server:
+        whole = _read_whole(server, CHAT)
+        async with http_client(server.endpoint, timeout=30.0, keepalive=False) as client:
+            chunks = await _collect(stream_chat(client, CHAT))
+    assert "".join(c.text for c in chunks) == "".join(c.text for c in whole) != ""
+    assert len(chunks) <= len(whole)  # never more chunks than events: merged per read
+    final = merge_chunks(chunks)
+    assert final.finish_reason == "length"
+    assert final.timings is not None and final.timings["predicted_n"] == 60
 
 
 @pytest.mark.server
