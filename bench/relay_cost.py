@@ -16,7 +16,9 @@ Stages, each a superset of the one before where it says ``+``:
   task taking ``batches()`` and sending each event as the control socket
   does (``dispatch._event_message``, the Unix transport's peer: msgpack,
   frame, lock, send timeout) to a client socket that another task reads;
-- ``httpx+hub``: the same on top of ``httpx``.
+- ``httpx+hub``: the same on top of ``httpx``;
+- ``direct+hub+ws``: as ``direct+hub``, but sent through the WebSocket
+  transport's peer (msgpack, trio-websocket) to a WebSocket client.
 
 With ``--callgrind`` each stage runs under ``valgrind --tool=callgrind`` twice
 (``--tokens`` and a tenth of it) and the difference gives instructions per
@@ -28,6 +30,7 @@ token, free of start-up costs; without it, CPU µs per token (``process_time``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -39,11 +42,15 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 import trio
 
-STAGES = ("raw", "httpx", "direct", "httpx+hub", "direct+hub")
+if TYPE_CHECKING:
+    from llamad.dispatch import Peer
+
+STAGES = ("raw", "httpx", "direct", "httpx+hub", "direct+hub", "direct+hub+ws")
 WORDS = [" the", " quick", " brown", " fox", " jumps", " over", " a", " lazy", " dog", "."]
 _HEAD = (
     b"HTTP/1.1 200 OK\r\nServer: llama.cpp\r\nX-Accel-Buffering: no\r\n"
@@ -135,7 +142,6 @@ async def run_stage(stage: str, tokens: int) -> float:
     from llamad.dispatch import _event_message
     from llamad.events import ChatEvent, EventHub
     from llamad.protocol import ChatDelta
-    from llamad.transport.unix import _FramePeer
 
     directory = Path(tempfile.mkdtemp(prefix="llamad-relay-cost-", dir="/tmp"))
     path = directory / "up.sock"
@@ -151,23 +157,18 @@ async def run_stage(stage: str, tokens: int) -> float:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_upstream, listener, tokens, taken)
             with hub.subscribe(frozenset({"chat"}), key="c") as subscription:
-                if stage.endswith("+hub"):
-                    peer = _FramePeer(daemon_end)
+                if "+hub" in stage:
+                    peer = await _peer(stage, nursery, client_end, daemon_end)
 
                     async def forward() -> None:  # as dispatch's _chat loop does
                         async for batch in subscription.batches():
                             for event in batch:
                                 await peer.send(_event_message(1, event))
 
-                    async def client() -> None:
-                        while await client_end.receive_some(262144):
-                            pass
-
                     nursery.start_soon(forward)
-                    nursery.start_soon(client)
                 seen = 0
                 async for chunk in _reader(stage, path)():
-                    if stage.endswith("+hub"):
+                    if "+hub" in stage:
                         text = getattr(chunk, "text", "")
                         if text:
                             hub.publish(
@@ -183,6 +184,47 @@ async def run_stage(stage: str, tokens: int) -> float:
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     return time.process_time() - began
+
+
+async def _peer(
+    stage: str,
+    nursery: trio.Nursery,
+    client_end: trio.SocketStream,
+    daemon_end: trio.SocketStream,
+) -> Peer:
+    """The daemon's sending half of one client connection, and a client reading it."""
+    from trio_websocket import ConnectionClosed, wrap_client_stream, wrap_server_stream
+
+    from llamad.transport.unix import _FramePeer
+    from llamad.transport.websocket import _WebSocketPeer
+
+    if not stage.endswith("+ws"):
+
+        async def read_frames() -> None:
+            while await client_end.receive_some(262144):
+                pass
+
+        nursery.start_soon(read_frames)
+        return _FramePeer(daemon_end)
+    accepted: list[Peer] = []
+    ready = trio.Event()
+
+    async def serve() -> None:
+        request = await wrap_server_stream(nursery, daemon_end)
+        accepted.append(_WebSocketPeer(await request.accept(), json=False))
+        ready.set()
+
+    nursery.start_soon(serve)
+    client = await wrap_client_stream(nursery, client_end, "localhost", "/")
+
+    async def read_messages() -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await client.get_message()
+
+    nursery.start_soon(read_messages)
+    await ready.wait()
+    return accepted[0]
 
 
 def _socket_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
