@@ -85,10 +85,8 @@ class ResponseReader:
     def feed(self, data: bytes) -> bytes:
         if self.complete:
             return b""
-        if self._framing == "chunked" and not self._buffer and not self._left:
-            buffer = data  # the common case: nothing left over from the last read
-        else:
-            buffer = self._buffer + data
+        # Usually nothing is left over from the last read: no copy then.
+        buffer = self._buffer + data if self._buffer else data
         if not self._framing:
             end = buffer.find(b"\r\n\r\n")
             if end < 0:
