@@ -63,6 +63,19 @@ def _http_capacity(quick: bool) -> list[Figure]:
     return http_relay.capacity(rounds=1 if quick else 3, tokens=20_000 if quick else 50_000)
 
 
+def _router(quick: bool) -> list[Figure]:
+    from bench import router
+
+    return router.run(
+        rounds=3 if quick else 10,
+        real_rounds=1 if quick else 4,
+        short=50,
+        long=500 if quick else 2000,
+        real_long=300 if quick else 2000,
+        threads=router.default_threads(),
+    )
+
+
 def _switch(quick: bool) -> list[Figure]:
     from bench import switch
 
@@ -104,6 +117,7 @@ BENCHES = [
     Bench("relay_capacity", "fast synthetic upstream: 1 and 50 streams", _relay_capacity),
     Bench("http_relay", "demo model: direct vs the HTTP API (OpenAI SSE)", _http_relay),
     Bench("http_capacity", "fast synthetic upstream through the HTTP API", _http_capacity),
+    Bench("router", "llamad vs llama.cpp's router mode, same binary and models", _router),
     Bench("switch", "load B: llamad vs llama-server alone", _switch),
     Bench("cli", "llamactl status vs python -c pass", _cli),
     Bench("history", "LMDB store: appends, 10k conversations, 100k messages", _history),
