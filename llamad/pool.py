@@ -30,6 +30,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import attrs
 import httpx
@@ -65,6 +66,7 @@ from llamad.placement import (
 )
 from llamad.protocol import HealthLevel, ModelMemory, ModelStatus, PoolMemory
 from llamad.supervisor import ModelSupervisor
+from llamad.upstream import Chunk, stream_chat_direct
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,13 @@ Estimator = Callable[[ModelConfig], Memory]
 Measurer = Callable[[list[int]], dict[int, memory.Measured]]
 
 
+# Once text flows, llama-server is read at most once per this window: a fast
+# model's tokens then come out of one read together (one wake-up, one delta,
+# one send for several tokens) instead of one each; a token waits at most this
+# long. A model slower than one token per window sees no difference.
+BATCH_WINDOW_SEC = 0.002
+
+
 @dataclass
 class Lease:
     """One request's hold on a model: ready, a slot taken, counted in flight."""
@@ -87,6 +96,14 @@ class Lease:
     client: httpx.AsyncClient
     scope: trio.CancelScope
     server: ModelSupervisor
+
+    def stream_chat(self, payload: dict[str, Any]) -> AsyncIterator[Chunk]:
+        """A streamed chat completion from this model's server.
+
+        Straight off a socket of its own, without httpx's layers: the per-token
+        path of every chat (see bench/README.md, "Where the relay's time goes").
+        """
+        return stream_chat_direct(self.server.endpoint, payload, batch_window=BATCH_WINDOW_SEC)
 
 
 @dataclass(eq=False)
@@ -572,11 +589,18 @@ class ModelPool:
 
     def _admit(self, ticket: int) -> None:
         request = self._queue.pop(ticket, None)
-        if request is None:
-            return
+        if request is not None:
+            self._admit_now(request)
+
+    def _admit_now(self, request: _Request) -> None:
         request.admitted = True
         self._admitted[request.model] = self._admitted.get(request.model, 0) + 1
         request.decided.set()
+
+    def _leaving(self, name: str) -> bool:
+        """Whether an idle unload of ``name`` is due (the planner would evict it now)."""
+        unload_at = self._unload_at(name)
+        return unload_at is not None and unload_at <= trio.current_time()
 
     def _refuse(self, ticket: int, kind: str, message: str) -> None:
         request = self._queue.pop(ticket, None)
@@ -625,16 +649,21 @@ class ModelPool:
             deadline=now + self.config.daemon.load_timeout_sec,
             starts_seen=self._starts.get(name, 0),
         )
-        self._queue[request.ticket] = request
-        self._poke()
-        try:
-            await self._wait_decided(request, on_event)
-        except BaseException:
-            if request.admitted:
-                self._release(name, keep_alive)
-            elif self._queue.pop(request.ticket, None) is not None:
-                self._poke()
-            raise
+        if self._servers[name].state == "ready" and not self._queue and not self._leaving(name):
+            # What the planner would decide at once (nothing waits, nothing is
+            # being made room for), without a round trip through its task.
+            self._admit_now(request)
+        else:
+            self._queue[request.ticket] = request
+            self._poke()
+            try:
+                await self._wait_decided(request, on_event)
+            except BaseException:
+                if request.admitted:
+                    self._release(name, keep_alive)
+                elif self._queue.pop(request.ticket, None) is not None:
+                    self._poke()
+                raise
         if request.error is not None:
             raise request.error
         supervisor = self._servers[name]
