@@ -2,17 +2,21 @@
 
 One chat, in order:
 
-1. ``prepare``: everything that can be refused is checked, then the user
-   message (and an empty assistant placeholder marked ``incomplete``) are
-   committed to LMDB in one transaction before anything goes upstream; only
-   then is the chat acknowledged. An acknowledged message is never lost.
+1. ``prepare``: everything that can be refused is checked (and the history
+   read) before anything is written.
 2. ``_reply`` (a task in the service's nursery, so a client that disconnects
-   does not stop it): ``pool.acquire`` the conversation's model (its state
-   changes and the queue position go to the conversation's watchers), fit the
-   history into the model's context, and let ``llamad.generation`` stream the
-   reply. Each piece is published to every watcher; the text so far is
-   written to disk with the first piece and then at most every 0.5 s, so a
-   crash of llamad keeps what was seen up to the last write.
+   does not stop it) does two things at once. It commits the user message and
+   an empty reply marked ``incomplete`` in one LMDB transaction; only then is
+   the chat acknowledged (``chat_started``), so an acknowledged message is
+   never lost. Meanwhile it ``pool.acquire``s the model (its state changes and
+   the queue position go to the conversation's watchers), fits the history
+   into its context and lets ``llamad.generation`` start the reply, so the
+   fsync hides behind the model's prompt processing: nothing of the reply is
+   published or written before the commit is on disk, and a failed commit
+   cancels the reply and is the chat's answer. Each piece is published to
+   every watcher; the text so far is written with the first piece and then at
+   most every 0.5 s, so a crash of llamad keeps what was seen up to the last
+   write.
 3. At the end the reply is committed ``complete``, ``cancelled`` or ``error``
    with its stats and tool calls, and ``chat_done`` is published.
 
@@ -87,13 +91,37 @@ FLUSH_INTERVAL_SEC = 0.5
 APPROVAL_TIMEOUT_SEC = 300.0
 
 
-@dataclass
+@dataclass(eq=False)
 class Prepared:
-    conversation: Conversation
-    user: Message | None  # None for a retry
-    reply: Message
+    """A chat checked and ready to go; the commit fills in what the store made."""
+
     request: Chat
     model: str  # the model that answers
+    conversation_id: str  # known before the commit, so watchers can subscribe first
+    existing: Conversation | None  # None for a new conversation
+    parts: list[Part]  # the user message (empty for a retry)
+    images: dict[str, bytes]
+    replace_from: int | None  # a retry or edit replaces the messages from here on
+    history: list[Message]  # what the model is sent, oldest first, the new message last
+    committed: trio.Event = field(default_factory=trio.Event)
+    commit_error: LlamadError | None = None
+    conversation: Conversation | None = None
+    user: Message | None = None  # None for a retry
+    reply: Message | None = None
+
+    @property
+    def system_prompt(self) -> str | None:
+        if self.existing is not None:
+            return self.existing.system_prompt
+        return self.request.options.system
+
+    async def wait_committed(self) -> Message:
+        """The stored reply placeholder, once on disk; the commit's error otherwise."""
+        await self.committed.wait()
+        if self.commit_error is not None:
+            raise self.commit_error
+        assert self.reply is not None
+        return self.reply
 
 
 @dataclass
@@ -113,14 +141,46 @@ class _ReplySink:
 
     def __init__(self, service: ChatService, prepared: Prepared) -> None:
         self.service = service
-        self.conversation = prepared.conversation.id
-        self.seq = prepared.reply.seq
+        self.prepared = prepared
+        self.conversation = prepared.conversation_id
+        self.seq = 0  # the reply's, known once committed
         self.pieces: list[str] = []
         self.calls: list[ToolCall] = []
+        self._held: list[ServerMessage] = []  # what came before the commit, in order
         self._last_flush: float | None = None
+
+    def publish(self, message: ServerMessage) -> None:
+        """To every watcher of the conversation; held until the chat is acknowledged."""
+        if self.seq:
+            self.service.publish(self.conversation, message)
+        else:
+            self._held.append(message)
+
+    def committed(self, reply_seq: int) -> None:
+        """The exchange is on disk: what came meanwhile goes out now, the text as one piece."""
+        self.seq = reply_seq
+        for message in self._held:
+            self.service.publish(self.conversation, message)
+        self._held = []
+        if self.pieces:
+            text = "".join(self.pieces)
+            self.service.publish(
+                self.conversation,
+                ChatDelta(id=0, conversation=self.conversation, seq=self.seq, text=text),
+            )
+            self._last_flush = time.monotonic()  # the commit's task writes it at once
+
+    def pool_event(self, event: PoolEvent) -> None:
+        """The model's state while the chat waits for it, or the chat's place in line."""
+        if isinstance(event, ModelStatus):
+            self.publish(StateChanged(id=0, model=event))
+        else:
+            self.publish(QueuePosition(id=0, conversation=self.conversation, position=event))
 
     async def text(self, piece: str) -> None:
         self.pieces.append(piece)
+        if not self.seq:
+            return  # held until the user message is on disk
         self.service.publish(
             self.conversation,
             ChatDelta(id=0, conversation=self.conversation, seq=self.seq, text=piece),
@@ -133,6 +193,7 @@ class _ReplySink:
             await self.flush()
 
     async def tool_call(self, index: int, call: ToolCall) -> None:
+        await self.prepared.committed.wait()
         if index == len(self.calls):
             self.calls.append(call)
         else:
@@ -144,6 +205,7 @@ class _ReplySink:
         await self.flush()
 
     async def approve(self, index: int, call: ToolCall) -> bool:
+        await self.prepared.committed.wait()
         with self.service.awaiting_approval(self.conversation, call.id) as pending:
             await self.tool_call(index, call)  # after registering: an instant answer counts
             with trio.move_on_after(APPROVAL_TIMEOUT_SEC):
@@ -151,6 +213,8 @@ class _ReplySink:
         return pending.approved
 
     async def flush(self) -> None:
+        if not self.seq:
+            return
         try:
             await in_thread(
                 functools.partial(
@@ -188,9 +252,10 @@ class ChatService:
         return conversation in self._running
 
     async def prepare(self, request: Chat) -> Prepared:
-        """Commit the user message (and the reply placeholder); raises on bad input.
+        """Check a chat and read what the model will be sent; writes nothing.
 
-        Everything that can be refused is checked before anything is stored.
+        Everything that can be refused is refused here, before anything is
+        stored.
         """
         parts: list[Part] = (
             [TextPart(text=request.content)]
@@ -199,12 +264,12 @@ class ChatService:
         )
         parts, images = _checked_images(parts)
         has_text = any(isinstance(p, TextPart) and p.text.strip() for p in parts)
+        if request.retry and request.edit:
+            raise BadRequest("a chat is either a retry or an edit, not both")
         if request.retry:
             parts, images = [], {}
         elif not images and not has_text:
             raise EmptyMessage
-        if request.retry and request.edit:
-            raise BadRequest("a chat is either a retry or an edit, not both")
         if request.model is not None:
             self.pool.resolve(request.model)  # unknown model: refuse before storing anything
         unknown = [t for t in request.options.tools or () if t not in TOOL_NAMES]
@@ -212,41 +277,45 @@ class ChatService:
             raise UnknownTool(unknown[0], TOOL_NAMES)
         existing: Conversation | None = None
         replace_from: int | None = None
+        stored: list[Message] = []
         if request.conversation is not None:
             conversation_id = await in_thread(self.store.resolve, request.conversation)
             existing = await in_thread(self.store.get_conversation, conversation_id)
             if existing.id in self._running:
                 raise ConversationBusy(existing.id)
+            stored = await in_thread(self.store.all_messages, existing.id)
             if request.retry or request.edit:
-                replace_from = await self._last_user_seq(existing)
+                replace_from = _last_user_seq(existing, stored)
                 if request.retry:
                     replace_from += 1  # keep the user message, answer it again
         elif request.retry or request.edit:
             raise BadRequest("retry and edit need the conversation they apply to")
+        else:
+            conversation_id = await in_thread(self.store.new_conversation_id)
         model = self._choose_model(request.model, existing)
         if images:
             self._check_vision(model)
-        # One transaction: one fsync before the acknowledgement, and a full
-        # disk leaves neither an empty conversation nor an unanswered message.
-        conversation, user, reply = await in_thread(
-            functools.partial(
-                self.store.start_exchange,
-                existing.id if existing is not None else None,
-                parts=parts,
-                images=images,
-                model=model,
-                system_prompt=request.options.system,
-                replace_from=replace_from,
+        kept = [
+            m
+            for m in stored
+            if (replace_from is None or m.seq < replace_from)
+            and m.status != "error"
+            and (m.text or m.images or m.tool_calls)
+        ]
+        if parts:  # the new message as it will be stored (images with their bytes)
+            kept.append(
+                Message(conversation=conversation_id, seq=0, role="user", parts=parts)
             )
+        return Prepared(
+            request=request,
+            model=model,
+            conversation_id=conversation_id,
+            existing=existing,
+            parts=parts,
+            images=images,
+            replace_from=replace_from,
+            history=kept,
         )
-        return Prepared(conversation, user, reply, request, model)
-
-    async def _last_user_seq(self, conversation: Conversation) -> int:
-        messages = await in_thread(self.store.all_messages, conversation.id)
-        users = [m.seq for m in messages if m.role == "user"]
-        if not users:
-            raise BadRequest(f"conversation {conversation.id[:13]} has no message to retry or edit")
-        return users[-1]
 
     def _choose_model(self, requested: str | None, conversation: Conversation | None) -> str:
         """The model that answers: the one named, the conversation's own, then the default."""
@@ -257,20 +326,17 @@ class ChatService:
         return self.pool.default_model()
 
     def launch(self, prepared: Prepared) -> None:
-        """Start generating; events go to the conversation's subscribers."""
+        """Commit and generate; events go to the conversation's subscribers.
+
+        ``prepared.wait_committed()`` tells when the chat is acknowledged (or
+        why it could not be stored).
+        """
         assert self._nursery is not None
-        conversation = prepared.conversation.id
+        conversation = prepared.conversation_id
+        if conversation in self._running:  # another chat got there since prepare
+            raise ConversationBusy(conversation)
         running = _Running()
         self._running[conversation] = running
-        self.publish(
-            conversation,
-            ChatStarted(
-                id=0,
-                conversation=prepared.conversation,
-                user=prepared.user,
-                reply_seq=prepared.reply.seq,
-            ),
-        )
         self._nursery.start_soon(self._reply, prepared, running)
 
     def _check_vision(self, model_name: str) -> None:
@@ -316,55 +382,80 @@ class ChatService:
     # ---------------------------------------------------------- internals
 
     async def _reply(self, prepared: Prepared, running: _Running) -> None:
-        conversation = prepared.conversation.id
+        conversation = prepared.conversation_id
         sink = _ReplySink(self, prepared)
         stats: MessageStats | None = None
         status: MessageStatus = "incomplete"
         error = ""
         options = prepared.request.options
         try:
-            with running.scope:
-                try:
-                    async with self.pool.acquire(
-                        prepared.model,
-                        keep_alive=options.keep_alive,
-                        on_event=functools.partial(self._pool_event, conversation),
-                    ) as lease:
-                        stats = await self._generate(prepared, lease, sink)
-                    status = "complete"
-                except LlamadError as exc:
-                    status, error = "error", str(exc)
-                    log.info("chat in %s failed: %s", conversation[:13], exc)
-                except Exception:
-                    log.exception("internal error in a chat")
-                    status, error = "error", "internal error in llamad; see its log"
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._commit, prepared, sink, running)
+                with running.scope:
+                    try:
+                        async with self.pool.acquire(
+                            prepared.model,
+                            keep_alive=options.keep_alive,
+                            on_event=sink.pool_event,
+                        ) as lease:
+                            stats = await self._generate(prepared, lease, sink)
+                        status = "complete"
+                    except LlamadError as exc:
+                        status, error = "error", str(exc)
+                        log.info("chat in %s failed: %s", conversation[:13], exc)
+                    except Exception:
+                        log.exception("internal error in a chat")
+                        status, error = "error", "internal error in llamad; see its log"
             if running.scope.cancelled_caught:
                 status = "cancelled" if running.cancelled_by_user else "incomplete"
         finally:
             # Shielded: the final state must reach the disk even while llamad stops.
             with trio.CancelScope(shield=True):
-                message = await self._finish(
-                    prepared, sink, status=status, stats=stats, error=error
-                )
+                await prepared.committed.wait()
+                if prepared.commit_error is None:
+                    message = await self._finish(
+                        prepared, sink, status=status, stats=stats, error=error
+                    )
+                    self.publish(conversation, ChatDone(id=0, message=message))
                 del self._running[conversation]
-                self.publish(conversation, ChatDone(id=0, message=message))
 
-    def _pool_event(self, conversation: str, event: PoolEvent) -> None:
-        if isinstance(event, ModelStatus):
-            self.publish(conversation, StateChanged(id=0, model=event))
-        else:
+    async def _commit(self, prepared: Prepared, sink: _ReplySink, running: _Running) -> None:
+        """One transaction, one fsync: then the chat is acknowledged, and the reply may show."""
+        try:
+            try:
+                conversation, user, reply = await in_thread(
+                    functools.partial(
+                        self.store.start_exchange,
+                        prepared.existing.id if prepared.existing is not None else None,
+                        parts=prepared.parts,
+                        images=prepared.images,
+                        model=prepared.model,
+                        system_prompt=prepared.request.options.system,
+                        replace_from=prepared.replace_from,
+                        new_id=prepared.conversation_id,
+                    )
+                )
+            except LlamadError as exc:
+                # Nothing was stored: the reply is dropped and the error is the answer.
+                prepared.commit_error = exc
+                running.scope.cancel()
+                return
+            prepared.conversation, prepared.user, prepared.reply = conversation, user, reply
             self.publish(
-                conversation, QueuePosition(id=0, conversation=conversation, position=event)
+                conversation.id,
+                ChatStarted(id=0, conversation=conversation, user=user, reply_seq=reply.seq),
             )
+            sink.committed(reply.seq)
+        finally:
+            prepared.committed.set()
+        await sink.flush()
 
     async def _generate(self, prepared: Prepared, lease: Lease, sink: _ReplySink) -> MessageStats:
         options = prepared.request.options
-        history = await self._fit(
-            lease, prepared, await self._history_for_upstream(prepared)
-        )
+        history = await self._fit(lease, prepared, sink, prepared.history)
         messages: list[dict[str, Any]] = []
-        if prepared.conversation.system_prompt:
-            messages.append({"role": "system", "content": prepared.conversation.system_prompt})
+        if prepared.system_prompt:
+            messages.append({"role": "system", "content": prepared.system_prompt})
         messages += await self._upstream_messages(history)
         params: dict[str, Any] = {}
         if options.temperature is not None:
@@ -386,19 +477,6 @@ class ChatService:
             lease.stream_chat, request, sink, tool_settings=self.pool.config.tool
         )
 
-    async def _history_for_upstream(self, prepared: Prepared) -> list[Message]:
-        if prepared.request.conversation is None and prepared.user is not None:
-            return [prepared.user]  # a new conversation holds just this: no read
-        messages = await in_thread(self.store.all_messages, prepared.conversation.id)
-        # Everything before the reply being written, minus failed replies.
-        return [
-            m
-            for m in messages
-            if m.seq < prepared.reply.seq
-            and m.status != "error"
-            and (m.text or m.images or m.tool_calls)
-        ]
-
     async def _upstream_messages(self, history: list[Message]) -> list[dict[str, Any]]:
         """Stored messages as OpenAI chat messages: tool rounds unfolded, images inlined."""
         messages: list[dict[str, Any]] = []
@@ -417,7 +495,9 @@ class ChatService:
                 content.append({"type": "text", "text": message.text})
             for image in message.images:
                 try:
-                    data = await in_thread(self.store.get_image, image.digest)
+                    # The new message's own images are at hand (and may not be
+                    # committed yet); stored ones are read by digest.
+                    data = image.data or await in_thread(self.store.get_image, image.digest)
                 except KeyError:
                     content.append({"type": "text", "text": f"{image.label()} (no longer stored)"})
                     continue
@@ -428,7 +508,7 @@ class ChatService:
         return messages
 
     async def _fit(
-        self, lease: Lease, prepared: Prepared, history: list[Message]
+        self, lease: Lease, prepared: Prepared, sink: _ReplySink, history: list[Message]
     ) -> list[Message]:
         """Leave out the oldest turns when the history does not fit the context."""
         client: httpx.AsyncClient = lease.client
@@ -444,7 +524,7 @@ class ChatService:
         # history a place (llama-server stops at the context's end anyway).
         reserve = min(max_tokens if max_tokens is not None else n_ctx // 8, n_ctx // 2)
         budget = n_ctx - reserve
-        system = prepared.conversation.system_prompt or ""
+        system = prepared.system_prompt or ""
         texts = [system, *(m.text for m in history)] if system else [m.text for m in history]
         # A token covers at least one byte of text, so bytes bound tokens from
         # above: when they fit, no tokenizer round trip is needed.
@@ -464,11 +544,9 @@ class ChatService:
         fixed = (await count_tokens(client, system) + per_message) if system else 0
         dropped = turns_to_drop(turn_tokens, fixed, budget)
         if dropped:
-            self.publish(
-                prepared.conversation.id,
-                ContextTrimmed(
-                    id=0, conversation=prepared.conversation.id, dropped_turns=dropped, n_ctx=n_ctx
-                ),
+            conversation = prepared.conversation_id
+            sink.publish(
+                ContextTrimmed(id=0, conversation=conversation, dropped_turns=dropped, n_ctx=n_ctx)
             )
         return [m for turn in turns[dropped:] for m in turn]
 
@@ -481,7 +559,7 @@ class ChatService:
         stats: MessageStats | None,
         error: str,
     ) -> Message:
-        conversation, seq = prepared.conversation.id, prepared.reply.seq
+        conversation, seq = prepared.conversation_id, sink.seq
         text = "".join(sink.pieces)
         # A call cut off by a cancel or an error never finished.
         calls = [
@@ -547,3 +625,10 @@ def _checked_images(parts: list[Part]) -> tuple[list[Part], dict[str, bytes]]:
             )
         )
     return checked, images
+
+
+def _last_user_seq(conversation: Conversation, messages: list[Message]) -> int:
+    users = [m.seq for m in messages if m.role == "user"]
+    if not users:
+        raise BadRequest(f"conversation {conversation.id[:13]} has no message to retry or edit")
+    return users[-1]

@@ -276,14 +276,15 @@ class Dispatcher:
 
     async def _chat(self, request: Chat, peer: Peer) -> None:
         prepared = await self.chat.prepare(request)
-        conversation = prepared.conversation.id
+        conversation = prepared.conversation_id
         with self.pool.hub.subscribe(frozenset({"chat"}), key=conversation) as subscription:
             self.chat.launch(prepared)
+            reply = await prepared.wait_committed()  # a storage error is the answer
             async for batch in subscription.batches():
                 for event in batch:
                     message = _event_message(request.id, event)
                     await peer.send(message)
-                    if isinstance(message, ChatDone) and message.message.seq == prepared.reply.seq:
+                    if isinstance(message, ChatDone) and message.message.seq == reply.seq:
                         return
             if subscription.overflowed:
                 raise SubscriberTooSlow

@@ -622,12 +622,31 @@ class HistoryStore:
             lambda txn: self._create(txn, model=model, system_prompt=system_prompt, title=title)
         )
 
+    def new_conversation_id(self) -> str:
+        """An id for a conversation about to be created, whose handle no other has."""
+        with self._read() as txn:
+            conversation_id = generate_conversation_id()
+            while self._with_handle(txn, conversation_handle(conversation_id)):
+                conversation_id = generate_conversation_id()  # the next id has another tail
+            return conversation_id
+
     def _create(
-        self, txn: _Txn, *, model: str | None, system_prompt: str | None, title: str
+        self,
+        txn: _Txn,
+        *,
+        model: str | None,
+        system_prompt: str | None,
+        title: str,
+        conversation_id: str | None = None,
     ) -> Conversation:
-        conversation_id = generate_conversation_id()
-        while self._with_handle(txn, conversation_handle(conversation_id)):
-            conversation_id = generate_conversation_id()  # the next id has another tail
+        if conversation_id is not None:
+            if self._with_handle(txn, conversation_handle(conversation_id)):
+                # Taken between new_conversation_id() and now: vanishingly rare.
+                raise HistoryWriteError(self.path, "a new conversation's handle was just taken")
+        else:
+            conversation_id = generate_conversation_id()
+            while self._with_handle(txn, conversation_handle(conversation_id)):
+                conversation_id = generate_conversation_id()  # the next id has another tail
         key = conversation_key(conversation_id)
         now = _now_ns()
         rec = _ConversationRecord(
@@ -673,13 +692,15 @@ class HistoryStore:
         model: str | None = None,
         system_prompt: str | None = None,
         replace_from: int | None = None,
+        new_id: str | None = None,
     ) -> tuple[Conversation, Message | None, Message]:
         """A user message and its empty reply (``incomplete``) in one transaction.
 
         With ``conversation_id`` None a new conversation is created in the same
         transaction. One commit (one fsync) before a chat is acknowledged, and
         a failure leaves nothing behind: no empty conversation, no unanswered
-        message. ``model`` becomes the conversation's model.
+        message. ``model`` becomes the conversation's model; ``new_id`` (from
+        ``new_conversation_id``) is the id a new conversation gets.
 
         ``replace_from`` first deletes the messages from that seq on (an edit of
         the last turn, or a retry of the last reply); with empty ``parts`` no
@@ -696,7 +717,13 @@ class HistoryStore:
         def change(txn: _Txn) -> tuple[Conversation, Message | None, Message]:
             target = conversation_id
             if target is None:
-                created = self._create(txn, model=model, system_prompt=system_prompt, title="")
+                created = self._create(
+                    txn,
+                    model=model,
+                    system_prompt=system_prompt,
+                    title="",
+                    conversation_id=new_id,
+                )
                 target = created.id
             else:
                 key, conv = self._get_record(txn, target)
