@@ -60,7 +60,7 @@ class LlamadError(Exception):
 class ConfigError(LlamadError):
     """models.toml cannot be used. ``problems`` holds one line per mistake."""
 
-    code = "config_error"
+    code: ClassVar[ErrorCode] = "config_error"
     http_status = 400
 
     def __init__(self, problems: Sequence[str]) -> None:
@@ -82,7 +82,7 @@ class StartupError(LlamadError):
 class BadRequest(LlamadError):
     """A well-typed request whose values cannot be served."""
 
-    code = "bad_request"
+    code: ClassVar[ErrorCode] = "bad_request"
     http_status = 400
 
 
@@ -118,7 +118,7 @@ class ToolInputError(BadRequest):
 
 
 class NotFound(LlamadError):
-    code = "not_found"
+    code: ClassVar[ErrorCode] = "not_found"
     http_status = 404
 
 
@@ -164,7 +164,7 @@ class NoModelNamed(NotFound):
 
 
 class UnknownModelError(LlamadError):
-    code = "unknown_model"
+    code: ClassVar[ErrorCode] = "unknown_model"
     http_status = 404
 
     def __init__(self, name: str, known: Sequence[str]) -> None:
@@ -175,7 +175,7 @@ class UnknownModelError(LlamadError):
 
 
 class ModelFileMissing(LlamadError):
-    code = "model_file_missing"
+    code: ClassVar[ErrorCode] = "model_file_missing"
     http_status = 404
 
     def __init__(self, model: str, path: str) -> None:
@@ -187,7 +187,7 @@ class ModelFileMissing(LlamadError):
 
 
 class ModelFailed(LlamadError):
-    code = "model_failed"
+    code: ClassVar[ErrorCode] = "model_failed"
     http_status = 503
 
     def __init__(self, model: str, reason: str) -> None:
@@ -206,7 +206,7 @@ class LoadSuperseded(ModelFailed):
 class DoesNotFit(ModelFailed):
     """Not enough memory for the model even after every eviction allowed."""
 
-    code = "does_not_fit"
+    code: ClassVar[ErrorCode] = "does_not_fit"
 
     def __init__(self, model: str, reason: str) -> None:
         super().__init__(model, reason)
@@ -214,19 +214,19 @@ class DoesNotFit(ModelFailed):
 
 
 class LoadTimeout(ModelFailed):
-    code = "timeout"
+    code: ClassVar[ErrorCode] = "timeout"
     http_status = 504
 
 
 class RequestCancelled(LlamadError):
     """A request in flight on a model that had to stop (unload, crash, shutdown)."""
 
-    code = "cancelled"
+    code: ClassVar[ErrorCode] = "cancelled"
     http_status = 503
 
 
 class QueueFull(LlamadError):
-    code = "queue_full"
+    code: ClassVar[ErrorCode] = "queue_full"
     http_status = 429
 
     def __init__(self, model: str, limit: int, retry_after: float = 1.0) -> None:
@@ -239,7 +239,7 @@ class QueueFull(LlamadError):
 
 
 class ConversationBusy(LlamadError):
-    code = "busy"
+    code: ClassVar[ErrorCode] = "busy"
     http_status = 409
 
     def __init__(self, conversation: str) -> None:
@@ -255,7 +255,7 @@ class ConversationBusy(LlamadError):
 class HistoryError(LlamadError):
     """Root of the chat-history errors."""
 
-    code = "storage"
+    code: ClassVar[ErrorCode] = "storage"
 
 
 class HistoryWriteError(HistoryError):
@@ -278,7 +278,7 @@ class HistoryOpenError(HistoryError):
 class HistoryUnavailable(HistoryError):
     """llamad runs without its history (the data directory cannot be written)."""
 
-    code = "history_unavailable"
+    code: ClassVar[ErrorCode] = "history_unavailable"
     http_status = 503
 
 
@@ -288,12 +288,12 @@ class HistoryUnavailable(HistoryError):
 class UpstreamError(LlamadError):
     """llama-server failed or refused; ``str()`` is the line to show the user."""
 
-    code = "upstream"
+    code: ClassVar[ErrorCode] = "upstream"
     http_status = 502
 
 
 class ContextOverflow(UpstreamError):
-    code = "bad_request"
+    code: ClassVar[ErrorCode] = "bad_request"
     http_status = 400
 
 
@@ -301,15 +301,15 @@ class ContextOverflow(UpstreamError):
 
 
 class Unauthorized(LlamadError):
-    code = "unauthorized"
+    code: ClassVar[ErrorCode] = "unauthorized"
     http_status = 401
 
 
 class Forbidden(LlamadError):
-    code = "forbidden"
+    code: ClassVar[ErrorCode] = "forbidden"
     http_status = 403
 
 
 class TooLarge(LlamadError):
-    code = "too_large"
+    code: ClassVar[ErrorCode] = "too_large"
     http_status = 413
