@@ -19,6 +19,7 @@ from trio_websocket import (
     connect_websocket_url,
 )
 
+from llamad.ownership import UntrustedPath, UntrustedPeer, check_server_peer, read_private_file
 from llamad.paths import default_socket_path, runtime_dir
 from llamad.protocol import (
     FrameDecoder,
@@ -110,12 +111,9 @@ async def connect(
             stream = await trio.open_unix_socket(str(socket_path))
         except OSError as exc:
             raise Disconnected(f"llamad is not running (no answer at {socket_path})") from exc
+        await check_daemon_peer(stream, socket_path)
         return UnixConnection(stream)
-    token_file = token_file or runtime_dir(env) / "token"
-    try:
-        token = token_file.read_text().strip()
-    except OSError as exc:
-        raise Disconnected(f"llamad is not running (no token at {token_file})") from exc
+    token = read_token(token_file or runtime_dir(env) / "token")
     target = url or "ws://127.0.0.1:8765/"
     try:
         connection = await connect_websocket_url(
@@ -127,6 +125,28 @@ async def connect(
     except (OSError, HandshakeError, ConnectionClosed) as exc:
         raise Disconnected(f"llamad is not reachable at {target} ({exc})") from exc
     return WebSocketLink(connection)
+
+
+async def check_daemon_peer(stream: trio.SocketStream, socket_path: Path) -> None:
+    """Before anything is sent: the daemon on the socket must run as us (or root)."""
+    try:
+        check_server_peer(stream.socket, f"the socket {socket_path}")
+    except UntrustedPeer as exc:
+        await stream.aclose()
+        raise Disconnected(str(exc)) from None
+
+
+def read_token(token_file: Path) -> str:
+    """The WebSocket token, only from a file that is ours alone (0600, not a symlink).
+
+    A token file planted by another user would send our prompts to their server.
+    """
+    try:
+        return read_private_file(token_file).decode(errors="replace").strip()
+    except UntrustedPath as exc:
+        raise Disconnected(str(exc)) from None
+    except OSError as exc:
+        raise Disconnected(f"llamad is not running (no token at {token_file})") from exc
 
 
 def default_socket() -> Path:
