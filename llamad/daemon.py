@@ -11,30 +11,98 @@ import logging
 import os
 import signal
 import socket
+import stat
 from collections.abc import MutableMapping
 from pathlib import Path
 
+import attrs
 import trio
 
 from llamad.chat import ChatEngine
 from llamad.concurrency import first_leaf
-from llamad.config import Config, load_config
+from llamad.config import Config, DaemonConfig, load_config
 from llamad.dispatch import Dispatcher
-from llamad.errors import LlamadError, StartupError
+from llamad.errors import HistoryOpenError, LlamadError, StartupError
 from llamad.events import EventHub
 from llamad.history import HistoryStore
 from llamad.llama_server import find_server_binary, reap_stale
 from llamad.manager import ModelManager
+from llamad.no_history import NoHistory
+from llamad.ownership import UntrustedPath, ensure_private_dir
 from llamad.systemd import Notifier, listen_sockets
+from llamad.transport.accept import raise_open_file_limit
 from llamad.transport.unix import ControlServer, bind_control_socket
 from llamad.transport.websocket import WebSocketServer, parse_listen_address, write_token
 
 log = logging.getLogger(__name__)
 
+# [daemon] keys `llamactl reload` cannot apply to a running llamad.
+RESTART_KEYS = ("socket", "runtime_dir", "data_dir")
 
-def _private_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
+
+def prepare_runtime_dir(runtime_dir: Path) -> Path:
+    """Create or verify the runtime directory and its ``models`` folder; returns the latter.
+
+    Refuses (``UntrustedPath``) a directory another user created or can
+    write to: llamad's sockets, pid files and token live there.
+    """
+    hint = (
+        f"set XDG_RUNTIME_DIR (normally /run/user/{os.getuid()}) or [daemon] runtime_dir "
+        "to a directory of your own"
+    )
+    try:
+        ensure_private_dir(runtime_dir, hint=hint)
+        # Inside a verified private directory nobody else can have made it: repair.
+        return ensure_private_dir(runtime_dir / "models", repair=True, hint=hint)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot create the runtime directory {runtime_dir}: {exc.strerror or exc}; {hint}"
+        ) from None
+
+
+def open_history(data_dir: Path, home: Path | None = None) -> tuple[HistoryStore, str | None]:
+    """The history store, or a ``NoHistory`` stand-in and the reason it is unavailable.
+
+    The data directory is made private (repaired to 0700 under the home
+    directory, where nobody else can have put anything; refused elsewhere),
+    and so are the LMDB files: chat history is nobody else's business. A
+    directory that is someone else's stops llamad (``UntrustedPath``); one
+    that cannot be written only costs the history.
+    """
+    home = Path.home() if home is None else home
+    path = data_dir / "history.lmdb"
+    hint = "set [daemon] data_dir to a directory of your own"
+    try:
+        ensure_private_dir(data_dir, repair=data_dir.is_relative_to(home), hint=hint)
+        ensure_private_dir(path, repair=True, hint=hint)
+        for name in ("data.mdb", "lock.mdb"):
+            _private_file(path / name)
+        return HistoryStore(path), None
+    except UntrustedPath:
+        raise
+    except OSError as exc:
+        problem = f"cannot write to {exc.filename or data_dir}: {exc.strerror or exc}"
+    except HistoryOpenError as exc:
+        problem = str(exc)
+    reason = (
+        f"chat history is unavailable ({problem}); make {data_dir} writable or set "
+        "[daemon] data_dir, then restart llamad"
+    )
+    return NoHistory(path, reason), reason
+
+
+def _private_file(path: Path) -> None:
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+        raise UntrustedPath(
+            f"{path} is not a file of yours (uid {info.st_uid}); move the chat history "
+            "aside and restart llamad"
+        )
+    if info.st_mode & 0o077:
+        os.chmod(path, 0o600)
 
 
 class Daemon:
@@ -50,12 +118,21 @@ class Daemon:
         self.notifier = Notifier.from_env(self.environ)
         self.hub = EventHub()
         self._websocket_server: WebSocketServer | None = None
+        self._websocket_scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        self._dispatcher: Dispatcher | None = None
+        self._manager: ModelManager | None = None
+        self._token_path = config.daemon.runtime_dir / "token"
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # One line per health probe would drown the journal.
         logging.getLogger("httpx").setLevel(logging.WARNING)
+        soft, _hard = raise_open_file_limit()
+        log.debug("open file limit %d", soft)
         # Socket activation first: LISTEN_* must be gone before any child is spawned.
         activated = listen_sockets(self.environ)
+        # Before anything else is said or done: is the runtime directory ours?
+        sockets_dir = prepare_runtime_dir(self.config.daemon.runtime_dir)
         binary = find_server_binary(self.config.daemon.llama_server)
         log.info("using llama-server %s (found via %s)", binary.path, binary.source)
         listener: socket.socket
@@ -66,25 +143,32 @@ class Daemon:
             # Binding fails if another llamad is alive, so reaping below cannot
             # touch a live daemon's servers.
             listener = bind_control_socket(self.socket_path)
-        sockets_dir = _private_dir(self.config.daemon.runtime_dir / "models")
         for pidfile in sockets_dir.glob("*.pid"):
             reap_stale(pidfile)
         manager = ModelManager(self.config, binary, sockets_dir, self.hub, self.environ)
-        history_path = _private_dir(self.config.daemon.data_dir) / "history.lmdb"
-        store = await trio.to_thread.run_sync(HistoryStore, history_path)
+        try:
+            store, history_problem = await trio.to_thread.run_sync(
+                open_history, self.config.daemon.data_dir
+            )
+        except BaseException:
+            listener.close()
+            raise
+        if history_problem is not None:
+            log.warning("%s", history_problem)
+        manager.history_problem = history_problem
+        self._manager = manager
         token_path = self.config.daemon.runtime_dir / "token"
+        self._token_path = token_path
         try:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
                     await nursery.start(manager.run)
                     engine = ChatEngine(manager, store, self.hub)
                     await nursery.start(engine.run)
-                    websocket = await self._start_websocket(nursery, token_path)
-                    dispatcher = Dispatcher(
-                        manager, engine, nursery, self.reload_config, websocket=websocket
-                    )
-                    if self._websocket_server is not None:
-                        self._websocket_server.dispatcher = dispatcher
+                    dispatcher = Dispatcher(manager, engine, nursery, self.reload)
+                    self._dispatcher = dispatcher
+                    dispatcher.websocket = await self._start_websocket(self.config.daemon)
                     await nursery.start(ControlServer(dispatcher).serve, listener)
                     log.info("listening on %s", self.socket_path)
                     nursery.start_soon(self._report_status, manager)
@@ -97,7 +181,7 @@ class Daemon:
                         nursery.start_soon(dispatcher.load_in_background, default, False)
                     async for signum in signals:
                         if signum == signal.SIGHUP:
-                            nursery.start_soon(self._reload_on_signal, manager)
+                            nursery.start_soon(self._reload_on_signal)
                             continue
                         log.info("%s received, stopping", signal.Signals(signum).name)
                         break
@@ -112,21 +196,31 @@ class Daemon:
             store.close()
             self.notifier.close()
 
-    async def _start_websocket(self, nursery: trio.Nursery, token_path: Path) -> str | None:
-        """Write a fresh token, then listen; returns "host:port" or None when off."""
-        setting = self.config.daemon.websocket
+    async def _start_websocket(self, settings: DaemonConfig) -> str | None:
+        """Listen as ``settings.websocket`` says; returns "host:port", or None when off.
+
+        The token is written (fresh at each start) before the port opens.
+        """
+        setting = settings.websocket
         if setting == "off":
             return None
+        assert self._nursery is not None
         host, port = parse_listen_address(setting)
-        token = write_token(token_path)
-        self._websocket_server = WebSocketServer(
-            None,
-            token,
-            self.config.daemon.allowed_origins,
-            self.config.daemon.allowed_hosts,
+        if self._websocket_server is None:
+            token = write_token(self._token_path)
+        else:
+            token = self._websocket_server.token
+        server = WebSocketServer(
+            self._dispatcher, token, settings.allowed_origins, settings.allowed_hosts
         )
+        scope = trio.CancelScope()
+
+        async def serve(task_status: trio.TaskStatus[int]) -> None:
+            with scope:
+                await server.serve(host, port, task_status=task_status)
+
         try:
-            bound = await nursery.start(self._websocket_server.serve, host, port)
+            bound = await self._nursery.start(serve)
         except Exception as exc:  # the bind failed: OSError, maybe inside a group
             cause = first_leaf(exc)
             reason = (cause.strerror if isinstance(cause, OSError) else None) or str(cause)
@@ -134,9 +228,18 @@ class Daemon:
                 f"cannot listen for the WebSocket on {setting}: {reason}; set [daemon] "
                 'websocket to another "HOST:PORT", or "off"'
             ) from None
+        self._stop_websocket()
+        self._websocket_server, self._websocket_scope = server, scope
         address = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
-        log.info("WebSocket on ws://%s (token in %s)", address, token_path)
+        log.info("WebSocket on ws://%s (token in %s)", address, self._token_path)
         return address
+
+    def _stop_websocket(self) -> None:
+        """Close the WebSocket port and every connection on it."""
+        if self._websocket_scope is not None:
+            self._websocket_scope.cancel()
+        self._websocket_server = None
+        self._websocket_scope = None
 
     async def reload_config(self) -> Config:
         """Re-read models.toml; on error the old configuration stays in force."""
@@ -150,15 +253,86 @@ class Daemon:
             self.notifier.ready()
         return self.config
 
-    async def _reload_on_signal(self, manager: ModelManager) -> None:
+    async def reload(self) -> str:
+        """Re-read models.toml and apply it; returns the one-line summary for the user.
+
+        What a running llamad can change, it changes: models (as the manager
+        decides), the WebSocket (on, off, address, allowed origins and hosts),
+        the llama-server binary and how many log lines are kept. Keys that only
+        a restart can apply are named as such.
+        """
+        manager = self._manager
+        assert manager is not None
+        old = self.config.daemon
+        config = await self.reload_config()
+        new = config.daemon
+        notes = await self._apply_daemon_changes(old, new)
+        if old.llama_server != new.llama_server:
+            # The manager restarts the running model with the new binary.
+            manager.binary = find_server_binary(new.llama_server)
+        changes = await manager.reload(config)
+        for name in config.models:
+            manager.resolve(name).keep_lines(new.log_lines)
+        if changes:
+            notes.insert(0, "; ".join(changes))
+        elif not notes:
+            notes.append("nothing changed")
+        return f"reloaded {config.source}: {'; '.join(notes)}"
+
+    async def _apply_daemon_changes(self, old: DaemonConfig, new: DaemonConfig) -> list[str]:
+        changed = [
+            field.name
+            for field in attrs.fields(DaemonConfig)
+            if getattr(old, field.name) != getattr(new, field.name)
+        ]
+        notes: list[str] = []
+        applied = [
+            key
+            for key in changed
+            if key in ("allowed_origins", "allowed_hosts", "log_lines", "llama_server")
+        ]
+        if "supervision" in changed:
+            applied.append("restart and timeout defaults")
+        server = self._websocket_server
+        if server is not None:
+            server.allowed_origins = new.allowed_origins
+            server.allowed_hosts = new.allowed_hosts
+        if "websocket" in changed:
+            notes.append(await self._move_websocket(old.websocket, new))
+        if applied:
+            notes.append(f"[daemon] {', '.join(applied)} applied")
+        if "default_model" in changed:
+            notes.append("[daemon] default_model is used from the next start")
+        restart = [key for key in changed if key in RESTART_KEYS]
+        if restart:
+            notes.append(
+                f"[daemon] {', '.join(restart)} changed: restart llamad to apply "
+                "(`systemctl --user restart llamad`)"
+            )
+        return notes
+
+    async def _move_websocket(self, old_setting: str, new: DaemonConfig) -> str:
+        if new.websocket == "off":
+            self._stop_websocket()
+            self._token_path.unlink(missing_ok=True)
+            address = None
+        else:
+            try:
+                address = await self._start_websocket(new)
+            except StartupError as exc:
+                return f"WebSocket unchanged on {old_setting}: {exc}"
+        if self._dispatcher is not None:
+            self._dispatcher.websocket = address
+        return f"WebSocket now on ws://{address}" if address else "WebSocket now off"
+
+    async def _reload_on_signal(self) -> None:
         try:
-            config = await self.reload_config()
+            summary = await self.reload()
         except LlamadError as exc:
             # A user mistake, not a bug: the message says it all, no traceback.
             log.error("reload rejected, keeping the old configuration:\n%s", exc)  # noqa: TRY400
             return
-        changes = await manager.reload(config)
-        log.info("reloaded %s: %s", config.source, "; ".join(changes) or "no model changed")
+        log.info("%s", summary)
 
     async def _report_status(self, manager: ModelManager) -> None:
         with self.hub.subscribe(frozenset({"state"})) as subscription:

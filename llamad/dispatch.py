@@ -22,7 +22,6 @@ import trio
 from llamad import __version__
 from llamad.chat import ChatEngine
 from llamad.concurrency import beside, consists_of, in_thread
-from llamad.config import Config
 from llamad.errors import (
     BadRequest,
     ConfigError,
@@ -149,7 +148,7 @@ class Dispatcher:
         manager: ModelManager,
         chat: ChatEngine,
         background: trio.Nursery,
-        reload_config: Callable[[], Awaitable[Config]],
+        reload: Callable[[], Awaitable[str]],
         websocket: str | None = None,
     ) -> None:
         self.manager = manager
@@ -157,7 +156,7 @@ class Dispatcher:
         self.store = chat.store
         self.websocket = websocket
         self._background = background
-        self._reload_config = reload_config
+        self._reload = reload
         self._started = time.monotonic()
 
     async def dispatch(self, request: Request, peer: Peer) -> None:
@@ -205,10 +204,8 @@ class Dispatcher:
                     await peer.send(LogLines(id=rid, model=model, lines=tail))
                     await self._forward(rid, subscription, peer)
             case Reload(id=rid):
-                config = await self._reload_config()
-                changes = await manager.reload(config)
-                summary = "; ".join(changes) if changes else "no model changed"
-                await peer.send(Ok(id=rid, message=f"reloaded {config.source}: {summary}"))
+                # What changed, what was applied, and which keys need a restart.
+                await peer.send(Ok(id=rid, message=await self._reload()))
             case Subscribe(id=rid, topics=topics):
                 with manager.hub.subscribe(frozenset(topics)) as subscription:
                     await peer.send(Ok(id=rid, message="subscribed"))

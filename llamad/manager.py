@@ -36,13 +36,26 @@ log = logging.getLogger(__name__)
 
 
 def health_verdict(
-    active: str | None, statuses: Mapping[str, ModelStatus], now: float
+    active: str | None,
+    statuses: Mapping[str, ModelStatus],
+    now: float,
+    history_problem: str | None = None,
 ) -> tuple[HealthLevel, str]:
     """The monitoring verdict: ok, warning (in transition) or critical (down).
 
     ``active`` is the model the user (or ``default_model``) asked for; with none
-    asked for, nothing is expected and an idle daemon is healthy.
+    asked for, nothing is expected and an idle daemon is healthy. Running
+    without chat history (``history_problem``) is at least a warning.
     """
+    level, summary = _models_verdict(active, statuses, now)
+    if history_problem is None:
+        return level, summary
+    return ("warning" if level == "ok" else level), f"{summary}; {history_problem}"
+
+
+def _models_verdict(
+    active: str | None, statuses: Mapping[str, ModelStatus], now: float
+) -> tuple[HealthLevel, str]:
     if active is None:
         running = [s.name for s in statuses.values() if s.state != "stopped"]
         if running:
@@ -79,6 +92,7 @@ class ModelManager:
         self.binary = binary
         self.hub = hub
         self.active: str | None = None
+        self.history_problem: str | None = None  # set by the daemon when history is unavailable
         self._sockets_dir = sockets_dir
         self._environ = environ
         self._supervisors: dict[str, ModelSupervisor] = {}
@@ -151,7 +165,9 @@ class ModelManager:
     def health(self) -> tuple[HealthLevel, str, ModelStatus | None]:
         statuses = self.statuses()
         # ModelStatus.since is wall-clock so clients can show it; compare like with like.
-        level, summary = health_verdict(self.active, statuses, time.time())
+        level, summary = health_verdict(
+            self.active, statuses, time.time(), self.history_problem
+        )
         model = statuses.get(self.active) if self.active is not None else None
         return level, summary, model
 

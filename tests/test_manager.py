@@ -119,6 +119,17 @@ def test_health_verdict(active: str | None, state: str, level: str) -> None:
         assert summary == "demo loading for 1.5 s"
 
 
+def test_health_without_history_is_at_least_a_warning() -> None:
+    problem = "chat history is unavailable (read-only)"
+    ready = {"demo": _status("ready")}
+    assert health_verdict("demo", ready, 101.5) == ("ok", "demo ready (pid 5, restarts 0)")
+    level, summary = health_verdict("demo", ready, 101.5, history_problem=problem)
+    assert level == "warning"
+    assert summary == f"demo ready (pid 5, restarts 0); {problem}"
+    failed = {"demo": _status("failed", "crash loop")}
+    assert health_verdict("demo", failed, 101.5, problem)[0] == "critical"
+
+
 async def test_loads_started_in_the_same_tick_leave_one_server() -> None:
     tmp = short_tempdir()
     manager = _manager(tmp)
