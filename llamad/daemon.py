@@ -263,13 +263,18 @@ class Daemon:
         """
         manager = self._manager
         assert manager is not None
-        old = self.config.daemon
+        previous = self.config
         config = await self.reload_config()
-        new = config.daemon
-        notes = await self._apply_daemon_changes(old, new)
+        old, new = previous.daemon, config.daemon
+        binary = manager.binary
         if old.llama_server != new.llama_server:
-            # The manager restarts the running model with the new binary.
-            manager.binary = find_server_binary(new.llama_server)
+            try:
+                binary = find_server_binary(new.llama_server)
+            except LlamadError:
+                self.config = previous  # rejected whole: nothing was applied
+                raise
+        notes = await self._apply_daemon_changes(old, new)
+        manager.binary = binary  # the manager restarts the running model with it
         changes = await manager.reload(config)
         for name in config.models:
             manager.resolve(name).keep_lines(new.log_lines)

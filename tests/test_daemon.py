@@ -465,6 +465,20 @@ def test_reload_applies_daemon_keys_live_and_names_those_that_need_a_restart(
     fresh = (daemon.runtime_dir / "token").read_text().strip()
     assert _handshake(address, fresh, None) == 101
     assert daemon.status("demo").pid == pid
+    # A reload that cannot be applied whole is rejected whole.
+    binary = changed.split('llama_server = "', 1)[1].split('"', 1)[0]
+    daemon.config_path.write_text(
+        changed.replace(binary, "/nonexistent/llama-server").replace(websocket, "")
+    )
+    rejected = daemon.ctl("reload")
+    assert rejected.returncode == 1
+    assert "is not an executable file" in rejected.stderr
+    with daemon.client() as client:
+        assert client.call(lambda i: Status(id=i)).websocket == address  # type: ignore[union-attr]
+    daemon.config_path.write_text(changed)
+    again = daemon.ctl("reload")
+    assert again.returncode == 0 and "nothing changed" in again.stdout, again.stdout
+    assert daemon.status("demo").pid == pid
 
 
 def _handshake(address: str, token: str, origin: str | None) -> int:
