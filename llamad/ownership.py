@@ -55,12 +55,11 @@ def ensure_private_dir(
     """Create ``path`` (mode 0700) or check the existing one; raise ``UntrustedPath``.
 
     Parents are created as needed (with the process umask, as ``mkdir -p``
-    does); ``path`` itself is never followed if it is a symlink. A directory
-    that is ours and that only we could write to, but that others may read
-    (0755), is chmod-ed to 0700: nobody else can have put anything inside.
-    One that others could write to is refused, unless ``repair``: right for a
-    directory under the user's home, and wrong for one in a world-writable
-    place like ``/tmp``, where whatever was planted inside would be trusted.
+    does); ``path`` itself is never followed if it is a symlink. With
+    ``repair``, a directory that is ours but open to others is chmod-ed to
+    0700 instead of refused: right for a directory under the user's home or
+    inside one already verified private, where nobody else could have put
+    anything, and wrong for one in a world-writable place like ``/tmp``.
     ``hint`` names the setting that chooses another directory; it ends the
     message. ``OSError`` (a read-only or unwritable parent) is left to the
     caller, which knows what the directory is for.
@@ -86,14 +85,40 @@ def ensure_private_dir(
         )
     _check_parent(path, uid, elsewhere)
     if info.st_mode & 0o077:
-        if info.st_mode & 0o022 and not repair:
-            raise UntrustedPath(
-                f"{path} is writable by other users (mode {stat.S_IMODE(info.st_mode):04o}): "
-                f"anything inside may have been planted; remove it (`rm -r {path}`) or "
-                f"{elsewhere}"
-            )
+        if not repair:
+            raise UntrustedPath(_open_to_others(path, info.st_mode, elsewhere))
         os.chmod(path, 0o700, follow_symlinks=False)
     return path
+
+
+def ensure_safe_dir(path: Path, *, uid: int | None = None, hint: str = "") -> Path:
+    """Like ``ensure_private_dir``, but others may read it: only we may write to it.
+
+    For a directory the user chose to hold the control socket (the socket
+    itself is 0600): nobody else can then replace what llamad puts there, and
+    a directory the user keeps readable (their home, say) is left as it is.
+    """
+    uid = os.getuid() if uid is None else uid
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    info = os.lstat(path)
+    elsewhere = hint or "choose another directory"
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid:
+        ensure_private_dir(path, uid=uid, hint=hint)  # raises, with the reason
+    _check_parent(path, uid, elsewhere)
+    if info.st_mode & 0o022:
+        raise UntrustedPath(_open_to_others(path, info.st_mode, elsewhere))
+    return path
+
+
+def _open_to_others(path: Path, mode: int, elsewhere: str) -> str:
+    if mode & 0o022:
+        return (
+            f"{path} is writable by other users (mode {stat.S_IMODE(mode):04o}): anything "
+            f"inside may have been planted; remove it (`rm -r {path}`) or {elsewhere}"
+        )
+    return f"{path} is open to other users (mode {stat.S_IMODE(mode):04o}); `chmod 700 {path}`"
 
 
 def _check_parent(path: Path, uid: int, elsewhere: str) -> None:

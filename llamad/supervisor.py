@@ -300,7 +300,9 @@ class ModelSupervisor:
         command = build_command(self.binary.path, self.model, self.endpoint)
         try:
             # The socket and the pid file go there: it must still be ours alone.
-            ensure_private_dir(self.runtime_dir)
+            # (Inside the runtime directory verified at start: a mode that lets
+            # others in is fixed, a directory of someone else's refused.)
+            ensure_private_dir(self.runtime_dir, repair=True)
         except (UntrustedPath, OSError) as exc:
             self._events_send.send_nowait(SpawnFailed(str(exc)))
             return

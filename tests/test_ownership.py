@@ -15,6 +15,7 @@ from llamad.ownership import (
     UntrustedPeer,
     check_server_peer,
     ensure_private_dir,
+    ensure_safe_dir,
     port_served_by,
     read_private_file,
     socket_inodes,
@@ -35,12 +36,30 @@ def test_creates_a_private_directory(tmp_path: Path) -> None:
     assert ensure_private_dir(made) == made  # and accepts it again
 
 
-def test_a_directory_only_we_could_write_is_tightened(tmp_path: Path) -> None:
+def test_a_directory_others_may_read_is_refused_or_repaired(tmp_path: Path) -> None:
     path = tmp_path / "open"
-    path.mkdir(mode=0o755)
+    path.mkdir()
     os.chmod(path, 0o755)
-    ensure_private_dir(path)
+    with pytest.raises(UntrustedPath, match=r"open to other users \(mode 0755\); `chmod 700"):
+        ensure_private_dir(path)
+    ensure_private_dir(path, repair=True)
     assert mode(path) == 0o700
+
+
+def test_a_safe_directory_may_be_readable_but_not_writable_by_others(tmp_path: Path) -> None:
+    readable = tmp_path / "home"
+    readable.mkdir()
+    os.chmod(readable, 0o755)
+    assert ensure_safe_dir(readable) == readable
+    assert mode(readable) == 0o755  # left as the user keeps it
+    os.chmod(readable, 0o775)
+    with pytest.raises(UntrustedPath, match=r"writable by other users \(mode 0775\)"):
+        ensure_safe_dir(readable)
+    assert mode(ensure_safe_dir(tmp_path / "new")) == 0o700
+    link = tmp_path / "link"
+    link.symlink_to(readable)
+    with pytest.raises(UntrustedPath, match="symbolic link"):
+        ensure_safe_dir(link)
 
 
 def test_a_directory_others_could_write_is_refused_unless_repair(tmp_path: Path) -> None:

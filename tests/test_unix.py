@@ -36,6 +36,14 @@ def test_refuses_a_directory_others_can_write(tmp_path: Path) -> None:
         bind_control_socket(shared / "control.sock")
 
 
+def test_a_directory_of_ours_others_may_only_read_is_accepted_as_it_is(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    os.chmod(home, 0o755)
+    with bind_control_socket(home / "llamad.sock"):
+        assert os.stat(home).st_mode & 0o777 == 0o755  # not chmod-ed behind the user's back
+
+
 def test_a_live_socket_is_not_replaced(tmp_path: Path) -> None:
     path = tmp_path / "control.sock"
     with bind_control_socket(path), pytest.raises(StartupError, match="already serving"):

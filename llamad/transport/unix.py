@@ -27,7 +27,7 @@ from llamad.dispatch import (
     contain_client,
 )
 from llamad.errors import StartupError
-from llamad.ownership import ensure_private_dir, peer_uid
+from llamad.ownership import ensure_safe_dir, peer_uid
 from llamad.protocol import (
     Error,
     FrameDecoder,
@@ -48,11 +48,11 @@ _UNIX_PATH_MAX = 107
 
 
 def bind_control_socket(path: Path) -> socket.socket:
-    """Bind the control socket (mode 0600) in a private directory (0700, ours).
+    """Bind the control socket (mode 0600) in a directory only we can write to.
 
-    The directory is created or verified with ``ensure_private_dir``: one that
-    another user made or can write to is refused (``UntrustedPath``), since
-    they could put their own socket in our place. A socket file left by a
+    The directory is created (0700) or verified with ``ensure_safe_dir``: one
+    that another user made or can write to is refused (``UntrustedPath``),
+    since they could put their own socket in our place. A socket file left by a
     crashed llamad is replaced; one that a live llamad answers on is not.
     """
     if len(os.fsencode(path)) > _UNIX_PATH_MAX:
@@ -60,7 +60,7 @@ def bind_control_socket(path: Path) -> socket.socket:
             f"socket path {path} is longer than {_UNIX_PATH_MAX} bytes; choose a shorter --socket"
         )
     try:
-        ensure_private_dir(
+        ensure_safe_dir(
             path.parent,
             hint="put the control socket in a directory of your own (--socket, "
             "$LLAMAD_SOCKET or [daemon] socket)",
