@@ -64,7 +64,7 @@ def open_history(data_dir: Path, home: Path | None = None) -> tuple[HistoryStore
     """The history store, or a ``NoHistory`` stand-in and the reason it is unavailable.
 
     The data directory is made private (repaired to 0700 under the home
-    directory, where nobody else can have put anything; refused elsewhere),
+    directory or when only we could write to it; refused when others could),
     and so are the LMDB files: chat history is nobody else's business. A
     directory that is someone else's stops llamad (``UntrustedPath``); one
     that cannot be written only costs the history.
@@ -73,7 +73,14 @@ def open_history(data_dir: Path, home: Path | None = None) -> tuple[HistoryStore
     path = data_dir / "history.lmdb"
     hint = "set [daemon] data_dir to a directory of your own"
     try:
-        ensure_private_dir(data_dir, repair=data_dir.is_relative_to(home), hint=hint)
+        try:
+            mode = os.lstat(data_dir).st_mode
+        except FileNotFoundError:
+            mode = 0
+        # Under the home directory, or writable by nobody else: nothing can have
+        # been planted inside, so a mode that lets others read is fixed, not refused.
+        repair = data_dir.is_relative_to(home) or not mode & 0o022
+        ensure_private_dir(data_dir, repair=repair, hint=hint)
         ensure_private_dir(path, repair=True, hint=hint)
         for name in ("data.mdb", "lock.mdb"):
             _private_file(path / name)

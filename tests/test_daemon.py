@@ -18,6 +18,9 @@ import msgspec
 import psutil
 import pytest
 
+from llamad.daemon import open_history
+from llamad.history import HistoryStore
+from llamad.ownership import UntrustedPath
 from llamad.protocol import (
     MAX_FRAME_BYTES,
     Error,
@@ -586,3 +589,23 @@ def test_websocket_port_in_use_is_one_clear_line(
     assert f"cannot listen for the WebSocket on 127.0.0.1:{port}: Address already in use" in log
     assert "Traceback" not in log
     assert not daemon.socket_path.exists()  # cleaned up on the way out
+
+
+# ------------------------------------------------ the data directory, privately
+
+
+def test_the_data_directory_and_its_files_are_made_private(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chmod(data, 0o755)  # ours, others may only read: fixed
+    with HistoryStore(data / "history.lmdb"):
+        pass
+    os.chmod(data / "history.lmdb" / "data.mdb", 0o644)
+    store, problem = open_history(data, home=tmp_path / "elsewhere")
+    with store:
+        assert problem is None
+    assert os.stat(data).st_mode & 0o777 == 0o700
+    assert os.stat(data / "history.lmdb" / "data.mdb").st_mode & 0o777 == 0o600
+    os.chmod(data, 0o777)  # others could have planted anything: refused
+    with pytest.raises(UntrustedPath, match="writable by other users"):
+        open_history(data, home=tmp_path / "elsewhere")
