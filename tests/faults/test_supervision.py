@@ -221,9 +221,9 @@ def test_sigstopped_server_is_replaced_within_the_watchdog_bound(
         )
     noticed = decided.since - hung_at
     # The documented bound: health_interval_sec x health_failures plus one probe
-    # timeout (half the interval, at most 2 s); 0.3 s for the scheduling of a busy
+    # timeout (half the interval, at most 2 s); 0.5 s for the scheduling of a busy
     # machine. A probe that waited a whole interval made this 2 x interval x failures.
-    assert noticed <= hang_detection_bound(policy) + 0.3, f"noticed after {noticed:.2f} s"
+    assert noticed <= hang_detection_bound(policy) + 0.5, f"noticed after {noticed:.2f} s"
     assert noticed >= interval * (failures - 1)  # fewer misses are not enough
     status = daemon.wait_for(
         "demo", lambda s: s.state == "ready" and s.pid not in (None, first), timeout=60
