@@ -157,8 +157,10 @@ class Daemon:
             store, history_problem = await trio.to_thread.run_sync(
                 open_history, self.config.daemon.data_dir
             )
-        except BaseException:
+        except BaseException:  # a data directory of someone else's: no start
             listener.close()
+            if not activated:
+                self.socket_path.unlink(missing_ok=True)
             raise
         if history_problem is not None:
             log.warning("%s", history_problem)
