@@ -8,10 +8,9 @@ only moves whole messages. Reconnecting is the app's business. With neither
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Protocol
 
 import trio
 from trio_websocket import (
@@ -21,7 +20,7 @@ from trio_websocket import (
     connect_websocket_url,
 )
 
-from llamad.ownership import UntrustedPeer, check_server_peer
+from llamad.ownership import UntrustedPath, UntrustedPeer, check_server_peer, read_private_file
 from llamad.paths import default_socket_path, runtime_dir, websocket_address_path
 from llamad.protocol import (
     FrameDecoder,
@@ -119,18 +118,9 @@ async def connect(
             stream = await trio.open_unix_socket(str(socket_path))
         except OSError as exc:
             raise Disconnected(f"llamad is not running (no answer at {socket_path})") from exc
-        try:
-            # trio's socket answers getsockopt as the standard one does.
-            check_server_peer(cast(socket.socket, stream.socket), f"the socket {socket_path}")
-        except UntrustedPeer as exc:
-            await stream.aclose()
-            raise Disconnected(str(exc)) from None
+        await check_daemon_peer(stream, socket_path)
         return UnixConnection(stream)
-    token_file = token_file or runtime_dir(env) / "token"
-    try:
-        token = token_file.read_text().strip()
-    except OSError as exc:
-        raise Disconnected(f"llamad is not running (no token at {token_file})") from exc
+    token = read_token(token_file or runtime_dir(env) / "token")
     target = url or "ws://127.0.0.1:8765/"
     try:
         connection = await connect_websocket_url(
@@ -176,3 +166,26 @@ def default_transport(env: Mapping[str, str] = os.environ) -> tuple[Path | None,
     if address.startswith(("ws://", "wss://")):
         return None, address
     return socket_path, None
+
+
+async def check_daemon_peer(stream: trio.SocketStream, socket_path: Path) -> None:
+    """Before anything is sent: the daemon on the socket must run as us (or root)."""
+    try:
+        check_server_peer(stream.socket, f"the socket {socket_path}")
+    except UntrustedPeer as exc:
+        await stream.aclose()
+        raise Disconnected(str(exc)) from None
+
+
+def read_token(token_file: Path) -> str:
+    """The WebSocket token, only from a file that is ours alone (0600, not a symlink).
+
+    A token file planted by another user would send our prompts to their server.
+    """
+    try:
+        return read_private_file(token_file).decode(errors="replace").strip()
+    except UntrustedPath as exc:
+        raise Disconnected(str(exc)) from None
+    except OSError as exc:
+        raise Disconnected(f"llamad is not running (no token at {token_file})") from exc
+

@@ -203,6 +203,8 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
     print(f"llamad {reply.version}, pid {reply.pid}, up {_ago(time.time() - reply.uptime)}")
     print(f"config {reply.config_path}")
     print(memory_line(reply.memory))
+    if reply.history is not None:
+        print(f"history: {reply.history}")
     if reply.http is not None:
         key = "key: `llamactl api-key`" if reply.api_key_file else "no key needed"
         print(f"http   http://{reply.http}/v1 (OpenAI and Anthropic API; {key})")

@@ -12,6 +12,7 @@ import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from llamad.ownership import UntrustedPeer, check_server_peer
 from llamad.paths import default_socket_path
 from llamad.protocol import (
     ChatDelta,
@@ -67,6 +68,19 @@ def resolve_socket(explicit: str | None) -> Path:
     return Path(explicit) if explicit else default_socket_path(os.environ)
 
 
+def _check_daemon(sock: socket.socket, path: Path) -> None:
+    """Before anything is sent: the daemon on ``path`` must run as us (or root).
+
+    Another user who got to the socket path first would otherwise read every
+    prompt and answer in llamad's place.
+    """
+    try:
+        check_server_peer(sock, f"the socket {path}")
+    except UntrustedPeer as exc:
+        sock.close()
+        raise ClientError(str(exc)) from None
+
+
 class Client:
     def __init__(self, path: Path, timeout: float | None = 30.0) -> None:
         self.path = path
@@ -86,6 +100,7 @@ class Client:
         except PermissionError:
             self._sock.close()
             raise ClientError(f"permission denied on {path}; is llamad running as you?") from None
+        _check_daemon(self._sock, path)
 
     def close(self) -> None:
         self._sock.close()

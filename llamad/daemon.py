@@ -1,8 +1,9 @@
-"""The daemon's top level: wire config, supervisors, socket and systemd together.
+"""The daemon's top level: wire config, the model pool, sockets and systemd together.
 
-Order matters and is what systemd sees: the control socket is listening and
-the configuration is loaded before ``READY=1``; the default model loads in the
-background afterwards (a slow model must not make the service look hung).
+Order matters and is what systemd sees: the runtime directory is verified, the
+control socket is listening and the configuration is loaded before
+``READY=1``; pinned, preloaded and remembered models load in the background
+afterwards (a slow model must not make the service look hung).
 """
 
 from __future__ import annotations
@@ -11,29 +12,109 @@ import logging
 import os
 import signal
 import socket
+import stat
 from collections.abc import MutableMapping
 from pathlib import Path
 
+import attrs
 import trio
 
 from llamad.api_keys import ensure_own_key, key_ring, read_keys_file
 from llamad.concurrency import first_leaf
-from llamad.config import Config, load_config
+from llamad.config import Config, DaemonConfig, load_config
 from llamad.conversations import ChatService
 from llamad.dispatch import Dispatcher
-from llamad.errors import LlamadError, StartupError
+from llamad.errors import HistoryOpenError, LlamadError, StartupError
 from llamad.events import EventHub
 from llamad.history import HistoryStore
 from llamad.llama_server import find_server_binary, reap_stale
 from llamad.metrics import Metrics
+from llamad.no_history import NoHistory
+from llamad.ownership import UntrustedPath, ensure_private_dir
 from llamad.paths import WEBSOCKET_ADDRESS_NAME
 from llamad.pool import STATE_FILE, ModelPool
 from llamad.systemd import Notifier, listen_sockets
 from llamad.transport import http
+from llamad.transport.accept import raise_open_file_limit
 from llamad.transport.unix import ControlServer, bind_control_socket
 from llamad.transport.websocket import WebSocketServer, parse_listen_address, write_token
 
 log = logging.getLogger(__name__)
+
+# [daemon] keys `llamactl reload` cannot apply to a running llamad.
+RESTART_KEYS = ("socket", "runtime_dir", "data_dir", "http")
+
+
+def prepare_runtime_dir(runtime_dir: Path) -> Path:
+    """Create or verify the runtime directory and its ``models`` folder; returns the latter.
+
+    Refuses (``UntrustedPath``) a directory another user created or can
+    write to: llamad's sockets, pid files and token live there.
+    """
+    hint = (
+        f"set XDG_RUNTIME_DIR (normally /run/user/{os.getuid()}) or [daemon] runtime_dir "
+        "to a directory of your own"
+    )
+    try:
+        ensure_private_dir(runtime_dir, hint=hint)
+        # Inside a verified private directory nobody else can have made it: repair.
+        return ensure_private_dir(runtime_dir / "models", repair=True, hint=hint)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot create the runtime directory {runtime_dir}: {exc.strerror or exc}; {hint}"
+        ) from None
+
+
+def open_history(data_dir: Path, home: Path | None = None) -> tuple[HistoryStore, str | None]:
+    """The history store, or a ``NoHistory`` stand-in and the reason it is unavailable.
+
+    The data directory is made private (repaired to 0700 under the home
+    directory or when only we could write to it; refused when others could),
+    and so are the LMDB files: chat history is nobody else's business. A
+    directory that is someone else's stops llamad (``UntrustedPath``); one
+    that cannot be written only costs the history.
+    """
+    home = Path.home() if home is None else home
+    path = data_dir / "history.lmdb"
+    hint = "set [daemon] data_dir to a directory of your own"
+    try:
+        try:
+            mode = os.lstat(data_dir).st_mode
+        except FileNotFoundError:
+            mode = 0
+        # Under the home directory, or writable by nobody else: nothing can have
+        # been planted inside, so a mode that lets others read is fixed, not refused.
+        repair = data_dir.is_relative_to(home) or not mode & 0o022
+        ensure_private_dir(data_dir, repair=repair, hint=hint)
+        ensure_private_dir(path, repair=True, hint=hint)
+        for name in ("data.mdb", "lock.mdb"):
+            _private_file(path / name)
+        return HistoryStore(path), None
+    except UntrustedPath:
+        raise
+    except OSError as exc:
+        problem = f"cannot write to {exc.filename or data_dir}: {exc.strerror or exc}"
+    except HistoryOpenError as exc:
+        problem = str(exc)
+    reason = (
+        f"chat history is unavailable ({problem}); make {data_dir} writable or set "
+        "[daemon] data_dir, then restart llamad"
+    )
+    return NoHistory(path, reason), reason
+
+
+def _private_file(path: Path) -> None:
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+        raise UntrustedPath(
+            f"{path} is not a file of yours (uid {info.st_uid}); move the chat history "
+            "aside and restart llamad"
+        )
+    if info.st_mode & 0o077:
+        os.chmod(path, 0o600)
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -42,11 +123,6 @@ def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
-
-
-def _private_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
 
 
 class Daemon:
@@ -62,14 +138,24 @@ class Daemon:
         self.notifier = Notifier.from_env(self.environ)
         self.hub = EventHub()
         self._websocket_server: WebSocketServer | None = None
-        self._http_api: http.HttpApi | None = None
+        self._websocket_scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
         self._dispatcher: Dispatcher | None = None
+        self._pool: ModelPool | None = None
+        self._http_api: http.HttpApi | None = None
+        self._token_path = config.daemon.runtime_dir / "token"
+        # Where local clients find the WebSocket (next to the token, 0600).
+        self._address_path = config.daemon.runtime_dir / WEBSOCKET_ADDRESS_NAME
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # One line per health probe would drown the journal.
         logging.getLogger("httpx").setLevel(logging.WARNING)
+        soft, _hard = raise_open_file_limit()
+        log.debug("open file limit %d", soft)
         # Socket activation first: LISTEN_* must be gone before any child is spawned.
         activated = listen_sockets(self.environ)
+        # Before anything else is said or done: is the runtime directory ours?
+        sockets_dir = prepare_runtime_dir(self.config.daemon.runtime_dir)
         binary = find_server_binary(self.config.daemon.llama_server)
         log.info("using llama-server %s (found via %s)", binary.path, binary.source)
         listener: socket.socket
@@ -80,42 +166,40 @@ class Daemon:
             # Binding fails if another llamad is alive, so reaping below cannot
             # touch a live daemon's servers.
             listener = bind_control_socket(self.socket_path)
-        sockets_dir = _private_dir(self.config.daemon.runtime_dir / "models")
         for pidfile in sockets_dir.glob("*.pid"):
             reap_stale(pidfile)
-        data_dir = _private_dir(self.config.daemon.data_dir)
+        try:
+            store, history_problem = await trio.to_thread.run_sync(
+                open_history, self.config.daemon.data_dir
+            )
+        except BaseException:  # a data directory of someone else's: no start
+            listener.close()
+            if not activated:
+                self.socket_path.unlink(missing_ok=True)
+            raise
+        if history_problem is not None:
+            log.warning("%s", history_problem)
+        # A read-only data directory costs the history and what the pool
+        # remembers across restarts, nothing else.
+        state_path = None if history_problem else self.config.daemon.data_dir / STATE_FILE
         pool = ModelPool(
-            self.config,
-            binary,
-            sockets_dir,
-            self.hub,
-            self.environ,
-            state_path=data_dir / STATE_FILE,
+            self.config, binary, sockets_dir, self.hub, self.environ, state_path=state_path
         )
-        history_path = data_dir / "history.lmdb"
-        store = await trio.to_thread.run_sync(HistoryStore, history_path)
-        token_path = self.config.daemon.runtime_dir / "token"
-        address_path = self.config.daemon.runtime_dir / WEBSOCKET_ADDRESS_NAME
+        pool.history_problem = history_problem
+        self._pool = pool
+        token_path = self._token_path
         try:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
                     await nursery.start(pool.run)
                     chats = ChatService(pool, store, self.hub)
                     await nursery.start(chats.run)
-                    websocket = await self._start_websocket(nursery, token_path)
-                    if websocket is not None:
-                        _write_private(address_path, f"ws://{websocket}/\n")
-                    else:  # one left by a llamad that was killed would mislead clients
-                        address_path.unlink(missing_ok=True)
-                    http_address = await self._start_http(nursery, pool)
-                    dispatcher = Dispatcher(
-                        pool, chats, nursery, self.reload_config, websocket=websocket
-                    )
-                    dispatcher.http = http_address
+                    dispatcher = Dispatcher(pool, chats, nursery, self.reload)
                     self._dispatcher = dispatcher
+                    self._websocket_is(await self._start_websocket(self.config.daemon))
+                    dispatcher.http = await self._start_http(nursery, pool)
                     self._show_key_file(self.config)
-                    if self._websocket_server is not None:
-                        self._websocket_server.dispatcher = dispatcher
                     await nursery.start(ControlServer(dispatcher).serve, listener)
                     log.info("listening on %s", self.socket_path)
                     nursery.start_soon(self._report_status, pool)
@@ -126,7 +210,7 @@ class Daemon:
                     await pool.restore()
                     async for signum in signals:
                         if signum == signal.SIGHUP:
-                            nursery.start_soon(self._reload_on_signal, pool)
+                            nursery.start_soon(self._reload_on_signal)
                             continue
                         log.info("%s received, stopping", signal.Signals(signum).name)
                         break
@@ -137,26 +221,36 @@ class Daemon:
             if not activated:
                 self.socket_path.unlink(missing_ok=True)
             token_path.unlink(missing_ok=True)
-            address_path.unlink(missing_ok=True)
+            self._address_path.unlink(missing_ok=True)
             listener.close()
             store.close()
             self.notifier.close()
 
-    async def _start_websocket(self, nursery: trio.Nursery, token_path: Path) -> str | None:
-        """Write a fresh token, then listen; returns "host:port" or None when off."""
-        setting = self.config.daemon.websocket
+    async def _start_websocket(self, settings: DaemonConfig) -> str | None:
+        """Listen as ``settings.websocket`` says; returns "host:port", or None when off.
+
+        The token is written (fresh at each start) before the port opens.
+        """
+        setting = settings.websocket
         if setting == "off":
             return None
+        assert self._nursery is not None
         host, port = parse_listen_address(setting)
-        token = write_token(token_path)
-        self._websocket_server = WebSocketServer(
-            None,
-            token,
-            self.config.daemon.allowed_origins,
-            self.config.daemon.allowed_hosts,
+        if self._websocket_server is None:
+            token = write_token(self._token_path)
+        else:
+            token = self._websocket_server.token
+        server = WebSocketServer(
+            self._dispatcher, token, settings.allowed_origins, settings.allowed_hosts
         )
+        scope = trio.CancelScope()
+
+        async def serve(task_status: trio.TaskStatus[int]) -> None:
+            with scope:
+                await server.serve(host, port, task_status=task_status)
+
         try:
-            bound = await nursery.start(self._websocket_server.serve, host, port)
+            bound = await self._nursery.start(serve)
         except Exception as exc:  # the bind failed: OSError, maybe inside a group
             cause = first_leaf(exc)
             reason = (cause.strerror if isinstance(cause, OSError) else None) or str(cause)
@@ -164,9 +258,27 @@ class Daemon:
                 f"cannot listen for the WebSocket on {setting}: {reason}; set [daemon] "
                 'websocket to another "HOST:PORT", or "off"'
             ) from None
+        self._stop_websocket()
+        self._websocket_server, self._websocket_scope = server, scope
         address = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
-        log.info("WebSocket on ws://%s (token in %s)", address, token_path)
+        log.info("WebSocket on ws://%s (token in %s)", address, self._token_path)
         return address
+
+    def _websocket_is(self, address: str | None) -> None:
+        """Tell ``status`` and local clients where the WebSocket is, or that it is off."""
+        if self._dispatcher is not None:
+            self._dispatcher.websocket = address
+        if address is not None:
+            _write_private(self._address_path, f"ws://{address}/\n")
+        else:  # one left behind would send clients to a port that is not llamad's
+            self._address_path.unlink(missing_ok=True)
+
+    def _stop_websocket(self) -> None:
+        """Close the WebSocket port and every connection on it."""
+        if self._websocket_scope is not None:
+            self._websocket_scope.cancel()
+        self._websocket_server = None
+        self._websocket_scope = None
 
     # ----------------------------------------------------------- the HTTP API
 
@@ -184,7 +296,7 @@ class Daemon:
         keys = None
         if daemon.auth == "keys":
             extra = read_keys_file(daemon.api_keys_file, config) if daemon.api_keys_file else []
-            keys = key_ring(ensure_own_key(_private_dir(daemon.data_dir) / "api_key"), extra)
+            keys = key_ring(ensure_own_key(daemon.data_dir / "api_key"), extra)
         return http.HttpSettings(keys, daemon.allowed_origins, daemon.allowed_hosts)
 
     async def _start_http(self, nursery: trio.Nursery, source: ModelPool) -> str | None:
@@ -227,15 +339,102 @@ class Daemon:
             self.notifier.ready()
         return self.config
 
-    async def _reload_on_signal(self, pool: ModelPool) -> None:
+    async def reload(self) -> str:
+        """Re-read models.toml and apply it; returns the one-line summary for the user.
+
+        What a running llamad can change, it changes: models (as the pool
+        decides), the memory budget, the HTTP API's keys, the WebSocket (on,
+        off, address, allowed origins and hosts), the llama-server binary and
+        how many log lines are kept. Keys that only a restart can apply are
+        named as such.
+        """
+        pool = self._pool
+        assert pool is not None
+        previous = self.config
+        config = await self.reload_config()
+        old, new = previous.daemon, config.daemon
+        binary = pool.binary
+        if old.llama_server != new.llama_server:
+            try:
+                binary = find_server_binary(new.llama_server)
+            except LlamadError:
+                self.config = previous  # rejected whole: nothing was applied
+                raise
+        notes = await self._apply_daemon_changes(old, new)
+        pool.binary = binary  # the pool restarts the running models with it
+        changes = await pool.reload(config)
+        for name in config.models:
+            pool.server(name).keep_lines(new.log_lines)
+        if changes:
+            notes.insert(0, "; ".join(changes))
+        elif not notes:
+            notes.append("nothing changed")
+        return f"reloaded {config.source}: {'; '.join(notes)}"
+
+    async def _apply_daemon_changes(self, old: DaemonConfig, new: DaemonConfig) -> list[str]:
+        changed = [
+            field.name
+            for field in attrs.fields(DaemonConfig)
+            if getattr(old, field.name) != getattr(new, field.name)
+        ]
+        notes: list[str] = []
+        applied = [
+            key
+            for key in changed
+            if key
+            in (
+                "allowed_origins",
+                "allowed_hosts",
+                "log_lines",
+                "llama_server",
+                "auth",
+                "api_keys_file",
+                "load_timeout_sec",
+            )
+        ]
+        if "supervision" in changed:
+            applied.append("restart and timeout defaults")
+        server = self._websocket_server
+        if server is not None:
+            server.allowed_origins = new.allowed_origins
+            server.allowed_hosts = new.allowed_hosts
+        if "websocket" in changed:
+            notes.append(await self._move_websocket(old.websocket, new))
+        if applied:
+            notes.append(f"[daemon] {', '.join(applied)} applied")
+        if "default_model" in changed:
+            notes.append("[daemon] default_model: new chats use it now, it loads at next start")
+        if "preload" in changed:
+            notes.append("[daemon] preload is loaded from the next start")
+        restart = [key for key in changed if key in RESTART_KEYS]
+        if restart:
+            notes.append(
+                f"[daemon] {', '.join(restart)} changed: restart llamad to apply "
+                "(`systemctl --user restart llamad`)"
+            )
+        return notes
+
+    async def _move_websocket(self, old_setting: str, new: DaemonConfig) -> str:
+        if new.websocket == "off":
+            self._stop_websocket()
+            self._token_path.unlink(missing_ok=True)
+            address = None
+        else:
+            try:
+                address = await self._start_websocket(new)
+            except StartupError as exc:
+                return f"WebSocket unchanged on {old_setting}: {exc}"
+        self._websocket_is(address)
+        return f"WebSocket now on ws://{address}" if address else "WebSocket now off"
+
+    async def _reload_on_signal(self) -> None:
         try:
-            config = await self.reload_config()
+            summary = await self.reload()
         except LlamadError as exc:
             # A user mistake, not a bug: the message says it all, no traceback.
             log.error("reload rejected, keeping the old configuration:\n%s", exc)  # noqa: TRY400
             return
-        changes = await pool.reload(config)
-        log.info("reloaded %s: %s", config.source, "; ".join(changes) or "no model changed")
+        log.info("%s", summary)
 
     async def _report_status(self, pool: ModelPool) -> None:
         with self.hub.subscribe(frozenset({"state"})) as subscription:

@@ -21,7 +21,6 @@ import trio
 
 from llamad import __version__
 from llamad.concurrency import beside, consists_of, in_thread
-from llamad.config import Config
 from llamad.conversations import ChatService
 from llamad.errors import (
     BadRequest,
@@ -149,7 +148,7 @@ class Dispatcher:
         pool: ModelPool,
         chat: ChatService,
         background: trio.Nursery,
-        reload_config: Callable[[], Awaitable[Config]],
+        reload: Callable[[], Awaitable[str]],
         websocket: str | None = None,
     ) -> None:
         self.pool = pool
@@ -159,7 +158,7 @@ class Dispatcher:
         self.http: str | None = None  # "host:port" of the HTTP API, when it listens
         self.api_key_file: str | None = None  # where llamad's own API key is, when keys are used
         self._background = background
-        self._reload_config = reload_config
+        self._reload = reload
         self._started = time.monotonic()
 
     async def dispatch(self, request: Request, peer: Peer) -> None:
@@ -207,10 +206,8 @@ class Dispatcher:
                     await peer.send(LogLines(id=rid, model=model, lines=tail))
                     await self._forward(rid, subscription, peer)
             case Reload(id=rid):
-                config = await self._reload_config()
-                changes = await pool.reload(config)
-                summary = "; ".join(changes) if changes else "no model changed"
-                await peer.send(Ok(id=rid, message=f"reloaded {config.source}: {summary}"))
+                # What changed, what was applied, and which keys need a restart.
+                await peer.send(Ok(id=rid, message=await self._reload()))
             case Subscribe(id=rid, topics=topics):
                 with pool.hub.subscribe(frozenset(topics)) as subscription:
                     await peer.send(Ok(id=rid, message="subscribed"))
@@ -302,6 +299,7 @@ class Dispatcher:
             http=self.http,
             api_key_file=self.api_key_file,
             memory=self.pool.pool_memory(),
+            history=self.pool.history_problem,
             default_model=self.pool.default_model_or_none(),
         )
 

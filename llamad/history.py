@@ -53,8 +53,10 @@ anything.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
+import shutil
 import struct
 import threading
 import time
@@ -574,11 +576,11 @@ class HistoryStore:
                 try:
                     self._grow(size)
                 except (lmdb.Error, OSError) as exc:
-                    raise HistoryWriteError(self.path, _reason(exc)) from exc
+                    raise HistoryWriteError(self.path, _reason(exc, self.path)) from exc
             except lmdb.MapResizedError:
                 self._adopt_resize()
             except (lmdb.Error, OSError) as exc:
-                raise HistoryWriteError(self.path, _reason(exc)) from exc
+                raise HistoryWriteError(self.path, _reason(exc, self.path)) from exc
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[_Txn]:
@@ -1122,10 +1124,39 @@ def _when(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _reason(exc: BaseException) -> str:
+# A write error that may mean "no room": LMDB reports a full disk as EIO from
+# its commit (mdb_txn_commit: Input/output error) as often as ENOSPC.
+_SPACE_ERRNOS = (errno.EIO, errno.ENOSPC, errno.EDQUOT)
+DISK_FULL_BYTES = 16 * 2**20  # less free than this, and a failed write is blamed on space
+
+
+def _reason(exc: BaseException, path: Path, free_bytes: Callable[[Path], int] | None = None) -> str:
+    """Why a write failed, in words: a full disk is called a full disk."""
     if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
+        text = exc.strerror
+    else:
+        text = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError):
+        space_related = exc.errno in _SPACE_ERRNOS
+    else:
+        space_related = any(os.strerror(number) in text for number in _SPACE_ERRNOS)
+    if not space_related:
+        return text
+    try:
+        free = (free_bytes or _free_bytes)(path)
+    except OSError:
+        return text
+    if free < DISK_FULL_BYTES:
+        return (
+            f"the disk is full ({free / 2**20:.1f} MiB free where the history is stored); "
+            f"free some space ({text})"
+        )
+    return text
+
+
+def _free_bytes(path: Path) -> int:
+    """Bytes an ordinary user may still write on the filesystem holding ``path``."""
+    return shutil.disk_usage(path).free
 
 
 __all__ = [

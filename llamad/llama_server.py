@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Callable, Mapping
@@ -165,7 +166,11 @@ def write_pidfile(path: Path, process: subprocess.Popen[bytes]) -> None:
     except psutil.NoSuchProcess:
         return
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record))
+    tmp.unlink(missing_ok=True)
+    # O_NOFOLLOW | O_EXCL: nothing planted at the name is written through.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps(record))
     tmp.replace(path)
 
 
@@ -181,14 +186,31 @@ def _wait_dead(process: psutil.Process, timeout: float) -> None:
         time.sleep(0.01)
 
 
-def reap_stale(pidfile: Path) -> int | None:
+def reap_stale(pidfile: Path, uid: int | None = None) -> int | None:
     """Kill the llama-server a previous llamad left behind, if it is really ours.
 
-    Checks pid, creation time and command line with psutil so a recycled pid
-    belonging to someone else is never signalled. Returns the pid it killed.
+    Only a pid file that is our own regular file is read, and only a process
+    running as our uid whose creation time and command line match the record
+    is killed: a recycled pid, or a record someone else wrote naming any
+    process of ours, is never acted on. Returns the pid it killed.
     """
+    uid = os.getuid() if uid is None else uid
     try:
-        record = json.loads(pidfile.read_text())
+        info = os.lstat(pidfile)
+    except OSError:
+        return None
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != uid:
+        log.warning(
+            "ignoring %s: not a regular file of yours (uid %d), so not killing what it names",
+            pidfile,
+            info.st_uid,
+        )
+        pidfile.unlink(missing_ok=True)
+        return None
+    try:
+        fd = os.open(pidfile, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd) as handle:
+            record = json.loads(handle.read(65536))
         pid = int(record["pid"])
         create_time = float(record["create_time"])
         cmdline = [str(part) for part in record["cmdline"]]
@@ -198,7 +220,10 @@ def reap_stale(pidfile: Path) -> int | None:
     killed = None
     try:
         process = psutil.Process(pid)
-        if abs(process.create_time() - create_time) < 0.01 and process.cmdline() == cmdline:
+        same = abs(process.create_time() - create_time) < 0.01 and process.cmdline() == cmdline
+        if same and process.uids().real != uid:
+            log.warning("not killing pid %d named by %s: it runs as another user", pid, pidfile)
+        elif same:
             log.warning("killing llama-server pid %d left by a previous llamad", pid)
             signal_group(pid, signal.SIGKILL)
             with contextlib.suppress(psutil.NoSuchProcess):

@@ -78,6 +78,28 @@ def decide_restart(
     return RestartAfter(backoff_delay(policy, consecutive_failures))
 
 
+# ------------------------------------------------------------- health probes
+
+HEALTH_PROBE_TIMEOUT_MAX_SEC = 2.0
+
+
+def health_probe_timeout(policy: Supervision) -> float:
+    """How long one ``/health`` probe may take: half the interval, at most 2 s.
+
+    Shorter than the interval, so probes keep their beat when the server hangs.
+    """
+    return min(policy.health_interval_sec / 2, HEALTH_PROBE_TIMEOUT_MAX_SEC)
+
+
+def hang_detection_bound(policy: Supervision) -> float:
+    """Seconds from a server hanging to llamad deciding to replace it (at most).
+
+    ``health_failures`` probes must miss; the last one ends when its timeout
+    does. The stop that follows takes up to ``stop_timeout_sec`` more.
+    """
+    return policy.health_interval_sec * policy.health_failures + health_probe_timeout(policy)
+
+
 # ------------------------------------------------------------ state machine
 
 
@@ -325,7 +347,9 @@ class ModelMachine:
             case SpawnFailed(reason):
                 if self.state != "starting":
                     return []
-                # A binary that cannot be executed will not start on a retry.
+                # A start that cannot work on a retry either: a binary that cannot
+                # be executed, a port another process holds, a runtime dir not ours.
+                self.pid = None
                 self._enter("failed", now, reason)
                 return [self._cancel_timer()]
             case BecameReady():

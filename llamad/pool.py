@@ -200,13 +200,23 @@ def rough_estimate(model: ModelConfig) -> Memory:
     return Memory(host=size + 64 * 1024 * 1024)
 
 
-def health_verdict(statuses: Mapping[str, ModelStatus], now: float) -> tuple[HealthLevel, str]:
+def health_verdict(
+    statuses: Mapping[str, ModelStatus], now: float, history_problem: str | None = None
+) -> tuple[HealthLevel, str]:
     """OK when every expected model is ready; a planned change is never CRITICAL.
 
     ``ModelStatus.expected`` marks the models that should be running: loaded
     (by a user or on demand), pinned or preloaded, and not since unloaded or
-    evicted on purpose. The summary names each model that is not OK.
+    evicted on purpose. The summary names each model that is not OK. Running
+    without chat history (``history_problem``) is at least a warning.
     """
+    level, summary = _models_verdict(statuses, now)
+    if history_problem is None:
+        return level, summary
+    return ("warning" if level == "ok" else level), f"{summary}; {history_problem}"
+
+
+def _models_verdict(statuses: Mapping[str, ModelStatus], now: float) -> tuple[HealthLevel, str]:
     expected = [s for s in statuses.values() if s.expected]
     if not expected:
         return "ok", "llamad running, no model loaded"
@@ -258,6 +268,7 @@ class ModelPool:
         self.binary = binary
         self.hub = hub
         self.last_loaded: str | None = None  # the model a `load` named last
+        self.history_problem: str | None = None  # set by the daemon when history is unavailable
         self._sockets_dir = sockets_dir
         self._environ = environ
         self._estimate = estimate or rough_estimate
@@ -491,7 +502,7 @@ class ModelPool:
                 return "warning", f"{status.name} is not loaded{why}", [status]
             statuses = {status.name: msgspec.structs.replace(status, expected=True)}
         # ModelStatus.since is wall-clock so clients can show it; compare like with like.
-        level, summary = health_verdict(statuses, time.time())
+        level, summary = health_verdict(statuses, time.time(), self.history_problem)
         shown = [s for s in statuses.values() if s.expected and s.state != "ready"]
         return level, summary, shown
 

@@ -489,6 +489,7 @@ class StatusReply(_Message, frozen=True, kw_only=True, tag="status_reply"):
     models: list[ModelStatus]
     websocket: str | None = None  # "host:port" of the WebSocket, when enabled
     memory: PoolMemory = PoolMemory()
+    history: str | None = None  # why the chat history is unavailable, when it is
     # Where a new chat that names no model goes: the model loaded last, else
     # [daemon] default_model, else the only resident model; None when there is none.
     default_model: str | None = None

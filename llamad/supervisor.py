@@ -4,12 +4,19 @@
 and carries out the actions it returns: spawn a process, signal its group, arm
 a timer. Per process it runs three tasks: one waits on a pidfd for the exit,
 one polls ``/health`` (readiness at 10 ms, then the watchdog), one reads the
-output into a ring buffer and the log. Nothing here decides policy.
+output into a ring buffer and the log (at DEBUG: ``llamactl logs`` has it).
+Nothing here decides policy.
+
+Before a model is declared ready, llamad checks that what answered is its own
+child: a private socket in the verified runtime directory, or, for a model on
+a TCP ``port``, a listening socket that is one of the child's descriptors
+(another user may have bound the port first).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -17,8 +24,9 @@ import signal
 import subprocess
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import NoReturn
 
 import httpx
 import trio
@@ -35,6 +43,7 @@ from llamad.llama_server import (
     spawn,
     write_pidfile,
 )
+from llamad.ownership import UntrustedPath, ensure_private_dir, owned_by, port_served_by
 from llamad.policy import (
     BecameReady,
     CancelTimer,
@@ -51,6 +60,7 @@ from llamad.policy import (
     StartRequested,
     StopRequested,
     TimerFired,
+    health_probe_timeout,
 )
 from llamad.protocol import ModelState, ModelStatus
 
@@ -92,6 +102,7 @@ class ModelSupervisor:
         self.binary = binary
         self.hub = hub
         self.endpoint = endpoint_for(model, runtime_dir)
+        self.runtime_dir = runtime_dir
         self.pidfile = runtime_dir / f"{model.name}.pid"
         self.output: deque[str] = deque(maxlen=log_lines)
         self.in_flight: set[trio.CancelScope] = set()
@@ -144,6 +155,11 @@ class ModelSupervisor:
             tools=list(self.model.tools),
             vision=self.vision if machine.state == "ready" else None,
         )
+
+    def keep_lines(self, count: int) -> None:
+        """Keep the last ``count`` output lines from now on (``[daemon] log_lines``)."""
+        if count != self.output.maxlen:
+            self.output = deque(self.output, maxlen=count)
 
     # --------------------------------------------------------------- commands
 
@@ -302,6 +318,14 @@ class ModelSupervisor:
     def _spawn(self) -> None:
         assert self._nursery is not None
         command = build_command(self.binary.path, self.model, self.endpoint)
+        try:
+            # The socket and the pid file go there: it must still be ours alone.
+            # (Inside the runtime directory verified at start: a mode that lets
+            # others in is fixed, a directory of someone else's refused.)
+            ensure_private_dir(self.runtime_dir, repair=True)
+        except (UntrustedPath, OSError) as exc:
+            self._events_send.send_nowait(SpawnFailed(str(exc)))
+            return
         if self.endpoint.socket_path is not None:
             # A socket left by a killed server would make the new one fail to bind.
             self.endpoint.socket_path.unlink(missing_ok=True)
@@ -321,7 +345,7 @@ class ModelSupervisor:
         process.stdout.close()
         probes = trio.CancelScope()
         self._nursery.start_soon(self._read_output, output)
-        self._nursery.start_soon(self._probe_health, probes)
+        self._nursery.start_soon(self._probe_health, process, probes)
         self._nursery.start_soon(self._wait_exit, process, probes)
 
     async def _wait_exit(self, process: subprocess.Popen[bytes], probes: trio.CancelScope) -> None:
@@ -349,21 +373,40 @@ class ModelSupervisor:
         else:
             self._events_send.send_nowait(Exited(code=returncode, detail=detail))
 
-    async def _probe_health(self, scope: trio.CancelScope) -> None:
+    async def _probe_health(
+        self, process: subprocess.Popen[bytes], scope: trio.CancelScope
+    ) -> None:
         supervision = self.model.supervision
+        timeout = health_probe_timeout(supervision)
         with scope:
-            async with http_client(
-                self.endpoint, timeout=supervision.health_interval_sec
-            ) as client:
+            async with http_client(self.endpoint, timeout=timeout) as client:
                 # Readiness: 503 while loading, connection refused before it binds.
                 self.vision = None
                 while not await _healthy(client):  # noqa: ASYNC110 - polling another process
                     await trio.sleep(READY_POLL_SEC)
+                impostor = self._impostor(process)
+                if impostor is not None:
+                    # Whatever answered is not our child: never send it a request.
+                    signal_group(process.pid, signal.SIGKILL)
+                    self._events_send.send_nowait(SpawnFailed(impostor))
+                    return
                 self._events_send.send_nowait(BecameReady())
                 self.vision = await _accepts_images(client)
-                while True:
-                    await trio.sleep(supervision.health_interval_sec)
-                    self._events_send.send_nowait(HealthProbed(await _healthy(client)))
+                await watch_health(
+                    functools.partial(_healthy, client),
+                    lambda ok: self._events_send.send_nowait(HealthProbed(ok)),
+                    interval=supervision.health_interval_sec,
+                    probe_timeout=timeout,
+                )
+
+    def _impostor(self, process: subprocess.Popen[bytes]) -> str | None:
+        """Why the server that answered may not be our child, or None when it is."""
+        if self.endpoint.port is not None:
+            return port_served_by(process.pid, self.endpoint.port)
+        path = self.endpoint.socket_path
+        if path is not None and not owned_by(path):
+            return f"{path} is not a socket of yours; not using it"
+        return None
 
     async def _read_output(self, stream: trio.lowlevel.FdStream) -> None:
         name = self.model.name
@@ -380,7 +423,8 @@ class ModelSupervisor:
     def _record_line(self, name: str, raw: bytes) -> None:
         line = raw.decode("utf-8", "replace").rstrip("\r")
         self.output.append(line)
-        log.info("[%s] %s", name, line)
+        # DEBUG: its chatter would drown llamad's own lines; `llamactl logs` keeps them.
+        log.debug("[%s] %s", name, line)
         self.hub.publish(LogEvent(name, line))
 
 
@@ -392,6 +436,30 @@ async def _accepts_images(client: httpx.AsyncClient) -> bool | None:
     except (httpx.HTTPError, ValueError, AttributeError):
         return None
     return bool(modalities.get("vision")) if isinstance(modalities, dict) else None
+
+
+async def watch_health(
+    probe: Callable[[], Awaitable[bool]],
+    report: Callable[[bool], None],
+    *,
+    interval: float,
+    probe_timeout: float,
+) -> NoReturn:
+    """Probe every ``interval`` seconds on a fixed beat; each probe gets ``probe_timeout``.
+
+    ``probe_timeout`` is shorter than ``interval``: a probe that hangs counts
+    as a miss when its timeout ends and does not delay the next one, so
+    ``health_failures`` misses in a row are reported within
+    ``interval * failures + probe_timeout`` of the hang.
+    """
+    next_probe = trio.current_time()
+    while True:
+        next_probe = max(next_probe + interval, trio.current_time())
+        await trio.sleep_until(next_probe)
+        ok = False
+        with trio.move_on_after(probe_timeout):
+            ok = await probe()
+        report(ok)
 
 
 async def _healthy(client: httpx.AsyncClient) -> bool:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -129,3 +131,51 @@ def test_input_mistakes_are_explained(tree: Path) -> None:
         search_files([tree])
     with pytest.raises(ToolInputError, match="has no roots"):
         search_files([], text="x")
+
+
+def test_a_file_swapped_for_a_symlink_while_searching_never_leaks(tree: Path) -> None:
+    """Another process swaps a file (and a folder) for symlinks out of the root, over
+    and over, while searches run: the outside secret must never be read."""
+    outside = tree.parent / "outside"
+    target = tree / "notes" / "swap.txt"
+    folder = tree / "notes" / "swapdir"
+    folder.mkdir()
+    (folder / "inner.txt").write_text("todo inside\n")
+    stop = threading.Event()
+    swaps = 0
+
+    def swapper() -> None:
+        nonlocal swaps
+        regular, link = tree / ".regular.tmp", tree / ".link.tmp"
+        parked = tree / ".parked"
+        while not stop.is_set():
+            regular.write_text("todo: harmless\n")
+            os.replace(regular, target)
+            link.unlink(missing_ok=True)
+            link.symlink_to(outside / "secret.txt")
+            os.replace(link, target)  # atomically: the same name is now a symlink out
+            # The folder too: renamed away, a symlink to the outside in its place.
+            os.rename(folder, parked)
+            folder.symlink_to(outside)
+            folder.unlink()
+            os.rename(parked, folder)
+            swaps += 1
+
+    thread = threading.Thread(target=swapper, daemon=True)
+    thread.start()
+    try:
+        leaked = 0
+        searches = 0
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline or searches < 500:
+            result = search_files([tree], text="secret")
+            searches += 1
+            if "the secret" in result.text():
+                leaked += 1
+            by_path = search_files([tree], text="todo", path="notes")
+            assert "the secret" not in by_path.text()
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert swaps > 100, f"only {swaps} swaps: the race was not exercised"
+    assert leaked == 0, f"the outside secret leaked in {leaked} of {searches} searches"

@@ -743,3 +743,29 @@ def test_an_exchange_starts_in_one_transaction(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="no bytes given"):
             store.start_exchange(None, parts=[ImagePart(digest="ab" * 32, mime="image/png")])
         assert len(store.list_conversations(50, None)[0]) == 1
+
+
+# ------------------------------------------------------------ why a write failed
+
+
+def test_an_io_error_on_a_full_disk_is_called_a_full_disk(tmp_path: Path) -> None:
+    eio = lmdb.Error("mdb_txn_commit: Input/output error")
+    full = history._reason(eio, tmp_path, free_bytes=lambda _: 12 * 1024)
+    assert full == (
+        "the disk is full (0.0 MiB free where the history is stored); free some space "
+        "(mdb_txn_commit: Input/output error)"
+    )
+    # With room to spare it is a real I/O error, and says so.
+    roomy = history._reason(eio, tmp_path, free_bytes=lambda _: 10 * 2**30)
+    assert roomy == "mdb_txn_commit: Input/output error"
+    enospc = OSError(28, "No space left on device")
+    assert history._reason(enospc, tmp_path, free_bytes=lambda _: 0).startswith(
+        "the disk is full"
+    )
+    # Other errors are left as they are; free space is not even looked at.
+    def never(_: Path) -> int:
+        raise AssertionError("looked at free space")
+
+    assert history._reason(OSError(13, "Permission denied"), tmp_path, never) == (
+        "Permission denied"
+    )

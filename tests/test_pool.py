@@ -354,3 +354,14 @@ def test_health_names_every_model_that_is_not_ok() -> None:
     assert level == "critical"
     assert summary == "a failed: crash loop; b loading for 1.0 s"
 
+
+
+def test_health_without_history_is_at_least_a_warning() -> None:
+    problem = "chat history is unavailable (read-only)"
+    ready = {"demo": _status("demo", "ready")}
+    assert health_verdict(ready, 101.5) == ("ok", "demo ready (pid 5, restarts 0)")
+    level, summary = health_verdict(ready, 101.5, history_problem=problem)
+    assert level == "warning"
+    assert summary == f"demo ready (pid 5, restarts 0); {problem}"
+    failed = {"demo": _status("demo", "failed", reason="crash loop")}
+    assert health_verdict(failed, 101.5, problem)[0] == "critical"

@@ -564,6 +564,7 @@ def test_service_unit_settings() -> None:
         "WatchdogSec": "30",
         "TimeoutStopSec": "30",
         "KillMode": "mixed",
+        "LimitNOFILE": "65536",
     }
     for key, value in expected.items():
         assert _values(service, key) == [value], key

@@ -2,10 +2,20 @@
 
 Read-only and bounded in every direction a model (or a file tree) could push:
 files looked at, bytes read per file and in all, hits returned, and wall time.
-The walk never leaves the configured roots: a ``path`` argument is resolved and
-checked against them, symlinked directories are never descended (which also
-makes symlink loops harmless), a symlinked file is read only when its target is
-inside a root, and only regular files are opened (a FIFO would block forever).
+
+The walk never leaves the configured roots, even while the tree changes under
+it: every folder and file is opened relative to the descriptor of the folder
+it was listed in (``dir_fd``), with ``O_NOFOLLOW`` (and ``O_DIRECTORY`` for
+folders), so a file or folder swapped for a symlink between the listing and
+the open is not followed but skipped; what was opened is checked with
+``fstat`` to be the very regular file that was listed (same device and inode).
+Symlinked directories are never descended (which also makes loops harmless); a
+symlinked file is read only when its target is inside a root, and then opened
+component by component from that root's descriptor, again without following
+anything. Only regular files are opened (a FIFO would block forever).
+
+A hard link inside a root to a file outside looks exactly like any other file
+(it *is* the same file) and is read; only the roots' owner can make one.
 """
 
 from __future__ import annotations
@@ -90,114 +100,238 @@ def search_files(
     if text is not None and len(text) > 1000:
         raise ToolInputError("the text to look for is longer than 1,000 characters")
     real_roots = [Path(os.path.realpath(root)) for root in roots]
-    starts = _starting_points(real_roots, path)
     needle = text.casefold() if text else None
     pattern = name.casefold() if name else None
     deadline = clock() + limits.time_budget_sec
     result = SearchResult()
-    for file_path, stat_result in _walk(starts, real_roots):
-        if len(result.hits) >= limits.max_results:
-            result.stopped_early = f"{limits.max_results} results"
-            break
-        if result.files_scanned >= limits.max_files:
-            result.stopped_early = f"{limits.max_files} files looked at"
-            break
-        if result.bytes_read >= limits.max_total_bytes:
-            result.stopped_early = f"{limits.max_total_bytes // (1024 * 1024)} MiB read"
-            break
-        if clock() > deadline:
-            result.stopped_early = f"{limits.time_budget_sec:g} s"
-            break
-        result.files_scanned += 1
-        if pattern is not None and not fnmatch.fnmatchcase(file_path.name.casefold(), pattern):
-            continue
-        if needle is None:
-            result.hits.append(Hit(file_path))
-            continue
-        budget = min(limits.max_bytes_per_file, limits.max_total_bytes - result.bytes_read)
-        content = _read_prefix(file_path, stat_result, budget)
-        if content is None:
-            continue
-        result.bytes_read += len(content)
-        room = limits.max_results - len(result.hits)
-        result.hits.extend(_matching_lines(file_path, content, needle, limits, room))
+    with _Roots(real_roots) as opened:
+        for listed in _walk_all(opened, _starting_points(opened, path)):
+            if len(result.hits) >= limits.max_results:
+                result.stopped_early = f"{limits.max_results} results"
+                break
+            if result.files_scanned >= limits.max_files:
+                result.stopped_early = f"{limits.max_files} files looked at"
+                break
+            if result.bytes_read >= limits.max_total_bytes:
+                result.stopped_early = f"{limits.max_total_bytes // (1024 * 1024)} MiB read"
+                break
+            if clock() > deadline:
+                result.stopped_early = f"{limits.time_budget_sec:g} s"
+                break
+            result.files_scanned += 1
+            file_name = listed.path.name.casefold()
+            if pattern is not None and not fnmatch.fnmatchcase(file_name, pattern):
+                continue
+            if needle is None:
+                result.hits.append(Hit(listed.path))
+                continue
+            budget = min(limits.max_bytes_per_file, limits.max_total_bytes - result.bytes_read)
+            content = _read_prefix(opened, listed, budget)
+            if content is None:
+                continue
+            result.bytes_read += len(content)
+            room = limits.max_results - len(result.hits)
+            result.hits.extend(_matching_lines(listed.path, content, needle, limits, room))
     return result
 
 
-def _starting_points(roots: list[Path], path: str | None) -> list[Path]:
+_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: should the file have become a FIFO since it was listed, the open
+# still returns at once (and fstat then refuses it).
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+MAX_DEPTH = 64  # folders deeper than this are not entered (one descriptor per level)
+
+
+class _Roots:
+    """The roots' real paths and an open descriptor for each, for the length of a search."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+        self.fds: list[int | None] = []
+
+    def __enter__(self) -> _Roots:
+        for path in self.paths:
+            try:
+                self.fds.append(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+            except OSError:
+                self.fds.append(None)  # a root that is gone is simply empty
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for fd in self.fds:
+            if fd is not None:
+                os.close(fd)
+
+    def containing(self, path: Path) -> tuple[int, tuple[str, ...]] | None:
+        """The descriptor of the root holding ``path`` and the parts below it."""
+        for root, fd in zip(self.paths, self.fds, strict=True):
+            if fd is not None and (path == root or path.is_relative_to(root)):
+                return fd, path.relative_to(root).parts
+        return None
+
+
+def _open_beneath(root_fd: int, parts: Sequence[str], last_flags: int) -> int:
+    """Open ``parts`` below ``root_fd`` one component at a time, following no symlink."""
+    fd = os.dup(root_fd)
+    try:
+        for index, part in enumerate(parts):
+            last = index == len(parts) - 1
+            following = os.open(part, last_flags if last else _DIRECTORY_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = following
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@dataclass(frozen=True)
+class _Start:
+    fd: int  # owned by the walk, which closes it
+    path: Path
+
+
+def _starting_points(roots: _Roots, path: str | None) -> list[_Start]:
     if not path:
-        return roots
+        return [
+            _Start(os.dup(fd), root)
+            for root, fd in zip(roots.paths, roots.fds, strict=True)
+            if fd is not None
+        ]
     if "\x00" in path:
         raise ToolInputError("the path contains a NUL character")
-    candidates = [Path(path)] if os.path.isabs(path) else [root / path for root in roots]
-    inside = []
+    # Lexically: ".." cannot climb out of a root, and a symlink is never followed.
+    if os.path.isabs(path):
+        candidates = [Path(os.path.normpath(path))]
+    else:
+        candidates = [Path(os.path.normpath(root / path)) for root in roots.paths]
+    starts: list[_Start] = []
+    seen: set[tuple[int, int]] = set()
     for candidate in candidates:
-        real = Path(os.path.realpath(candidate))
-        if any(real == root or real.is_relative_to(root) for root in roots) and real.is_dir():
-            inside.append(real)
-    if not inside:
-        listing = ", ".join(str(root) for root in roots)
+        found = roots.containing(candidate)
+        if found is None:
+            continue
+        root_fd, parts = found
+        try:
+            fd = _open_beneath(root_fd, parts, _DIRECTORY_FLAGS) if parts else os.dup(root_fd)
+        except OSError:
+            continue  # not there, not a folder, or reached through a symlink
+        info = os.fstat(fd)
+        if (info.st_dev, info.st_ino) in seen:
+            os.close(fd)
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        starts.append(_Start(fd, candidate))
+    if not starts:
+        listing = ", ".join(str(root) for root in roots.paths)
         raise ToolInputError(
             f"{path!r} is not a folder inside the searchable roots ({listing})"
         )
-    return inside
+    return starts
 
 
-def _walk(starts: list[Path], roots: list[Path]) -> Iterator[tuple[Path, os.stat_result]]:
-    """Regular files under ``starts``, sorted per folder, never leaving ``roots``."""
-    seen_starts: set[Path] = set()
-    for start in starts:
-        if start in seen_starts:
-            continue
-        seen_starts.add(start)
-        stack = [start]
-        while stack:
-            directory = stack.pop()
+@dataclass(frozen=True)
+class _Listed:
+    """A regular file as the walk listed it; ``dir_fd`` is valid until the walk resumes."""
+
+    path: Path
+    dir_fd: int
+    name: str
+    stat: os.stat_result
+    target: tuple[int, tuple[str, ...]] | None = None  # a symlink's target: root fd, parts
+
+
+def _walk_all(roots: _Roots, starts: list[_Start]) -> Iterator[_Listed]:
+    try:
+        for start in starts:
+            yield from _walk(roots, start)
+    finally:
+        for start in starts:
+            os.close(start.fd)
+
+
+def _walk(roots: _Roots, start: _Start) -> Iterator[_Listed]:
+    """Regular files under ``start``: each folder's files by name, then its subfolders."""
+    frames: list[tuple[int, Path, list[str]]] = []  # open folders, subfolders still to visit
+    fd, path = start.fd, start.path
+    try:
+        while True:
+            subfolders: list[str] = []
             try:
-                with os.scandir(directory) as listing:
-                    entries = sorted(listing, key=lambda entry: entry.name, reverse=True)
+                with os.scandir(fd) as listing:
+                    entries = sorted(listing, key=lambda entry: entry.name)
             except OSError:
-                continue  # unreadable folder: skip it, as grep -s would
+                entries = []  # unreadable folder: skip it, as grep -s would
             for entry in entries:
                 try:
                     if entry.is_dir(follow_symlinks=False):
                         if entry.name not in SKIPPED_DIRECTORIES:
-                            stack.append(Path(entry.path))
+                            subfolders.append(entry.name)
                         continue
-                    found = _regular_file(Path(entry.path), entry.is_symlink(), roots)
+                    listed = _regular_file(roots, fd, path, entry)
                 except OSError:
                     continue
-                if found is not None:
-                    yield found
-            # the stack pops the alphabetically first folder next
+                if listed is not None:
+                    yield listed
+            frames.append((fd, path, subfolders[::-1]))
+            while frames:
+                top_fd, top_path, todo = frames[-1]
+                if not todo or len(frames) > MAX_DEPTH:
+                    frames.pop()
+                    if top_fd != start.fd:
+                        os.close(top_fd)
+                    continue
+                name = todo.pop()
+                try:
+                    # O_NOFOLLOW | O_DIRECTORY: a folder swapped for a symlink is skipped.
+                    fd = os.open(name, _DIRECTORY_FLAGS, dir_fd=top_fd)
+                except OSError:
+                    continue
+                path = top_path / name
+                break
+            else:
+                return
+    finally:
+        for frame_fd, _, _ in frames:
+            if frame_fd != start.fd:
+                os.close(frame_fd)
 
 
 def _regular_file(
-    path: Path, is_symlink: bool, roots: list[Path]
-) -> tuple[Path, os.stat_result] | None:
-    if is_symlink:
+    roots: _Roots, dir_fd: int, folder: Path, entry: os.DirEntry[str]
+) -> _Listed | None:
+    path = folder / entry.name
+    if entry.is_symlink():
         target = Path(os.path.realpath(path))
-        if not any(target.is_relative_to(root) for root in roots):
+        inside = roots.containing(target)
+        if inside is None or not inside[1]:
             return None  # a link out of the roots is not followed
-    stat_result = os.stat(path)  # follows a link, now known to stay inside
+        stat_result = os.stat(target)
+        if not stat.S_ISREG(stat_result.st_mode):
+            return None
+        return _Listed(path, dir_fd, entry.name, stat_result, inside)
+    stat_result = entry.stat(follow_symlinks=False)
     if not stat.S_ISREG(stat_result.st_mode):
         return None  # FIFOs, sockets and devices could block or never end
-    return path, stat_result
+    return _Listed(path, dir_fd, entry.name, stat_result)
 
 
-def _read_prefix(path: Path, stat_result: os.stat_result, budget: int) -> bytes | None:
+def _read_prefix(roots: _Roots, listed: _Listed, budget: int) -> bytes | None:
     if budget <= 0:
         return None
     try:
-        # O_NONBLOCK: should the file have been swapped for a FIFO since the
-        # stat, opening it still returns at once.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        if listed.target is not None:
+            fd = _open_beneath(listed.target[0], listed.target[1], _FILE_FLAGS)
+        else:
+            fd = os.open(listed.name, _FILE_FLAGS, dir_fd=listed.dir_fd)
     except OSError:
-        return None
+        return None  # gone, or swapped for a symlink since it was listed
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        content = os.read(fd, min(budget, max(stat_result.st_size, 1)))
+        opened = os.fstat(fd)
+        same = (opened.st_dev, opened.st_ino) == (listed.stat.st_dev, listed.stat.st_ino)
+        if not stat.S_ISREG(opened.st_mode) or not same:
+            return None  # not the regular file that was listed
+        content = os.read(fd, min(budget, max(opened.st_size, 1)))
     except OSError:
         return None
     finally:

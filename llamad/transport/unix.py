@@ -2,18 +2,19 @@
 
 Thin by design: bytes in, ``FrameDecoder`` and ``decode_request`` from the
 shared protocol, hand to the dispatcher, encode replies. Only the daemon's own
-uid is served (SO_PEERCRED), so no token is needed here. A connection that
-sends something unreadable gets an ``Error`` and is closed; nothing else is
-disturbed.
+uid is served (SO_PEERCRED), so no token is needed here. A frame that decodes
+but is not a valid request gets a ``bad_request`` error and the connection
+stays open; bytes that cannot be a frame (``bad_frame``: the stream is out of
+sync) get an ``Error`` and the connection is closed. Nothing else is disturbed.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import socket
-import struct
 from pathlib import Path
 
 import trio
@@ -26,6 +27,7 @@ from llamad.dispatch import (
     contain_client,
 )
 from llamad.errors import StartupError
+from llamad.ownership import ensure_safe_dir, peer_uid
 from llamad.protocol import (
     Error,
     FrameDecoder,
@@ -36,26 +38,33 @@ from llamad.protocol import (
     encode,
     frame,
 )
+from llamad.transport.accept import accept_forever
 
 log = logging.getLogger(__name__)
 
 
-FRAME_READ_TIMEOUT_SEC = 10.0  # a frame that has started must finish within this
+FRAME_READ_TIMEOUT_SEC = 10.0  # a frame must be complete this long after its first byte
 _UNIX_PATH_MAX = 107
 
 
 def bind_control_socket(path: Path) -> socket.socket:
-    """Bind the control socket (mode 0600, directory created 0700).
+    """Bind the control socket (mode 0600) in a directory only we can write to.
 
-    A socket file left by a crashed llamad is replaced; one that a live llamad
-    answers on is not.
+    The directory is created (0700) or verified with ``ensure_safe_dir``: one
+    that another user made or can write to is refused (``UntrustedPath``),
+    since they could put their own socket in our place. A socket file left by a
+    crashed llamad is replaced; one that a live llamad answers on is not.
     """
     if len(os.fsencode(path)) > _UNIX_PATH_MAX:
         raise StartupError(
             f"socket path {path} is longer than {_UNIX_PATH_MAX} bytes; choose a shorter --socket"
         )
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ensure_safe_dir(
+            path.parent,
+            hint="put the control socket in a directory of your own (--socket, "
+            "$LLAMAD_SOCKET or [daemon] socket)",
+        )
     except OSError as exc:
         raise StartupError(f"cannot create {path.parent}: {exc.strerror}") from None
     if path.exists() or path.is_symlink():
@@ -85,12 +94,6 @@ def bind_control_socket(path: Path) -> socket.socket:
     # busy machine got refused (found by the 200-client drill in tests/faults).
     listener.listen(socket.SOMAXCONN)
     return listener
-
-
-def peer_uid(sock: socket.socket | trio.socket.SocketType) -> int:
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
 
 
 class _FramePeer:
@@ -136,7 +139,17 @@ class ControlServer:
         task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         trio_listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
-        await trio.serve_listeners(self.handle, [trio_listener], task_status=task_status)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                functools.partial(
+                    accept_forever,
+                    trio_listener,
+                    self.handle,
+                    what="control socket",
+                    handler_nursery=nursery,
+                )
+            )
+            task_status.started([trio_listener])
 
     async def handle(self, stream: trio.SocketStream) -> None:
         async with stream:
@@ -163,28 +176,47 @@ class ControlServer:
         self, stream: trio.SocketStream, peer: _FramePeer, nursery: trio.Nursery
     ) -> None:
         decoder = FrameDecoder()
+        frame_began = math.inf  # when the first byte of the unfinished frame came
         while True:
-            timeout = FRAME_READ_TIMEOUT_SEC if decoder.in_frame else float("inf")
-            with trio.move_on_after(timeout):
+            with trio.move_on_at(frame_began + FRAME_READ_TIMEOUT_SEC):
                 data = await stream.receive_some(65536)
                 if not data:
                     return  # the client closed; its requests in flight are cancelled
+                arrived = trio.current_time()
                 try:
-                    for payload in decoder.feed(data):
-                        nursery.start_soon(self._run, decode_request(payload), peer, nursery)
+                    payloads = decoder.feed(data)
+                    for payload in payloads:
+                        await self._start(payload, peer, nursery)
                     decoder.feed(b"")  # raises for an oversized header after those frames
-                except ProtocolError as exc:
+                except ProtocolError as exc:  # the byte stream is out of sync: close
                     await peer.send(Error(id=exc.request_id, code=exc.code, message=str(exc)))
                     return
+                if not decoder.in_frame:
+                    frame_began = math.inf
+                elif payloads or frame_began == math.inf:
+                    frame_began = arrived  # a new frame started in this read
                 continue
             await peer.send(
                 Error(
                     id=None,
                     code="bad_frame",
-                    message=f"frame not completed within {FRAME_READ_TIMEOUT_SEC:g} s",
+                    message=f"frame not completed within {FRAME_READ_TIMEOUT_SEC:g} s "
+                    "of its first byte",
                 )
             )
             return
+
+    async def _start(self, payload: bytes, peer: _FramePeer, nursery: trio.Nursery) -> None:
+        """Serve one frame's request; one that is not valid is answered and skipped."""
+        try:
+            request = decode_request(payload)
+        except ProtocolError as exc:
+            if exc.code != "bad_request":
+                raise
+            # The frame was whole, so the stream is still in sync: carry on.
+            await peer.send(Error(id=exc.request_id, code=exc.code, message=str(exc)))
+            return
+        nursery.start_soon(self._run, request, peer, nursery)
 
     async def _run(self, request: Request, peer: _FramePeer, nursery: trio.Nursery) -> None:
         try:

@@ -153,6 +153,8 @@ def _websocket_messages(data: bytes) -> list[dict[str, object] | str]:
             at += 8
         body = data[at : at + length]
         at += length
+        if len(body) < length:
+            break  # cut short: the connection was dropped mid-frame
         if opcode == 0x1:
             messages.append(json.loads(body))
         elif opcode == 0x8:
@@ -223,7 +225,7 @@ def test_client_that_stops_reading_is_dropped_and_costs_nobody_else(
         # Stuck clients are closed while they are still stuck, not when they
         # read again: no progress for SEND_TIMEOUT_SEC frees their connection.
         wait_until(
-            lambda: _open_fds(daemon) <= fds_before + 2,
+            lambda: _open_fds(daemon) <= fds_before + 1,
             SEND_TIMEOUT_SEC + SLACK,
             "llamad to close the stuck connections",
         )
@@ -241,7 +243,9 @@ def test_client_that_stops_reading_is_dropped_and_costs_nobody_else(
         deltas = sum(isinstance(m, ChatDelta) for m in messages)
     else:
         frames = _websocket_messages(data)
-        assert frames[-1] == "close"
+        # Dropped at once, without a close handshake it would never answer: the
+        # stream just ends after what was queued (the last frame may be cut short).
+        assert "close" not in frames
         assert not any(isinstance(f, dict) and f["type"] == "chat_done" for f in frames)
         deltas = sum(isinstance(f, dict) and f["type"] == "chat_delta" for f in frames)
     # Cut off after about a queue's worth (1,024) plus what the socket held.

@@ -16,8 +16,10 @@ daemon sees the error instead of dying of the signal.)
 from __future__ import annotations
 
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -41,7 +43,8 @@ from llamad.protocol import (
     StatusReply,
     TextPart,
 )
-from tests.conftest import Llamad, ready_daemon
+from tests.conftest import Llamad, demo_config, ready_daemon
+from tests.faults.other_user import require_root
 from tests.faults.util import MakeLlamad
 
 pytestmark = pytest.mark.server
@@ -231,3 +234,114 @@ def test_failed_disk_write_is_one_clear_error_and_damages_nothing(
     assert daemon.stop() == 0
     daemon.start()
     assert _snapshot(daemon) == after
+
+
+# ------------------------------------------------------ a full disk, a read-only one
+
+REPO = Path(__file__).resolve().parents[2]
+
+FILL_THE_DISK = r"""
+import sys
+from pathlib import Path
+from llamad.errors import HistoryWriteError
+from llamad.history import HistoryStore
+from llamad.protocol import TextPart
+store = HistoryStore(Path(sys.argv[1]) / "history.lmdb", map_size=8 * 2**20)
+conversation = store.create_conversation(model="demo", system_prompt=None)
+stored = 0
+try:
+    for n in range(1000):
+        store.append_message(conversation.id, role="user", parts=[TextPart(text="x" * 100_000)])
+        stored += 1
+except HistoryWriteError as exc:
+    print(exc)
+store.close()
+store = HistoryStore(Path(sys.argv[1]) / "history.lmdb", map_size=8 * 2**20)
+assert len(store.all_messages(conversation.id)) == stored
+"""
+
+
+def test_a_full_disk_is_called_a_full_disk() -> None:
+    """A 2 MiB file system (tmpfs, in a private mount namespace) fills up: LMDB
+    says `mdb_txn_commit: Input/output error`; llamad says the disk is full."""
+    require_root()
+    where = Path(tempfile.mkdtemp(prefix="llamad-full-", dir="/var/tmp"))
+    try:
+        done = subprocess.run(
+            [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                f'mount -t tmpfs -o size=2m tmpfs {where} && exec "$0" -c "$1" {where}',
+                sys.executable,
+                FILL_THE_DISK,
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+    assert done.returncode == 0, done.stderr  # and what was stored reads back
+    line = done.stdout.strip()
+    assert line.startswith(f"cannot write chat history to {where}/history.lmdb: the disk is full (")
+    assert "MiB free where the history is stored); free some space" in line
+    assert line.endswith("nothing already stored was changed")
+
+
+def test_a_read_only_data_directory_costs_only_the_history(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path]
+) -> None:
+    """llamad starts and supervises; chats and history requests are refused with
+    the reason and the fix; `health` says WARNING (exit 1)."""
+    require_root()
+    daemon = make_llamad(demo_config(demo_models), 'default_model = "demo"\n')
+    data = daemon.runtime_dir / "data"
+    data.mkdir(mode=0o700)
+    command = [sys.executable, "-m", "llamad", "--config", str(daemon.config_path)]
+    with daemon.log_path.open("ab") as log:
+        daemon.process = subprocess.Popen(
+            [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                f'mount --bind -o ro {data} {data} && exec "$@"',
+                "sh",
+                *command,
+            ],
+            env=daemon.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    daemon.wait_listening()
+    daemon.wait_for("demo", lambda s: s.state == "ready")  # supervision goes on
+    reason = (
+        f"chat history is unavailable (cannot write to {data}/history.lmdb: Read-only file "
+        f"system); make {data} writable or set [daemon] data_dir, then restart llamad"
+    )
+    with daemon.client() as client:
+        for request in (
+            lambda i: Chat(id=i, content="hello"),
+            lambda i: ListConversations(id=i),
+        ):
+            with pytest.raises(RequestFailed) as refused:
+                client.call(request)
+            assert refused.value.error.code == "history_unavailable"
+            assert refused.value.error.message == reason
+        assert isinstance(client.call(lambda i: Status(id=i)), StatusReply)
+    chat = daemon.ctl("chat", "hello")
+    assert chat.returncode == 1 and chat.stderr == f"llamactl: {reason}\n"
+    health = daemon.ctl("health")
+    assert health.returncode == 1, health.stdout + health.stderr
+    assert "history is unavailable" in health.stdout
+    assert daemon.ctl("status").returncode == 0
+    assert "Traceback" not in daemon.log()
+    assert daemon.stop() == 0
