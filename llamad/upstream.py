@@ -460,12 +460,28 @@ async def context_size(client: httpx.AsyncClient) -> int:
     return n_ctx
 
 
+def in_words(exc: BaseException) -> str:
+    """What went wrong with a connection, for people: never an exception's repr."""
+    if isinstance(exc, trio.TooSlowError | httpx.TimeoutException):
+        return "it did not answer in time"
+    if isinstance(exc, httpx.RemoteProtocolError | trio.BrokenResourceError):
+        return "it closed the connection"
+    if isinstance(exc, httpx.ConnectError):
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror.lower()
+        return "it refused the connection"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return "the connection failed"
+
+
 async def _ask(client: httpx.AsyncClient, method: str, path: str, **kwargs: Any) -> Any:
     """One small request to llama-server; every failure becomes an ``UpstreamError``."""
     try:
         response = await client.request(method, path, **kwargs)
     except httpx.HTTPError as exc:
-        raise UpstreamError(f"llama-server did not answer {path} ({exc!r})") from None
+        raise UpstreamError(f"llama-server did not answer {path}: {in_words(exc)}") from None
     if response.status_code != 200:
         raise refusal_message(response.status_code, response.content)
     try:
@@ -533,7 +549,7 @@ async def stream_chat(client: httpx.AsyncClient, payload: dict[str, Any]) -> Asy
                     return
     except httpx.HTTPError as exc:
         raise UpstreamError(
-            f"lost the connection to llama-server while replying ({exc!r})"
+            f"lost the connection to llama-server while replying: {in_words(exc)}"
         ) from None
 
 
@@ -597,7 +613,7 @@ async def _connect(endpoint: Endpoint, within: float) -> trio.SocketStream:
             return await trio.open_tcp_stream("127.0.0.1", endpoint.port or 0)
     except (OSError, trio.TooSlowError) as exc:
         raise UpstreamError(
-            f"llama-server did not answer at {endpoint.describe()} ({exc!r})"
+            f"llama-server did not answer at {endpoint.describe()}: {in_words(exc)}"
         ) from None
 
 
@@ -655,5 +671,5 @@ async def stream_chat_direct(
                     raise UpstreamError("llama-server ended its reply without [DONE]")
         except (OSError, trio.BrokenResourceError) as exc:
             raise UpstreamError(
-                f"lost the connection to llama-server while replying ({exc!r})"
+                f"lost the connection to llama-server while replying: {in_words(exc)}"
             ) from None

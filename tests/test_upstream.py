@@ -27,6 +27,7 @@ from llamad.upstream import (
     Chunk,
     ResponseReader,
     SSEDecoder,
+    in_words,
     interpret_chunk,
     merge_chunks,
     refusal_message,
@@ -592,3 +593,12 @@ async def test_faults_only_a_broken_upstream_shows(reply: bytes, message: str) -
     assert "\n" not in str(caught.value)
     if reply.startswith(CHUNKED_HEAD) and "chunked" not in message:
         assert texts[:1] == ["Hi"]  # the events before the fault were handed on
+
+
+def test_connection_failures_are_told_in_words() -> None:
+    refused = ConnectionRefusedError(111, "Connection refused")
+    assert in_words(refused) == "connection refused"
+    assert in_words(trio.TooSlowError()) == "it did not answer in time"
+    closed = httpx.RemoteProtocolError("peer closed connection")
+    assert in_words(closed) == "it closed the connection"
+    assert "Error(" not in in_words(httpx.ConnectError("[Errno 111] Connection refused"))
