@@ -550,6 +550,15 @@ class View:
         """The model this conversation's next replies use (``/model NAME``), if chosen."""
         return self.chosen_models.get(self.slot())
 
+    def conversation_model(self) -> str | None:
+        """Who answers here next: the model chosen with /model, else the conversation's
+        own (llamad continues a conversation with it), else llamad's default."""
+        chosen = self.chosen_model()
+        if chosen is not None:
+            return chosen
+        own = next((c.model for c in self.conversations if c.id == self.current), None)
+        return own or self.active_model
+
     def _model_name(self, name: str) -> str | None:
         """``name`` (a model or an alias) as a configured model's name, or None."""
         if name in self.models:
@@ -897,7 +906,7 @@ class View:
     def _open_picker(self) -> None:
         self.mode = "picker"
         names = list(self.models)
-        current = self.chosen_model() or self.active_model
+        current = self.conversation_model()
         self.picker_index = names.index(current) if current in names else 0
 
     def _picker_key(self, name: str, char: str) -> Intent | None:
@@ -1056,14 +1065,24 @@ class View:
 
     def _picker_rows(self, width: int, height: int, now: float) -> list[Line]:
         rows: list[Line] = [
-            (Span("Choose a model (Enter loads it, Esc closes)", frozenset({"bold"})),),
+            (
+                Span(
+                    "Choose a model for this conversation (Enter loads it, Esc closes); "
+                    "others stay loaded while memory allows",
+                    frozenset({"bold"}),
+                ),
+            ),
             (),
         ]
+        here = self.conversation_model()
         for index, (name, status) in enumerate(self.models.items()):
             marker = "›" if index == self.picker_index else " "
             reason = shown_reason(status, now)
             state = status.state + (f": {reason}" if reason else "")
-            text = f"{marker} {name:<16} {state}"[:width]
+            resident = status.state != "stopped"
+            memory = memory_text(status) if resident else ""
+            mine = "  ● this conversation" if name == here else ""
+            text = f"{marker} {name:<16} {memory:>9}  {state}{mine}"[:width]
             rows.append(
                 (Span(text, frozenset({"bold"}) if index == self.picker_index else frozenset()),)
             )
@@ -1127,7 +1146,7 @@ class View:
         loading = self.loading()
         if loading is not None:
             parts.append(f"Loading {loading.name}… {max(now - loading.since, 0.0):.1f} s")
-        elif (shown := self.chosen_model() or self.active_model) is not None:
+        elif (shown := self.conversation_model()) is not None:
             state = self.models.get(shown)
             parts.append(f"{shown} {state.state if state else ''}".strip())
         else:
@@ -1245,3 +1264,13 @@ def _highlight(lines: list[Line], query: str) -> tuple[list[Line], list[int]]:
             offset += len(span.text)
         out.append(tuple(spans))
     return out, hits
+
+
+def memory_text(status: ModelStatus) -> str:
+    """A resident model's memory, measured where known (else the estimate, with ~)."""
+    measured = status.memory.measured_pss
+    size = measured if measured else status.memory.estimated_host
+    if not size:
+        return ""
+    text = f"{size / 1024**3:.1f} GiB" if size >= 1024**3 else f"{size / 1024**2:.0f} MiB"
+    return text if measured else f"~{text}"

@@ -24,10 +24,15 @@ from llamad.protocol import (
     ImagePart,
     Message,
     MessageStats,
+    ModelMemory,
     ModelStatus,
     SearchHit,
     TextPart,
 )
+
+
+def screen_text(view: View, width: int = 120, height: int = 30) -> str:
+    return "\n".join(text_of(view.layout(width, height, now=0.0)))
 
 
 def text_of(rows: list[tuple[object, ...]]) -> list[str]:
@@ -104,6 +109,32 @@ def test_model_picker() -> None:
     assert view.mode == "chat"
     type_text(view, "/model")
     assert view.key("KEY_ENTER", "\r") is None and view.mode == "picker"
+
+
+def test_picker_shows_resident_models_with_memory_and_the_conversations_model() -> None:
+    view = view_with_chat()
+    view.conversations[1] = Conversation(id="c2", title="second", model="demo-b")
+    view.models["demo"] = ModelStatus(
+        name="demo",
+        state="ready",
+        since=0.0,
+        memory=ModelMemory(estimated_host=90 * 2**20, measured_pss=70 * 2**20),
+    )
+    view.models["demo-b"] = ModelStatus(
+        name="demo-b", state="ready", since=0.0, memory=ModelMemory(estimated_host=2 * 2**30)
+    )
+    view.models["gone"] = ModelStatus(name="gone", state="stopped", since=0.0)
+    view.current = "c2"  # its own model is demo-b: the status bar and the picker say so
+    assert "demo-b ready" in screen_text(view)
+    view.key("", "\x0c")
+    rows = [row for row in screen_text(view).splitlines() if "demo" in row or "gone" in row]
+    demo = next(r for r in rows if "demo " in r and "demo-b" not in r)
+    demo_b = next(r for r in rows if "demo-b" in r)
+    gone = next(r for r in rows if "gone" in r)
+    assert "70 MiB" in demo and "this conversation" not in demo
+    assert "~2.0 GiB" in demo_b and "● this conversation" in demo_b
+    assert "MiB" not in gone and "GiB" not in gone  # not resident: no memory shown
+    assert "› demo-b" in demo_b  # the cursor starts on the conversation's model
 
 
 def test_new_and_switch_conversation() -> None:
