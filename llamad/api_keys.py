@@ -206,5 +206,6 @@ def ensure_own_key(path: Path) -> str:
     return secret
 
 
-def key_ring(own: str, extra: Sequence[ApiKey]) -> KeyRing:
-    return KeyRing([ApiKey.from_secret(OWN_KEY_NAME, own), *extra])
+def key_ring(own: str | None, extra: Sequence[ApiKey]) -> KeyRing:
+    mine = [ApiKey.from_secret(OWN_KEY_NAME, own)] if own is not None else []
+    return KeyRing([*mine, *extra])

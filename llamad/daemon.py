@@ -144,6 +144,10 @@ class Daemon:
         self._pool: ModelPool | None = None
         self._http_api: http.HttpApi | None = None
         self._token_path = config.daemon.runtime_dir / "token"
+        # The data directory llamad started with: a reload cannot move it.
+        self._key_path = config.daemon.data_dir / "api_key"
+        self._key: str | None = None
+        self._key_failed = False
         # Where local clients find the WebSocket (next to the token, 0600).
         self._address_path = config.daemon.runtime_dir / WEBSOCKET_ADDRESS_NAME
 
@@ -287,8 +291,28 @@ class Daemon:
         if self._dispatcher is None:
             return
         uses_key = self._http_api is not None and config.daemon.auth == "keys"
-        key_file = config.daemon.data_dir / "api_key"
-        self._dispatcher.api_key_file = str(key_file) if uses_key else None
+        shown = uses_key and self._own_key() is not None
+        self._dispatcher.api_key_file = str(self._key_path) if shown else None
+
+    def _own_key(self) -> str | None:
+        """llamad's own API key, made at first start in the data directory it started with.
+
+        None when that directory cannot be written (llamad then runs without
+        its history too): only keys from ``api_keys_file`` are accepted, and the
+        log says so once.
+        """
+        if self._key is None and not self._key_failed:
+            try:
+                self._key = ensure_own_key(self._key_path)
+            except OSError as exc:
+                self._key_failed = True
+                log.warning(
+                    "the HTTP API's own key cannot be made at %s (%s): only keys from "
+                    "[daemon] api_keys_file are accepted",
+                    self._key_path,
+                    exc.strerror or exc,
+                )
+        return self._key
 
     def _http_settings(self, config: Config) -> http.HttpSettings:
         """Keys and allowed origins/hosts; ``ConfigError`` for a bad keys file."""
@@ -296,7 +320,7 @@ class Daemon:
         keys = None
         if daemon.auth == "keys":
             extra = read_keys_file(daemon.api_keys_file, config) if daemon.api_keys_file else []
-            keys = key_ring(ensure_own_key(daemon.data_dir / "api_key"), extra)
+            keys = key_ring(self._own_key(), extra)
         return http.HttpSettings(keys, daemon.allowed_origins, daemon.allowed_hosts)
 
     async def _start_http(self, nursery: trio.Nursery, source: ModelPool) -> str | None:

@@ -28,9 +28,8 @@ import os
 import socket
 import stat
 import struct
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from llamad.errors import LlamadError
 
@@ -218,9 +217,12 @@ _REACHES_LOOPBACK_V6 = frozenset(
 )
 
 
-@dataclass(frozen=True)
-class TcpListener:
-    """A listening TCP socket, as ``/proc/net/tcp`` shows it."""
+class TcpListener(NamedTuple):
+    """A listening TCP socket, as ``/proc/net/tcp`` shows it.
+
+    (A NamedTuple, not a dataclass: ``dataclasses`` imports ``inspect``, and
+    every ``llamactl`` run imports this module.)
+    """
 
     uid: int
     inode: int

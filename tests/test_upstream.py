@@ -186,10 +186,12 @@ def test_malformed_chunks_are_one_line_upstream_errors(payload: bytes, message: 
     assert "\n" not in str(caught.value)
 
 
+def _containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner)
+
+
 _json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(max_size=5),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
-    max_leaves=8,
+    st.none() | st.booleans() | st.integers() | st.text(max_size=5), _containers, max_leaves=8
 )
 
 
