@@ -20,14 +20,15 @@ from llamad.concurrency import first_leaf
 from llamad.config import Config, load_config
 from llamad.conversations import ChatService
 from llamad.dispatch import Dispatcher
-from llamad.errors import LlamadError, StartupError
+from llamad.errors import LlamadError, ServerBinaryNotFound, StartupError
 from llamad.events import EventHub
 from llamad.history import HistoryStore
-from llamad.llama_server import find_server_binary, reap_stale
+from llamad.llama_server import ServerBinary, find_server_binary, reap_stale
 from llamad.pool import STATE_FILE, ModelPool
 from llamad.systemd import Notifier, listen_sockets
 from llamad.transport.unix import ControlServer, bind_control_socket
 from llamad.transport.websocket import WebSocketServer, parse_listen_address, write_token
+from llamad.workers import Workers
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,7 @@ class Daemon:
         logging.getLogger("httpx").setLevel(logging.WARNING)
         # Socket activation first: LISTEN_* must be gone before any child is spawned.
         activated = listen_sockets(self.environ)
-        binary = find_server_binary(self.config.daemon.llama_server)
-        log.info("using llama-server %s (found via %s)", binary.path, binary.source)
+        binary = self._find_binary()
         listener: socket.socket
         if activated:
             listener = activated[0]
@@ -70,6 +70,8 @@ class Daemon:
         for pidfile in sockets_dir.glob("*.pid"):
             reap_stale(pidfile)
         data_dir = _private_dir(self.config.daemon.data_dir)
+        workers_dir = _private_dir(self.config.daemon.runtime_dir / "workers")
+        workers = Workers(self.config, workers_dir, self.hub, self.environ)
         pool = ModelPool(
             self.config,
             binary,
@@ -77,6 +79,7 @@ class Daemon:
             self.hub,
             self.environ,
             state_path=data_dir / STATE_FILE,
+            workers=workers,
         )
         history_path = data_dir / "history.lmdb"
         store = await trio.to_thread.run_sync(HistoryStore, history_path)
@@ -84,6 +87,8 @@ class Daemon:
         try:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async with trio.open_nursery() as nursery:
+                    # Workers first: the models split over them check them before starting.
+                    await nursery.start(workers.run)
                     await nursery.start(pool.run)
                     chats = ChatService(pool, store, self.hub)
                     await nursery.start(chats.run)
@@ -109,6 +114,7 @@ class Daemon:
                         break
                     self.notifier.stopping()
                     await pool.shutdown()
+                    await workers.shutdown()
                     nursery.cancel_scope.cancel()
         finally:
             if not activated:
@@ -117,6 +123,18 @@ class Daemon:
             listener.close()
             store.close()
             self.notifier.close()
+
+    def _find_binary(self) -> ServerBinary | None:
+        """llama-server; a llamad with only workers and remote models can do without it."""
+        config = self.config
+        try:
+            binary = find_server_binary(config.daemon.llama_server)
+        except ServerBinaryNotFound:
+            if any(not m.remote for m in config.models.values()):
+                raise
+            return None
+        log.info("using llama-server %s (found via %s)", binary.path, binary.source)
+        return binary
 
     async def _start_websocket(self, nursery: trio.Nursery, token_path: Path) -> str | None:
         """Write a fresh token, then listen; returns "host:port" or None when off."""
@@ -167,7 +185,7 @@ class Daemon:
         log.info("reloaded %s: %s", config.source, "; ".join(changes) or "no model changed")
 
     async def _report_status(self, pool: ModelPool) -> None:
-        with self.hub.subscribe(frozenset({"state"})) as subscription:
+        with self.hub.subscribe(frozenset({"state", "workers"})) as subscription:
             async for _event in subscription.receive:
                 self.notifier.status(_status_line(pool))
 
@@ -180,8 +198,12 @@ class Daemon:
 
 def _status_line(pool: ModelPool) -> str:
     shown = [s for s in pool.statuses().values() if s.expected or s.state != "stopped"]
-    if not shown:
-        return "no model loaded"
-    return "; ".join(
-        f"{s.name}: {s.state}" + (f" ({s.reason})" if s.reason else "") for s in shown
-    )
+    workers = [
+        f"worker {w.name}: {w.state}" + (f" ({w.reason})" if w.reason else "")
+        for w in pool.worker_statuses()
+        if w.local
+    ]
+    models = [f"{s.name}: {s.state}" + (f" ({s.reason})" if s.reason else "") for s in shown]
+    if not models and pool.config.models:
+        models = ["no model loaded"]
+    return "; ".join(models + workers) or "no model loaded"

@@ -58,6 +58,10 @@ port = 8081
 restart = "no"
 stop_drain_sec = 0
 """
+MISSING_PATH = (
+    "missing; every model needs the path to its GGUF file "
+    '(or url = "http://HOST:PORT" for one served elsewhere)'
+)
 
 
 def parse(text: str, env: dict[str, str] = ENV) -> Config:
@@ -356,7 +360,7 @@ def test_config_is_immutable_and_picklable() -> None:
         ),
         (
             "[models.m]\nctx_size = 5\n",
-            "models.m.path: missing; every model needs the path to its GGUF file",
+            "models.m.path: " + MISSING_PATH,
         ),
         (
             '[daemon]\ndefault_model = "ghost"\n[models.m]\npath = "x"\n',
@@ -447,7 +451,7 @@ def test_all_problems_are_reported_together() -> None:
         f"{SOURCE}: models.a.path: expected a string, got 5",
         f'{SOURCE}: models.a.ctx_size: expected an integer, got "big"',
         f"{SOURCE}: models.b.x: unknown key; known keys: " + _model_keys(),
-        f"{SOURCE}: models.b.path: missing; every model needs the path to its GGUF file",
+        f"{SOURCE}: models.b.path: " + MISSING_PATH,
         f'{SOURCE}: models.c.aliases: "a" is already the name of model "a"',
     ]
 
@@ -472,7 +476,7 @@ def test_every_bad_env_value_is_reported() -> None:
 def test_a_model_with_mistakes_does_not_also_break_default_model() -> None:
     lines = problems('[daemon]\ndefault_model = "m"\n[models.m]\nctx_size = "x"\n')
     assert lines == [
-        f"{SOURCE}: models.m.path: missing; every model needs the path to its GGUF file",
+        f"{SOURCE}: models.m.path: " + MISSING_PATH,
         f'{SOURCE}: models.m.ctx_size: expected an integer, got "x"',
     ]
 
