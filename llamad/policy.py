@@ -367,6 +367,9 @@ class ModelMachine:
                     # or hang, and its graceful exit would wait on the lost worker.
                     self._failure_reason = reason
                     return self._terminate(now, "policy", reason, graceful=False)
+                if self.state == "stopping" and self._after_stop == "policy":
+                    # Found while stopping for a failure (missed health checks): the cause.
+                    self._failure_reason = f"{reason} ({self._failure_reason})"
                 if self._waiting:
                     return self._wait_unblocked(now)
                 return []
@@ -433,13 +436,17 @@ class ModelMachine:
                 self._enter("stopped", now, self.reason)
                 return [cancel]
             case "starting" | "ready":
-                failed = exit_info.signal is not None or exit_info.code != 0
+                # Gone before it served at all is a failure whatever the code (rpc-server
+                # exits 0 when its port is taken).
+                failed = (
+                    exit_info.signal is not None
+                    or exit_info.code != 0
+                    or self.state == "starting"
+                )
                 if self.state == "starting":
                     what = f"{what} before it was ready"
                     if detail:
                         what = f"{what}: {detail}"
-                if self.blocked:
-                    what = f"{self.blocked} ({what})"
                 return [self._cancel_timer(), *self._after_failure(now, what, failed=failed)]
             case "stopped" | "backoff" | "failed":
                 return []  # no process of ours was running; nothing to react to

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -435,17 +436,27 @@ def _model_ids(response: httpx.Response) -> list[str] | None:
 
 
 def _connect_reason(exc: httpx.ConnectError) -> str:
-    cause = exc.__cause__ or exc.__context__
-    while cause is not None:
+    """The reason a connection failed, in a few words (``connection refused``)."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending:
+        cause = pending.pop(0)
+        if id(cause) in seen:
+            continue
+        seen.add(id(cause))
         if isinstance(cause, ssl.SSLCertVerificationError):
             return (
                 f"its TLS certificate is not trusted ({cause.verify_message}); "
                 "give its CA with ca_file = PATH (verification stays on)"
             )
+        if isinstance(cause, socket.gaierror):
+            return f"cannot resolve its host name ({cause.strerror})"
         if isinstance(cause, OSError) and cause.errno:
             return os.strerror(cause.errno).lower()
-        cause = cause.__cause__ or cause.__context__
-    text = str(exc).lower()
-    if "certificate verify failed" in text:
-        return f"its TLS certificate is not trusted ({exc}); give its CA with ca_file = PATH"
+        if isinstance(cause, BaseExceptionGroup):
+            pending += cause.exceptions
+        pending += [e for e in (cause.__cause__, cause.__context__) if e is not None]
+    text = str(exc)
+    if "certificate verify failed" in text.lower():
+        return f"its TLS certificate is not trusted ({text}); give its CA with ca_file = PATH"
     return text or "connection failed"

@@ -172,7 +172,7 @@ async def check(address: str, seconds: float = CHECK_TIMEOUT_SEC) -> Report:
                     devices.append(Device(free=free, total=total))
                 complete = True
         except trio.TooSlowError:
-            what = "an answer" if answered else "an answer to the RPC handshake"
+            what = "answer" if answered else "answer to the RPC handshake"
             raise WorkerProblem(
                 f"is busy or hung: no {what} within {seconds:g} s (an rpc-server serves one "
                 "client at a time)"
