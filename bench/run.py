@@ -81,6 +81,12 @@ def _tui(quick: bool) -> list[Figure]:
     return tui_frame.figures(rounds=50 if quick else 200)
 
 
+def _rpc(quick: bool) -> list[Figure]:
+    from bench import rpc
+
+    return rpc.figures(rounds=3 if quick else 7, tokens=100 if quick else 200)
+
+
 BENCHES = [
     Bench("relay_overhead", "demo model: direct vs Unix socket vs WebSocket", _relay_overhead),
     Bench("relay_capacity", "fast synthetic upstream: 1 and 50 streams", _relay_capacity),
@@ -89,6 +95,7 @@ BENCHES = [
     Bench("history", "LMDB store: appends, 10k conversations, 100k messages", _history),
     Bench("memory", "llamad RSS idle and with 500 WebSockets", _memory),
     Bench("tui", "llama-tui frame time, 1,000 messages", _tui),
+    Bench("rpc", "the same model local vs split over 2 loopback workers", _rpc),
 ]
 
 

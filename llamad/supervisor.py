@@ -28,7 +28,6 @@ import httpx
 import trio
 
 from llamad.config import ModelConfig, Supervision
-from llamad.errors import WorkerUnavailable
 from llamad.events import EventHub, HubEvent, LogEvent, StateEvent
 from llamad.llama_server import (
     Endpoint,
@@ -559,13 +558,8 @@ class ModelSupervisor(Supervisor):
         self._machine.policy = model.supervision
 
     async def precheck(self) -> None:
-        """The model file is there and a GGUF; every worker it is split over answers."""
+        """The model file is there and is a GGUF (the pool checks its workers)."""
         check_model_file(self.model)
-        if self.preflight is not None and self.state not in ("starting", "ready"):
-            problem = await self.preflight()
-            if problem is not None:
-                raise WorkerUnavailable(self.model.name, problem)
-            self.unblock()
 
     def block(self, reason: str) -> None:
         if reason != self.blocked and self.state in ("starting", "ready"):

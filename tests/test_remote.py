@@ -30,8 +30,10 @@ def start_llama_server(
     """A plain llama-server on a loopback port: an OpenAI-compatible server like any other."""
     port = port or free_port()
     process = subprocess.Popen(
-        [str(binary), "--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
-        + ["--alias", alias, "--ctx-size", "512", "--threads", "1", *extra],
+        [
+            *(str(binary), "--model", str(model), "--host", "127.0.0.1", "--port", str(port)),
+            *("--alias", alias, "--ctx-size", "512", "--threads", "1", *extra),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -142,9 +144,11 @@ async def test_a_server_that_stops_answering_backs_off_then_comes_back(
 def _certificate(directory: Path) -> tuple[Path, Path]:
     key, cert = directory / "key.pem", directory / "cert.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-        + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"]
-        + ["-addext", "subjectAltName=IP:127.0.0.1"],
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"),
+            *("-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
         check=True,
         capture_output=True,
     )
@@ -154,7 +158,7 @@ def _certificate(directory: Path) -> tuple[Path, Path]:
 class _OpenAIish(http.server.BaseHTTPRequestHandler):
     """An OpenAI-style server with only /v1/models (no /health, no llama-server endpoints)."""
 
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+    def do_GET(self) -> None:
         if self.path == "/v1/models":
             body = json.dumps({"object": "list", "data": [{"id": "gpt-x"}]}).encode()
             self.send_response(200)

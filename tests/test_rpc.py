@@ -71,11 +71,11 @@ async def test_a_busy_worker_is_named_busy_and_outlives_the_checks(
 ) -> None:
     address, process = worker
     holder = _hold(address)
-    with pytest.raises(rpc.WorkerProblem, match="^is busy or hung: no answer to the RPC hand"):
+    with pytest.raises(rpc.WorkerProblem, match=r"^is busy or hung: no answer to the RPC hand"):
         await rpc.check(address, 0.3)
     # More checks than its listen backlog (1) holds: each waits, then resets its connection.
     for _ in range(3):
-        with pytest.raises(rpc.WorkerProblem, match="busy or hung|no connection within"):
+        with pytest.raises(rpc.WorkerProblem, match=r"busy or hung|no connection within"):
             await rpc.check(address, 0.3)
     holder.close()
     # The server then accepts the abandoned connections, HELLO waiting in each. Closed
@@ -97,8 +97,8 @@ async def test_a_worker_that_dies_under_a_client_shows_in_the_clients_connection
         process.send_signal(signal.SIGKILL)
         process.wait()
         with trio.fail_after(5):
-            while rpc.connection_closed(os.getpid(), [address]) is None:
-                await trio.sleep(0.02)
+            while rpc.connection_closed(os.getpid(), [address]) is None:  # noqa: ASYNC110
+                await trio.sleep(0.02)  # the kernel's socket state: nothing to wait on
     finally:
         holder.close()
 

@@ -133,7 +133,7 @@ def test_the_command_line(tmp_path: Path) -> None:
 def test_the_rpc_server_is_found_like_llama_server(tmp_path: Path) -> None:
     not_executable = tmp_path / "ggml-rpc-server"
     not_executable.write_text("")
-    with pytest.raises(ServerBinaryNotFound, match="rpc_server = .* is not an executable file"):
+    with pytest.raises(ServerBinaryNotFound, match=r"rpc_server = .* is not an executable file"):
         find_rpc_server(not_executable)
     beside = tmp_path / "bin"
     beside.mkdir()
