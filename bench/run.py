@@ -51,6 +51,31 @@ def _relay_capacity(quick: bool) -> list[Figure]:
     return relay.capacity(rounds=3, single_tokens=50_000, streams=50, per_stream=2_000)
 
 
+def _http_relay(quick: bool) -> list[Figure]:
+    from bench import http_relay
+
+    return http_relay.overhead(rounds=3 if quick else 7, max_tokens=1000 if quick else 2000)
+
+
+def _http_capacity(quick: bool) -> list[Figure]:
+    from bench import http_relay
+
+    return http_relay.capacity(rounds=1 if quick else 3, tokens=20_000 if quick else 50_000)
+
+
+def _router(quick: bool) -> list[Figure]:
+    from bench import router
+
+    return router.run(
+        rounds=3 if quick else 10,
+        real_rounds=1 if quick else 4,
+        short=50,
+        long=500 if quick else 2000,
+        real_long=300 if quick else 2000,
+        threads=router.default_threads(),
+    )
+
+
 def _switch(quick: bool) -> list[Figure]:
     from bench import switch
 
@@ -81,6 +106,12 @@ def _tui(quick: bool) -> list[Figure]:
     return tui_frame.figures(rounds=50 if quick else 200)
 
 
+def _pool(quick: bool) -> list[Figure]:
+    from bench import pool
+
+    return pool.figures(rounds=4 if quick else 10)
+
+
 def _rpc(quick: bool) -> list[Figure]:
     from bench import rpc
 
@@ -90,11 +121,15 @@ def _rpc(quick: bool) -> list[Figure]:
 BENCHES = [
     Bench("relay_overhead", "demo model: direct vs Unix socket vs WebSocket", _relay_overhead),
     Bench("relay_capacity", "fast synthetic upstream: 1 and 50 streams", _relay_capacity),
+    Bench("http_relay", "demo model: direct vs the HTTP API (OpenAI SSE)", _http_relay),
+    Bench("http_capacity", "fast synthetic upstream through the HTTP API", _http_capacity),
+    Bench("router", "llamad vs llama.cpp's router mode, same binary and models", _router),
     Bench("switch", "load B: llamad vs llama-server alone", _switch),
     Bench("cli", "llamactl status vs python -c pass", _cli),
     Bench("history", "LMDB store: appends, 10k conversations, 100k messages", _history),
     Bench("memory", "llamad RSS idle and with 500 WebSockets", _memory),
     Bench("tui", "llama-tui frame time, 1,000 messages", _tui),
+    Bench("pool", "swaps under pressure; first token while another model loads", _pool),
     Bench("rpc", "the same model local vs split over 2 loopback workers", _rpc),
 ]
 

@@ -18,15 +18,21 @@ def _parser() -> argparse.ArgumentParser:
         prog="llama-tui",
         description="Terminal chat client for llamad. F1 in the app lists the keys.",
     )
-    parser.add_argument(
-        "--socket", type=Path, help="use llamad's Unix socket instead of the WebSocket"
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--socket",
+        type=Path,
+        help="llamad's Unix socket (default: $LLAMAD_SOCKET or the usual place, when it exists; "
+        "else the WebSocket address llamad wrote into its runtime directory)",
     )
-    parser.add_argument("--url", help="WebSocket URL (default ws://127.0.0.1:8765/)")
+    where.add_argument("--url", help="a WebSocket URL, e.g. of a llamad on another machine")
     parser.add_argument(
         "--token-file", type=Path, help="WebSocket token (default $XDG_RUNTIME_DIR/llamad/token)"
     )
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--conversation", "-c", metavar="ID", help="open this conversation")
+    which.add_argument(
+        "--conversation", "-c", metavar="ID", help="open this conversation (handle or id prefix)"
+    )
     which.add_argument("--new", action="store_true", help="start with a new conversation")
     parser.add_argument("--model", "-m", help="load this model at start")
     return parser

@@ -43,6 +43,7 @@ from llama_tui.view import (
     Intent,
     LoadModel,
     OpenConversation,
+    Outgoing,
     Quit,
     Rename,
     SearchAll,
@@ -56,6 +57,7 @@ from llamad.protocol import (
     Chat,
     ChatDelta,
     ChatDone,
+    ChatOptions,
     ChatStarted,
     Conversation,
     ConversationReply,
@@ -133,13 +135,17 @@ class App:
         self._connection: Connection | None = None
         self._dirty = trio.Event()
         self._frame: list[str] = []
-        self._pending_new: set[int] = set()  # chat request ids that start a conversation
         self._searches: dict[int, str] = {}  # request id -> the text searched for
         self._exports: dict[int, str] = {}  # request id -> where to write it
-        self._attachments: list[ImagePart] = []  # go with the next message sent
+        self._reload_after: set[str] = set()  # conversations retried or edited: read back
+        # Reads that settle messages sent just before a drop: request id -> conversation.
+        self._reconciling: dict[int, str] = {}
         self._refresh_on_ok: set[int] = set()  # renames and deletes: reload the list after
         self._escape_out = ""  # a control sequence (OSC 52) for the painter to write
         self._suspended = False  # $EDITOR has the terminal
+        # Requests go from several tasks; a stream takes one writer at a time
+        # (trio raises BusyResourceError for a second).
+        self._sending = trio.Lock()
         self._opened = False
 
     # ----------------------------------------------------------- plumbing
@@ -156,10 +162,27 @@ class App:
             self.invalidate()
             return request_id
         try:
-            await self._connection.send(make(id=request_id))
+            async with self._sending:
+                await self._connection.send(make(id=request_id))
         except Disconnected as exc:
             self.view.notice = str(exc)
         return request_id
+
+    async def flush(self) -> None:
+        """Send every message of the outbox that may go now (see ``View.sendable``)."""
+        connection = self._connection
+        if connection is None:
+            return
+        for item in self.view.sendable():
+            request_id = next(self._ids)
+            # Marked before the await: the reply may be read before send returns.
+            self.view.mark_sent(item, request_id, time.time())
+            try:
+                async with self._sending:
+                    await connection.send(_chat_request(item, request_id))
+            except Disconnected:
+                return  # it is "sent", so the reconnect checks whether it arrived
+        self.invalidate()
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -195,21 +218,12 @@ class App:
     async def _carry_out(self, intent: Intent) -> None:
         view = self.view
         match intent:
-            case Send(text):
-                content: str | list[TextPart | ImagePart] = text
-                if self._attachments:
-                    content = [TextPart(text=text), *self._attachments]
-                    self._attachments, view.attachments = [], []
-                request_id = await self.request(
-                    functools.partial(Chat, content=content, conversation=view.current)
-                )
-                if view.current is None:
-                    self._pending_new.add(request_id)
+            case Send():
+                await self.flush()
             case LoadModel(name):
                 await self.request(functools.partial(Load, model=name, wait=False))
             case OpenConversation(None):
-                view.current = None
-                view.scroll = 0
+                pass  # the view shows the new conversation already
             case OpenConversation(conversation):
                 assert conversation is not None
                 view.current = conversation
@@ -242,14 +256,13 @@ class App:
                 request_id = await self.request(
                     functools.partial(ExportConversation, conversation=conversation, format="md")
                 )
-                self._exports[request_id] = path or _export_name(view, conversation)
+                self._exports[request_id] = path
             case AttachImage(path):
                 read = await trio.to_thread.run_sync(read_image, path)
                 if isinstance(read, str):
                     view.notice = read
                 else:
-                    self._attachments.append(read)
-                    view.attachments.append((read.name, len(read.data)))
+                    view.attachments.append(read)
                     view.notice = f"attached {read.name}; it goes with your next message"
             case CompletePath(partial):
                 completed, choices = await trio.to_thread.run_sync(complete_path, partial)
@@ -326,6 +339,7 @@ class App:
                 reason = _reason(exc)
             self._connection = None
             self.view.connected = False
+            self.view.connection_lost()
             deadline = time.monotonic() + backoff
             while (left := deadline - time.monotonic()) > 0:
                 self.view.connection = f"{reason}; retrying in {left:.0f} s"
@@ -343,8 +357,12 @@ class App:
         await self.request(functools.partial(ListConversations, limit=200))
         if self.view.current is not None:  # back after a reconnect: where we were
             await self.request(functools.partial(GetConversation, conversation=self.view.current))
+        for conversation in self.view.unsure_conversations():
+            read = functools.partial(GetConversation, conversation=conversation)
+            self._reconciling[await self.request(read)] = conversation
         if self.options.model and not self._opened:
             await self.request(functools.partial(Load, model=self.options.model, wait=False))
+        await self.flush()
 
     def _apply(self, message: ServerMessage) -> None:
         view = self.view
@@ -362,6 +380,8 @@ class App:
                     view.notice = f"{status.name} failed: {status.reason}"
             case Conversations(conversations=conversations):
                 view.conversations = conversations
+                view.reconcile_new(conversations)
+                self._nursery.start_soon(self.flush)
                 if not self._opened:
                     self._opened = True
                     first = self.options.conversation or (
@@ -371,16 +391,19 @@ class App:
                         self._nursery.start_soon(
                             self._carry_out, OpenConversation(_resolve(first, conversations))
                         )
-            case ConversationReply(conversation=conversation, messages=messages):
+            case ConversationReply(id=request_id, conversation=conversation, messages=messages):
                 view.set_messages(conversation.id, messages)
+                if self._reconciling.pop(request_id, None) is not None:
+                    view.reconcile(conversation.id, messages)
+                    self._nursery.start_soon(self.flush)
             case ChatStarted(id=request_id, conversation=conversation, user=user):
-                if request_id in self._pending_new:
-                    self._pending_new.discard(request_id)
-                    view.current = conversation.id
+                item = view.started(request_id, conversation.id)
+                if item is not None and item.kind != "chat":  # that turn is being replaced
+                    view.drop_last_turn(conversation.id, keep_message=item.kind == "retry")
+                    self._reload_after.add(conversation.id)
                 if all(c.id != conversation.id for c in view.conversations):
                     view.conversations.insert(0, conversation)
-                if user is not None:
-                    view.add_user(conversation.id, user)
+                view.add_user(conversation.id, user)
             case ChatDelta(conversation=conversation, text=text):
                 view.add_delta(conversation, text)
             case ToolCallEvent(conversation=conversation, call=call):
@@ -390,15 +413,26 @@ class App:
                 self._nursery.start_soon(
                     self.request, functools.partial(ListConversations, limit=200)
                 )
+                if reply.conversation in self._reload_after:  # show exactly what is stored
+                    self._reload_after.discard(reply.conversation)
+                    self._nursery.start_soon(
+                        self.request,
+                        functools.partial(GetConversation, conversation=reply.conversation),
+                    )
+                self._nursery.start_soon(self.flush)  # anything waiting for this reply
             case SearchResults(id=request_id, hits=hits):
                 view.show_results(hits, self._searches.pop(request_id, ""))
             case Exported(id=request_id, content=content):
-                path = Path(self._exports.pop(request_id, "conversation.md")).expanduser()
+                asked = self._exports.pop(request_id, "")
                 try:
-                    path.write_text(content)
+                    path = (
+                        _write_new(Path(asked).expanduser(), content, replace=True)
+                        if asked
+                        else _write_new(_export_path(view), content, replace=False)
+                    )
                     view.notice = f"exported to {path}"
                 except OSError as exc:
-                    view.notice = f"cannot write {path}: {exc.strerror}"
+                    view.notice = f"cannot export: {exc.strerror or exc}"
             case Ok(id=request_id, message=text) if request_id in self._refresh_on_ok:
                 self._refresh_on_ok.discard(request_id)
                 view.notice = text
@@ -407,8 +441,13 @@ class App:
                 )
             case QueuePosition(position=position):
                 view.notice = f"waiting for a free slot: position {position}"
-            case Error(message=text):
-                view.notice = text
+            case Error(id=request_id, message=text):
+                unread = self._reconciling.pop(request_id, None) if request_id else None
+                if unread is not None:  # e.g. deleted meanwhile: send again, to be refused
+                    view.reconcile(unread, [])
+                    self._nursery.start_soon(self.flush)
+                if request_id is None or not view.refused(request_id, text):
+                    view.notice = text
             case _:
                 pass
 
@@ -420,10 +459,16 @@ class App:
                 self.invalidate(full=True)
 
     async def _animate(self) -> None:
-        """Spinner and loading timer tick while something is in progress."""
+        """Spinner and loading timer tick while something is in progress; notices expire."""
+        expiry_painted: float | None = None
         while True:
             await trio.sleep(ANIMATION_INTERVAL_SEC)
-            if self.view.loading() is not None or self.view.waiting_first_token:
+            view = self.view
+            if view.loading() is not None or view.waiting_first_token or view.generating:
+                self.invalidate()
+            expires = view.notice_expires()
+            if expires is not None and expires != expiry_painted and time.time() >= expires:
+                expiry_painted = expires
                 self.invalidate()
 
     async def _painter(self) -> None:
@@ -486,17 +531,62 @@ def _run_editor(editor: list[str], text: str) -> str:
         path.unlink(missing_ok=True)
 
 
-def _export_name(view: View, conversation: str) -> str:
-    title = next((c.title for c in view.conversations if c.id == conversation), "") or conversation
+def _chat_request(item: Outgoing, request_id: int) -> Chat:
+    content: str | list[TextPart | ImagePart] = item.text
+    if item.images:
+        content = [TextPart(text=item.text), *item.images]
+    return Chat(
+        id=request_id,
+        content=content,
+        conversation=item.conversation,
+        model=item.model,
+        options=ChatOptions(system=item.system),
+        retry=item.kind == "retry",
+        edit=item.kind == "edit",
+    )
+
+
+def export_dir() -> Path:
+    """Where ``/export`` without a path writes: the user's Downloads folder (XDG)."""
+    from platformdirs import user_downloads_dir
+
+    return Path(user_downloads_dir())
+
+
+def _export_path(view: View) -> Path:
+    conversation = next((c for c in view.conversations if c.id == view.current), None)
+    title = conversation.title if conversation is not None else ""
     slug = "".join(ch if ch.isalnum() else "-" for ch in title.lower()).strip("-")[:40]
-    return f"{slug or 'conversation'}.md"
+    slug = "-".join(part for part in slug.split("-") if part) or "conversation"
+    handle = conversation.handle if conversation is not None and conversation.handle else ""
+    return export_dir() / (f"{slug}-{handle}.md" if handle else f"{slug}.md")
 
 
-def _resolve(prefix: str, conversations: Sequence[Conversation]) -> str:
+def _write_new(path: Path, content: str, *, replace: bool) -> Path:
+    """Write ``content`` to ``path`` (or, unless ``replace``, to ``name-2.md``… if it exists)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    candidate = path
+    for number in itertools.count(2):
+        try:
+            with candidate.open("w" if replace else "x") as handle:
+                handle.write(content)
+        except FileExistsError:
+            candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
+        else:
+            return candidate
+    raise AssertionError("unreachable")
+
+
+def _resolve(query: str, conversations: Sequence[Conversation]) -> str:
+    """``--conversation``: a handle or an id prefix, among the listed conversations."""
+    wanted = query.strip().lower()
     for conversation in conversations:
-        if conversation.id.startswith(prefix):
+        if conversation.handle == wanted:
             return conversation.id
-    return prefix
+    for conversation in conversations:
+        if conversation.id.startswith(wanted):
+            return conversation.id
+    return query
 
 
 def _reason(exc: BaseException) -> str:

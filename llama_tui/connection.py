@@ -1,15 +1,17 @@
-"""The TUI's link to llamad: the WebSocket (default) or the Unix socket.
+"""The TUI's link to llamad: the Unix socket or the WebSocket.
 
 Both carry the shared protocol (``llamad.protocol``) as msgpack; this module
-only moves whole messages. Reconnecting is the app's business.
+only moves whole messages. Reconnecting is the app's business. With neither
+``--socket`` nor ``--url``, ``default_transport`` finds the local llamad.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 import trio
 from trio_websocket import (
@@ -19,7 +21,8 @@ from trio_websocket import (
     connect_websocket_url,
 )
 
-from llamad.paths import default_socket_path, runtime_dir
+from llamad.ownership import UntrustedPeer, check_server_peer
+from llamad.paths import default_socket_path, runtime_dir, websocket_address_path
 from llamad.protocol import (
     FrameDecoder,
     ProtocolError,
@@ -104,12 +107,24 @@ async def connect(
     token_file: Path | None = None,
     env: Mapping[str, str] = os.environ,
 ) -> Connection:
-    """Open the Unix socket when a path is given, else the WebSocket."""
+    """Open the Unix socket when a path is given, else the WebSocket.
+
+    With neither, the local llamad's (``default_transport``), looked up again
+    on every call: llamad may have started, stopped or moved since the last.
+    """
+    if socket_path is None and url is None:
+        socket_path, url = default_transport(env)
     if socket_path is not None:
         try:
             stream = await trio.open_unix_socket(str(socket_path))
         except OSError as exc:
             raise Disconnected(f"llamad is not running (no answer at {socket_path})") from exc
+        try:
+            # trio's socket answers getsockopt as the standard one does.
+            check_server_peer(cast(socket.socket, stream.socket), f"the socket {socket_path}")
+        except UntrustedPeer as exc:
+            await stream.aclose()
+            raise Disconnected(str(exc)) from None
         return UnixConnection(stream)
     token_file = token_file or runtime_dir(env) / "token"
     try:
@@ -125,9 +140,39 @@ async def connect(
             max_message_size=16 * 1024 * 1024,
         )
     except (OSError, HandshakeError, ConnectionClosed) as exc:
-        raise Disconnected(f"llamad is not reachable at {target} ({exc})") from exc
+        raise Disconnected(f"llamad is not reachable at {target} ({_why(exc)})") from exc
     return WebSocketLink(connection)
 
 
-def default_socket() -> Path:
-    return default_socket_path(os.environ)
+def _why(exc: BaseException) -> str:
+    """A failed connection in words, not as an exception's repr."""
+    if isinstance(exc, OSError):
+        return exc.strerror or "the connection failed"
+    status = getattr(exc, "status_code", None)
+    if status == 401:
+        return "the token was refused: is it the token of this llamad?"
+    if status is not None:
+        return f"the handshake was refused with HTTP {status}"
+    if isinstance(exc, ConnectionClosed):
+        return "llamad closed the connection"
+    return "the WebSocket handshake failed"
+
+
+def default_transport(env: Mapping[str, str] = os.environ) -> tuple[Path | None, str | None]:
+    """Where a local client finds llamad when told nothing: ``(socket_path, url)``.
+
+    The Unix socket when it exists (no token or port needed), else the
+    WebSocket address llamad wrote into its runtime directory (so a configured
+    ``websocket = "HOST:PORT"`` is found), else the default socket, whose
+    absence is what the user is then told about.
+    """
+    socket_path = default_socket_path(env)
+    if socket_path.exists():
+        return socket_path, None
+    try:
+        address = websocket_address_path(env).read_text().strip()
+    except OSError:
+        return socket_path, None
+    if address.startswith(("ws://", "wss://")):
+        return None, address
+    return socket_path, None

@@ -649,6 +649,36 @@ def render(text: str, width: int) -> list[Line]:
     return out
 
 
+# C0 controls and DEL as their visible Control Pictures (U+2400...): typed or
+# pasted text must never reach the terminal as a control sequence.
+_CONTROL_PICTURES = {code: 0x2400 + code for code in range(32) if chr(code) not in "\n\t"}
+_CONTROL_PICTURES[0x7F] = 0x2421
+
+
+def plain(text: str, width: int) -> list[Line]:
+    """``text`` as typed, for a user's own message: no Markdown, whitespace kept.
+
+    One row per line of the text, wrapped at ``width`` columns: at the last
+    space that fits (that one space is dropped), or inside a word longer than
+    a row. Indentation stays; tabs become four columns.
+    """
+    width = max(width, 1)
+    rows: list[Line] = []
+    for typed in text.expandtabs(4).translate(_CONTROL_PICTURES).split("\n"):
+        line = typed
+        while display_width(line) > width:
+            head, rest = _cut(line, width)
+            space = head.rfind(" ")
+            if space > 0 and head[:space].strip():
+                head, rest = line[:space], line[space + 1 :]
+            elif not head:  # a character wider than the row: it goes alone
+                head, rest = line[:1], line[1:]
+            rows.append((Span(head),))
+            line = rest
+        rows.append((Span(line),) if line else ())
+    return rows
+
+
 class IncrementalRenderer:
     """``render`` for a message that grows while it streams.
 

@@ -4,6 +4,13 @@ No terminal and no I/O here: ``View`` holds the state, ``View.key`` turns a
 key into an ``Intent`` for the app to carry out, and ``View.layout`` turns the
 state into rows of styled spans for a given terminal size. The app owns the
 terminal and paints those rows; tests check them as plain text.
+
+A message the user sends goes into ``View.outbox`` first and stays there,
+shown in its conversation, until llamad says it is stored (``chat_started``):
+typed while llamad is away, it waits and goes when the connection is back;
+sent just before the connection dropped, it is checked against the stored
+history and sent again only if it did not arrive; refused, it goes back into
+the input. A message is never dropped.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
-from llama_tui.markdown import IncrementalRenderer, Line, Span, display_width
+from llama_tui.markdown import IncrementalRenderer, Line, Span, display_width, plain
 from llamad.protocol import (
     Conversation,
     ImagePart,
@@ -27,13 +34,45 @@ from llamad.protocol import (
 SIDEBAR_WIDTH = 26
 SIDEBAR_MIN_TERMINAL = 80  # narrower terminals hide the sidebar automatically
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+NOTICE_SECONDS = 8.0  # a message in the status bar goes after this long
+# A stopped model's reason ("switching to smol") explains the stop; after this
+# long it is history, not news, and no longer shown beside the state.
+STOPPED_REASON_SECONDS = 60.0
+# Messages llamad stored within this long before the client sent one count as
+# that one when checking whether it arrived before a connection dropped.
+CLOCK_SLACK_SECONDS = 2.0
 
 Mode = Literal["chat", "picker", "help", "find", "results", "confirm", "approve"]
+OutgoingKind = Literal["chat", "retry", "edit"]
+OutgoingState = Literal["queued", "sent", "unsure"]
+
+
+@dataclass
+class Outgoing:
+    """A message (or a retry) that llamad has not yet confirmed storing.
+
+    ``queued``: not sent (llamad away, or a reply still being written there);
+    ``sent``: on the wire, waiting for ``chat_started``; ``unsure``: sent when
+    the connection dropped, so it may or may not have arrived.
+    """
+
+    text: str
+    conversation: str | None  # None: the new conversation numbered ``new_key``
+    new_key: int = 0
+    images: list[ImagePart] = field(default_factory=list)
+    model: str | None = None
+    system: str | None = None
+    kind: OutgoingKind = "chat"
+    state: OutgoingState = "queued"
+    request_id: int | None = None
+    sent_at: float = 0.0  # wall-clock time it was sent
 
 
 @dataclass(frozen=True)
 class Send:
-    text: str
+    """A message joined the outbox: send whatever can go now."""
+
+    item: Outgoing
 
 
 @dataclass(frozen=True)
@@ -128,10 +167,14 @@ HELP = [
     ("Enter", "send the message"),
     ("Alt+Enter, Ctrl+J", "new line in the message"),
     ("Ctrl+E", "write the message in $EDITOR"),
+    ("↑ on an empty input, /edit", "edit your last message; Enter replaces it and its reply"),
     ("↑ / ↓", "earlier prompts (on the first line of the input)"),
+    ("/retry", "write the last reply again"),
     ("PgUp / PgDn, Home / End", "scroll the conversation"),
     ("Ctrl+L, /model", "choose a model"),
+    ("/model NAME", "use NAME for this conversation's next replies"),
     ("Ctrl+N, /new", "new conversation"),
+    ("/system TEXT", "a new conversation with this system prompt"),
     ("Ctrl+F, /find TEXT", "find in this conversation; n / N: next / previous"),
     ("/search TEXT", "search every conversation; Enter opens a hit"),
     ("/rename TITLE, /delete", "rename or delete this conversation"),
@@ -142,11 +185,28 @@ HELP = [
     ("mouse wheel", "scroll (hold Shift to select text with the mouse)"),
     ("Ctrl+↑ / Ctrl+↓", "previous / next conversation"),
     ("Ctrl+B", "show or hide the conversation list"),
-    ("Esc", "stop the reply being generated"),
+    ("Esc", "stop the reply; or take back a message not sent yet"),
     ("Ctrl+C", "stop the reply; twice: quit"),
     ("Ctrl+Q", "quit"),
-    ("F1, ?", "this help (any key closes it)"),
+    ("//TEXT", "send a message that starts with /"),
+    ("F1, ?, /help", "this help"),
 ]
+
+COMMANDS = (
+    "/model",
+    "/system",
+    "/retry",
+    "/edit",
+    "/new",
+    "/find",
+    "/search",
+    "/rename",
+    "/delete",
+    "/export",
+    "/copy",
+    "/image",
+    "/help",
+)
 
 
 @dataclass
@@ -160,10 +220,16 @@ class Entry:
     error: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
     images: list[ImagePart] = field(default_factory=list)
+    seq: int = 0
     _renderer: IncrementalRenderer | None = None
     _width: int = 0
+    _plain: tuple[str, int, list[Line]] | None = None
 
     def lines(self, width: int) -> list[Line]:
+        if self.role == "user":  # as typed: a user's code keeps its lines
+            if self._plain is None or self._plain[:2] != (self.text, width):
+                self._plain = (self.text, width, plain(self.text, width))
+            return self._plain[2]
         if self._renderer is None or self._width != width:
             self._renderer = IncrementalRenderer(width)
             self._width = width
@@ -179,7 +245,12 @@ def _entry(message: Message) -> Entry:
         message.error,
         list(message.tool_calls),
         message.images,
+        message.seq,
     )
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.split())
 
 
 @dataclass
@@ -202,29 +273,68 @@ class View:
     picker_index: int = 0
     sidebar: bool = True
     last_stats: MessageStats | None = None
-    notice: str = ""
     interrupts: int = 0  # Ctrl+C presses in a row
     find_query: str = ""
     find_index: int = 0  # which hit, counting from the newest
     find_hits: int = 0  # hits found by the last layout
     search_results: list[SearchHit] = field(default_factory=list)
     result_index: int = 0
-    attachments: list[tuple[str, int]] = field(default_factory=list)  # name, bytes
+    attachments: list[ImagePart] = field(default_factory=list)  # go with the next message
     tools_expanded: bool = False
     approval: tuple[str, ToolCall] | None = None  # (conversation, call) waiting for y / n
+    outbox: list[Outgoing] = field(default_factory=list)
+    new_key: int = 0  # numbers the new conversation on screen while it has no id
+    new_system: str | None = None  # the system prompt of that new conversation
+    chosen_models: dict[str, str] = field(default_factory=dict)  # per slot, from /model
+    editing: bool = False  # the input holds the last user message, to replace it
+    help_scroll: int = 0
     _draft: str = ""  # the message being written while the find prompt is open
     _result_query: str = ""
+    _notice: str = ""
+    _notice_at: float = 0.0
+    _quit_warned: bool = False
+    _rows_seen: tuple[str, int, int] = ("", 0, 0)  # conversation, width, rows at last layout
+
+    # ------------------------------------------------------------ notices
+
+    @property
+    def notice(self) -> str:
+        """The status bar's message; it expires ``NOTICE_SECONDS`` after it was set."""
+        return self._notice
+
+    @notice.setter
+    def notice(self, text: str) -> None:
+        self._notice = text
+        self._notice_at = time.time()
+
+    def notice_expires(self) -> float | None:
+        """When the shown notice goes (wall time), or None when there is none."""
+        return self._notice_at + NOTICE_SECONDS if self._notice else None
 
     # ------------------------------------------------------------ updates
 
     def set_messages(self, conversation: str, messages: list[Message]) -> None:
         self.entries[conversation] = [_entry(m) for m in messages if m.role != "system"]
 
-    def add_user(self, conversation: str, message: Message) -> None:
-        self.entries.setdefault(conversation, []).append(_entry(message))
-        self.entries[conversation].append(Entry("assistant", "", "incomplete"))
+    def add_user(self, conversation: str, message: Message | None) -> None:
+        """A reply begins: to ``message``, or (None: a retry) to the last user message."""
+        entries = self.entries.setdefault(conversation, [])
+        if message is not None:
+            # An edited turn may come back with the seq it replaces.
+            same = [i for i, e in enumerate(entries) if e.role == "user" and e.seq == message.seq]
+            if same and message.seq:
+                del entries[same[0] :]
+            entries.append(_entry(message))
+        entries.append(Entry("assistant", "", "incomplete"))
         self.generating.add(conversation)
         self.waiting_first_token.add(conversation)
+
+    def drop_last_turn(self, conversation: str, *, keep_message: bool = False) -> None:
+        """Take the last user message (or, ``keep_message``, only its reply) off the screen."""
+        entries = self.entries.get(conversation, [])
+        users = [i for i, e in enumerate(entries) if e.role == "user"]
+        if users:
+            del entries[users[-1] + (1 if keep_message else 0) :]
 
     def add_delta(self, conversation: str, text: str) -> None:
         entries = self.entries.setdefault(conversation, [Entry("assistant", "", "incomplete")])
@@ -265,8 +375,186 @@ class View:
         self.waiting_first_token.discard(conversation)
         if message.stats is not None:
             self.last_stats = message.stats
-        if message.status == "error":
-            self.notice = message.error
+        if message.status == "error":  # the reason itself is shown, whole, in the conversation
+            here = conversation == self.current and not self.scroll
+            self.notice = "the reply failed (the reason is below it)" if here else message.error
+
+    # ------------------------------------------------------------- outbox
+
+    def slot(self) -> str:
+        """The conversation on screen: its id, or a name for the new one."""
+        return self.current or f"new:{self.new_key}"
+
+    def _item_slot(self, item: Outgoing) -> str:
+        return item.conversation or f"new:{item.new_key}"
+
+    def open_new(self) -> None:
+        """Show a new, empty conversation (it gets an id with its first message)."""
+        self.current = None
+        self.new_key += 1
+        self.new_system = None
+        self.editing = False
+        self.scroll = 0
+        self.new_below = False
+
+    def sendable(self) -> list[Outgoing]:
+        """Queued items that may go now, in order: one at a time per conversation.
+
+        A conversation that is writing a reply, or has an item on its way or
+        unconfirmed, waits; a new conversation sends its first message alone and
+        the rest once llamad has named it.
+        """
+        busy = {self._item_slot(i) for i in self.outbox if i.state != "queued"}
+        busy |= self.generating
+        ready: list[Outgoing] = []
+        for item in self.outbox:
+            where = self._item_slot(item)
+            if item.state == "queued" and where not in busy:
+                ready.append(item)
+            busy.add(where)
+        return ready
+
+    def mark_sent(self, item: Outgoing, request_id: int, now: float) -> None:
+        item.state, item.request_id, item.sent_at = "sent", request_id, now
+
+    def _take(self, request_id: int) -> Outgoing | None:
+        for index, item in enumerate(self.outbox):
+            if item.request_id == request_id and item.state != "queued":
+                return self.outbox.pop(index)
+        return None
+
+    def started(self, request_id: int, conversation: str) -> Outgoing | None:
+        """llamad stored the item sent as ``request_id`` in ``conversation``."""
+        item = self._take(request_id)
+        if item is None or item.conversation is not None:
+            return item
+        for other in self.outbox:  # the rest of that new conversation goes there too
+            if other.conversation is None and other.new_key == item.new_key:
+                other.conversation = conversation
+        chosen = self.chosen_models.pop(f"new:{item.new_key}", None)
+        if chosen is not None:
+            self.chosen_models[conversation] = chosen
+        if self.current is None and self.new_key == item.new_key:
+            self.current = conversation
+        return item
+
+    def refused(self, request_id: int, reason: str) -> bool:
+        """llamad refused the item sent as ``request_id``: it goes back into the input."""
+        item = self._take(request_id)
+        if item is None:
+            return False
+        if item.kind == "retry":
+            self.notice = f"not retried: {reason}"
+            return True
+        if not self.input.strip():
+            self.input = item.text
+            self.attachments = item.images + self.attachments
+            self.editing = item.kind == "edit"
+            self.notice = f"not sent, back in the input: {reason}"
+        else:
+            self.history.append(item.text)
+            self.notice = f"not sent (↑ recalls it): {reason}"
+        return True
+
+    def connection_lost(self) -> None:
+        """What was on the wire may or may not have arrived; replies stop reaching us."""
+        for item in self.outbox:
+            if item.state == "sent":
+                item.state = "unsure"
+        self.generating.clear()
+        self.waiting_first_token.clear()
+        self.approval = None
+        if self.mode == "approve":
+            self.mode = "chat"
+
+    def unsure_conversations(self) -> list[str]:
+        """Conversations to read back after a reconnect, to settle unsure items."""
+        return list(
+            dict.fromkeys(
+                i.conversation
+                for i in self.outbox
+                if i.state == "unsure" and i.conversation is not None
+            )
+        )
+
+    def reconcile(self, conversation: str, messages: list[Message]) -> None:
+        """Settle the unsure items of ``conversation`` against its stored messages."""
+        unsure = [i for i in self.outbox if i.state == "unsure" and i.conversation == conversation]
+        for item in unsure:
+            if _arrived(item, messages):
+                self.outbox.remove(item)
+            else:
+                item.state = "queued"
+
+    def reconcile_new(self, conversations: list[Conversation]) -> None:
+        """Settle unsure first messages of new conversations against the list."""
+        for item in [i for i in self.outbox if i.state == "unsure" and i.conversation is None]:
+            text = _normal(item.text)
+            found = next(
+                (
+                    c
+                    for c in conversations
+                    if c.created >= item.sent_at - CLOCK_SLACK_SECONDS
+                    and c.title
+                    and text.startswith(c.title.removesuffix("…"))
+                ),
+                None,
+            )
+            if found is None:
+                item.state = "queued"
+                continue
+            item.state = "sent"  # so that ``started`` takes it
+            self.started(item.request_id or 0, found.id)
+
+    def _outbox_lines(self, width: int) -> Iterator[Line]:
+        slot = self.slot()
+        for item in self.outbox:
+            if self._item_slot(item) != slot:
+                continue
+            if item.kind == "retry":
+                what = "write the last reply again"
+                yield (Span(f"↻ {what}"[:width], frozenset({"dim"})),)
+            else:
+                label = "you (edited)" if item.kind == "edit" else "you"
+                yield (Span(label, frozenset({"bold"})),)
+                for image in item.images:
+                    yield (Span(f"[image: {image.name}]"[:width], frozenset({"dim"})),)
+                yield from plain(item.text, width)
+            if item.state == "sent":
+                state = "sending…"
+            elif item.state == "unsure":
+                state = "sent as llamad went away: checking whether it arrived"
+            elif not self.connected:
+                state = "not sent yet: will send when llamad is back (Esc takes it back)"
+            else:
+                state = "waiting for the reply before it to end (Esc takes it back)"
+            yield (Span(f"⧗ {state}"[:width], frozenset({"dim"})),)
+            yield ()
+
+    def _take_back(self) -> bool:
+        """Esc on a queued message: it comes back into the input instead of going."""
+        slot = self.slot()
+        queued = [i for i in self.outbox if i.state == "queued" and self._item_slot(i) == slot]
+        if not queued or self.input.strip():
+            return False
+        item = queued[-1]
+        self.outbox.remove(item)
+        if item.kind != "retry":
+            self.input = item.text
+            self.attachments = item.images + self.attachments
+            self.editing = item.kind == "edit"
+        self.notice = "taken back; not sent"
+        return True
+
+    def chosen_model(self) -> str | None:
+        """The model this conversation's next replies use (``/model NAME``), if chosen."""
+        return self.chosen_models.get(self.slot())
+
+    def _model_name(self, name: str) -> str | None:
+        """``name`` (a model or an alias) as a configured model's name, or None."""
+        if name in self.models:
+            return name
+        return next((m.name for m in self.models.values() if name in m.aliases), None)
 
     def loading(self) -> ModelStatus | None:
         for status in self.models.values():
@@ -294,7 +582,12 @@ class View:
             self.new_below = self.new_below and self.scroll > 0
             return None
         if self.mode == "help":
-            self.mode = "chat"
+            moves = {"KEY_DOWN": 1, "KEY_UP": -1, "KEY_PGDOWN": 10, "KEY_PGUP": -10}
+            move = moves.get(name, 10 if char == " " else None)
+            if move is None:
+                self.mode, self.help_scroll = "chat", 0
+            else:
+                self.help_scroll = max(self.help_scroll + move, 0)  # clamped by layout
             return None
         if self.mode == "picker":
             return self._picker_key(name, char)
@@ -315,11 +608,11 @@ class View:
             self.approval, self.mode = None, "chat"
             return AnswerToolCall(conversation, call.id, approve=char in ("y", "Y"))
         if char == "\x11":  # Ctrl+Q
-            return Quit()
+            return self._quit()
         if char == "\x03":  # Ctrl+C: stop the reply; twice in a row quits
             self.interrupts += 1
             if self.interrupts >= 2:
-                return Quit()
+                return self._quit()
             if self.current in self.generating:
                 return CancelReply(self.current)
             self.notice = "Ctrl+C again quits"
@@ -327,15 +620,22 @@ class View:
         if name == "KEY_ESCAPE":
             if self.current in self.generating:
                 return CancelReply(self.current)
+            if self.editing:
+                self.editing, self.input = False, ""
+                self.notice = "edit cancelled"
+                return None
+            if not self.find_query and self._take_back():
+                return None
             self.find_query = ""
             return None
         if name == "KEY_F1" or (char == "?" and not self.input):
-            self.mode = "help"
+            self.mode, self.help_scroll = "help", 0
             return None
         if char == "\x0c":  # Ctrl+L
             self._open_picker()
             return None
         if char == "\x0e":  # Ctrl+N
+            self.open_new()
             return OpenConversation(None)
         if char == "\x05":  # Ctrl+E
             return EditInEditor(self.input)
@@ -380,7 +680,11 @@ class View:
             return self._switch_conversation(-1)
         if name in ("KEY_CTRL_DOWN", "KEY_SDOWN"):
             return self._switch_conversation(1)
+        editable = name == "KEY_UP" and not self.input and self.history_index is None
+        if editable and self._start_edit(quiet=True):
+            return None
         if name in ("KEY_UP", "KEY_DOWN") and "\n" not in self.input:
+            self.editing = False
             self._recall(-1 if name == "KEY_UP" else 1)
             return None
         if char and not name and char.isprintable():
@@ -388,53 +692,150 @@ class View:
             return None
         return None
 
+    def _quit(self) -> Quit | None:
+        """Quit, unless messages are still unsent: then say so, and quit on the next try."""
+        unsent = sum(1 for item in self.outbox if item.kind != "retry")
+        if not unsent or self._quit_warned:
+            return Quit()
+        self._quit_warned = True
+        self.notice = (
+            f"{unsent} message{'s' if unsent > 1 else ''} not sent yet would be lost: "
+            "quit again to quit anyway"
+        )
+        return None
+
     def _submit(self) -> Intent | None:
         text = self.input.strip()
-        if not text:
+        if not text and not self.attachments:
             return None
+        if text.startswith("/") and not text.startswith("//"):
+            return self._command(text)
+        if text.startswith("//"):
+            text = text[1:]  # "//etc" sends "/etc"
+        return self._queue(text, "edit" if self.editing else "chat")
+
+    def _remember(self, text: str) -> None:
         self.input = ""
         self.history_index = None
         if not self.history or self.history[-1] != text:
             self.history.append(text)
-        if text in ("/model", "/models"):
-            self._open_picker()
-            return None
-        if text == "/new":
-            return OpenConversation(None)
-        if text == "/help":
-            self.mode = "help"
-            return None
-        command, _, argument = text.partition(" ")
-        argument = argument.strip()
-        if command == "/find" and argument:
-            self._start_find(argument)
-            return None
-        if command == "/search" and argument:
-            return SearchAll(argument)
-        if command == "/image":
-            if not argument:
-                self.notice = "give the image's path: /image PATH (Tab completes)"
-                return None
-            return AttachImage(argument)
-        if command == "/copy":
-            if argument.startswith("code"):
-                number = argument.removeprefix("code").strip()
-                return CopyLastReply(int(number) if number.isdigit() else 0)
-            return CopyLastReply()
-        if command in ("/rename", "/delete", "/export"):
-            if self.current is None:
-                self.notice = "open a conversation first"
-                return None
-            if command == "/rename" and argument:
-                return Rename(self.current, argument)
-            if command == "/delete":
-                self.mode = "confirm"
-                return None
-            if command == "/export":
-                return Export(self.current, argument)
+
+    def _queue(self, text: str, kind: OutgoingKind) -> Intent:
+        if kind != "retry":
+            self._remember(text)
+        item = Outgoing(
+            text=text,
+            conversation=self.current,
+            new_key=self.new_key,
+            images=self.attachments if kind != "retry" else [],
+            model=self.chosen_model(),
+            system=self.new_system if self.current is None else None,
+            kind=kind,
+        )
+        if kind != "retry":
+            self.attachments = []
+        self.editing = False
+        self.outbox.append(item)
+        if not self.connected:
+            self.notice = "llamad is not connected: your message will be sent when it is back"
         self.scroll = 0
         self.new_below = False
-        return Send(text)
+        return Send(item)
+
+    def _last_user_entry(self) -> Entry | None:
+        users = [e for e in self.entries.get(self.current or "", []) if e.role == "user"]
+        return users[-1] if users else None
+
+    def _start_edit(self, *, quiet: bool = False) -> bool:
+        """Put the last user message in the input; sending it replaces that turn."""
+        last = self._last_user_entry()
+        if last is None or self.current is None:
+            if not quiet:
+                self.notice = "nothing to edit: this conversation has no message of yours yet"
+            return False
+        if self.current in self.generating:
+            if not quiet:
+                self.notice = "wait for the reply to end (Esc stops it), then edit"
+            return False
+        self.input, self.editing = last.text, True
+        return True
+
+    def _command(self, text: str) -> Intent | None:
+        """A line starting with "/": a command, never a message to the model."""
+        command, _, argument = text.partition(" ")
+        argument = argument.strip()
+        known = command in COMMANDS or command == "/models"
+        if not known:
+            self.notice = f"unknown command {command}; commands: {' '.join(COMMANDS)} (// sends /)"
+            return None  # the input stays, to be corrected
+        self._remember(text)
+        match command:
+            case "/model" | "/models" if not argument:
+                self._open_picker()
+            case "/model" | "/models":
+                name = self._model_name(argument) if self.models else argument
+                if name is None:
+                    self.input = text
+                    self.notice = f"unknown model {argument!r}; models: {', '.join(self.models)}"
+                    return None
+                self.chosen_models[self.slot()] = name
+                self.notice = f"this conversation's next replies use {name}"
+                return LoadModel(name)
+            case "/new":
+                self.open_new()
+                return OpenConversation(None)
+            case "/system" if not argument:
+                shown = self._system_prompt()
+                self.notice = f"system prompt: {shown}" if shown else "usage: /system TEXT"
+            case "/system":
+                fresh = self.current is None and not self.entries.get(self.slot())
+                if not fresh:
+                    self.open_new()
+                self.new_system = argument
+                self.notice = "system prompt set for this new conversation"
+                return None if fresh else OpenConversation(None)
+            case "/retry":
+                if self._last_user_entry() is None:
+                    self.notice = "nothing to retry: this conversation has no message of yours yet"
+                elif self.current in self.generating:
+                    self.notice = "a reply is being written; Esc stops it, then /retry"
+                else:
+                    return self._queue("", "retry")
+            case "/edit":
+                self._start_edit()
+            case "/help":
+                self.mode, self.help_scroll = "help", 0
+            case "/find" if argument:
+                self._start_find(argument)
+            case "/search" if argument:
+                return SearchAll(argument)
+            case "/find" | "/search":
+                self.notice = f"usage: {command} TEXT"
+            case "/image" if argument:
+                return AttachImage(argument)
+            case "/image":
+                self.notice = "give the image's path: /image PATH (Tab completes)"
+            case "/copy" if argument.startswith("code"):
+                number = argument.removeprefix("code").strip()
+                return CopyLastReply(int(number) if number.isdigit() else 0)
+            case "/copy":
+                return CopyLastReply()
+            case "/rename" | "/delete" | "/export" if self.current is None:
+                self.notice = "open a conversation first"
+            case "/rename" if argument:
+                return Rename(self.current or "", argument)
+            case "/rename":
+                self.notice = "usage: /rename TITLE"
+            case "/delete":
+                self.mode = "confirm"
+            case "/export":
+                return Export(self.current or "", argument)
+        return None
+
+    def _system_prompt(self) -> str | None:
+        if self.current is None:
+            return self.new_system
+        return next((c.system_prompt for c in self.conversations if c.id == self.current), None)
 
     def _start_find(self, query: str) -> None:
         self.find_query = query
@@ -496,7 +897,8 @@ class View:
     def _open_picker(self) -> None:
         self.mode = "picker"
         names = list(self.models)
-        self.picker_index = names.index(self.active_model) if self.active_model in names else 0
+        current = self.chosen_model() or self.active_model
+        self.picker_index = names.index(current) if current in names else 0
 
     def _picker_key(self, name: str, char: str) -> Intent | None:
         names = list(self.models)
@@ -508,6 +910,7 @@ class View:
             self.picker_index = min(self.picker_index + 1, len(names) - 1)
         elif (name == "KEY_ENTER" or char in ("\r", "\n")) and names:
             self.mode = "chat"
+            self.chosen_models[self.slot()] = names[self.picker_index]
             return LoadModel(names[self.picker_index])
         return None
 
@@ -520,6 +923,14 @@ class View:
         side = SIDEBAR_WIDTH if show_sidebar else 0
         main_width = width - side - (1 if show_sidebar else 0)
         input_lines = self._input_lines(main_width)
+        notice = self._live_notice(now)
+        in_bar = display_width(" │ ".join([*self._status_parts(now), notice, "F1 help"])) <= width
+        # A notice too long for the status bar is shown whole above the input.
+        notice_lines = [] if in_bar or not notice else plain(notice, main_width)[:4]
+        input_lines = [
+            *(tuple(Span(s.text, frozenset({"bold"})) for s in row) for row in notice_lines),
+            *input_lines,
+        ]
         body_height = max(height - 1 - len(input_lines) - 1, 1)  # status bar, separator
         if self.mode == "help":
             body = self._help_rows(main_width, body_height)
@@ -530,7 +941,7 @@ class View:
         else:
             body = self._chat_rows(main_width, body_height, now)
         separator: Line = (Span("─" * main_width, frozenset({"dim"})),)
-        main = [*body, separator, *input_lines]
+        main = [*body, separator, *input_lines][: height - 1]
         rows: list[Line] = []
         sidebar = self._sidebar_rows(side, height - 1) if show_sidebar else []
         for index in range(height - 1):
@@ -539,16 +950,29 @@ class View:
                 left = sidebar[index] if index < len(sidebar) else ()
                 row = (*_pad(left, side), Span("│", frozenset({"dim"})), *row)
             rows.append(row)
-        rows.append(self._status_row(width, now))
+        rows.append(self._status_row(width, now, notice if in_bar else ""))
         return rows
 
     def _chat_rows(self, width: int, height: int, now: float) -> list[Line]:
         lines: list[Line] = []
-        for entry in self.entries.get(self.current or "", []):
-            lines += list(self._entry_lines(entry, width, now))
+        if self.current is None and self.new_system:
+            lines += [(Span("system", frozenset({"bold", "dim"})),)]
+            lines += [(*row, Span("", frozenset({"dim"}))) for row in plain(self.new_system, width)]
+            lines.append(())
+        entries = self.entries.get(self.current or "", [])
+        streaming = self.current in self.generating
+        for index, entry in enumerate(entries):
+            live = streaming and index == len(entries) - 1
+            lines += list(self._entry_lines(entry, width, now, streaming=live))
+        lines += list(self._outbox_lines(width))
         if not lines:
             hint = "Type a message and press Enter.  F1 for help, Ctrl+L for models."
             lines = [(Span(hint[:width], frozenset({"dim"})),)]
+        # Scrolled up, the view holds still while text arrives below it.
+        where = (self.slot(), width)
+        if self.scroll > 0 and self._rows_seen[:2] == where:
+            self.scroll += max(len(lines) - self._rows_seen[2], 0)
+        self._rows_seen = (*where, len(lines))
         max_scroll = max(len(lines) - height, 0)
         if self.find_query:
             lines, hits = _highlight(lines, self.find_query)
@@ -564,12 +988,17 @@ class View:
             visible[-1] = (Span("↓ new".rjust(width), frozenset({"bold"})),)
         return visible + [()] * (height - len(visible))
 
-    def _entry_lines(self, entry: Entry, width: int, now: float) -> Iterator[Line]:
+    def _entry_lines(
+        self, entry: Entry, width: int, now: float, *, streaming: bool = False
+    ) -> Iterator[Line]:
         if entry.role == "user":
             yield (Span("you", frozenset({"bold"})),)
         else:
             label = entry.model or self.active_model or "assistant"
-            flag = "" if entry.status == "complete" else f" [{entry.status}]"
+            if streaming and entry.status == "incomplete":
+                flag = f" {SPINNER[int(now * 10) % len(SPINNER)]} writing"
+            else:  # "incomplete" now means cut off (llamad stopped mid-reply)
+                flag = "" if entry.status == "complete" else f" [{entry.status}]"
             yield (Span(f"{label}{flag}", frozenset({"bold", "heading"})),)
         for image in entry.images:
             yield (Span(image.label()[:width], frozenset({"dim"})),)
@@ -587,8 +1016,9 @@ class View:
             yield (Span(f"{frame} thinking…", frozenset({"dim"})),)
         elif entry.text or not (entry.tool_calls or entry.images):
             yield from entry.lines(width)
-        if entry.error:
-            yield (Span(f"error: {entry.error}"[:width], frozenset({"bold"})),)
+        if entry.error:  # whole, wrapped: the reason is what the user needs
+            for row in plain(f"error: {entry.error}", width):
+                yield tuple(Span(span.text, frozenset({"bold"})) for span in row)
         yield ()
 
     def _input_lines(self, width: int) -> list[Line]:
@@ -599,8 +1029,13 @@ class View:
             return [(Span(f"Allow {call}? y / n"[:width], frozenset({"bold"})),)]
         prompt = "find: " if self.mode == "find" else "> "
         lines: list[Line] = []
+        if self.editing and self.mode == "chat":
+            hint = "editing your last message: Enter replaces it and its reply, Esc cancels"
+            lines.append((Span(hint[:width], frozenset({"dim"})),))
         if self.attachments:
-            names = ", ".join(f"{name} ({size // 1024 + 1} KB)" for name, size in self.attachments)
+            names = ", ".join(
+                f"{image.name} ({len(image.data) // 1024 + 1} KB)" for image in self.attachments
+            )
             lines.append((Span(f"attached: {names}"[:width], frozenset({"dim"})),))
         for index, text in enumerate(self.input.split("\n")[-5:]):
             lead = prompt if index == 0 else " " * len(prompt)
@@ -626,7 +1061,8 @@ class View:
         ]
         for index, (name, status) in enumerate(self.models.items()):
             marker = "›" if index == self.picker_index else " "
-            state = status.state + (f": {status.reason}" if status.reason else "")
+            reason = shown_reason(status, now)
+            state = status.state + (f": {reason}" if reason else "")
             text = f"{marker} {name:<16} {state}"[:width]
             rows.append(
                 (Span(text, frozenset({"bold"}) if index == self.picker_index else frozenset()),)
@@ -649,28 +1085,57 @@ class View:
         return rows[:height] + [()] * (height - len(rows))
 
     def _help_rows(self, width: int, height: int) -> list[Line]:
-        rows: list[Line] = [(Span("Keys (any key closes this)", frozenset({"bold"})),), ()]
+        keys_width = min(max(display_width(keys) for keys, _ in HELP) + 2, width // 2)
+        body: list[Line] = []
         for keys, meaning in HELP:
-            rows.append(
-                (
-                    Span(f"{keys:<26}"[:width], frozenset({"bold"})),
-                    Span(meaning[: max(width - 26, 0)]),
-                )
-            )
+            key_rows = plain(keys, keys_width - 2)
+            meaning_rows = plain(meaning, max(width - keys_width, 1))
+            for index in range(max(len(key_rows), len(meaning_rows))):
+                key = _text(key_rows[index]) if index < len(key_rows) else ""
+                text = _text(meaning_rows[index]) if index < len(meaning_rows) else ""
+                pad = " " * (keys_width - display_width(key))
+                body.append((Span(key + pad, frozenset({"bold"})), Span(text)))
+        room = max(height - 2, 1)
+        self.help_scroll = min(self.help_scroll, max(len(body) - room, 0))
+        shown = body[self.help_scroll : self.help_scroll + room]
+        more = self.help_scroll + room < len(body)
+        title = "Keys (↓ PgDn: more; other keys close)" if more else "Keys (any key closes this)"
+        if self.help_scroll:
+            title += f"  [{self.help_scroll + 1}–{self.help_scroll + len(shown)} of {len(body)}]"
+        rows: list[Line] = [(Span(title[:width], frozenset({"bold"})),), ()]
+        rows += shown
         return rows[:height] + [()] * (height - len(rows))
 
-    def _status_row(self, width: int, now: float) -> Line:
+    def _live_notice(self, now: float) -> str:
+        return self._notice if self._notice and now - self._notice_at < NOTICE_SECONDS else ""
+
+    def _status_row(self, width: int, now: float, notice: str) -> Line:
+        parts = self._status_parts(now)
+        if notice:
+            parts.append(notice)
+        # "F1 help" always shows: a long part is what gets cut.
+        text, tail = " │ ".join(parts), " │ F1 help"
+        if display_width(text + tail) > width:
+            room = max(width - display_width(tail) - 1, 0)
+            text = _cut_to(text, room) + "…"
+        text += tail
+        text = text if display_width(text) <= width else _cut_to(text, width)
+        return (Span(text + " " * max(width - display_width(text), 0), frozenset({"reverse"})),)
+
+    def _status_parts(self, now: float) -> list[str]:
         parts: list[str] = []
         loading = self.loading()
         if loading is not None:
             parts.append(f"Loading {loading.name}… {max(now - loading.since, 0.0):.1f} s")
-        elif self.active_model is not None:
-            state = self.models.get(self.active_model)
-            parts.append(f"{self.active_model} {state.state if state else ''}".strip())
+        elif (shown := self.chosen_model() or self.active_model) is not None:
+            state = self.models.get(shown)
+            parts.append(f"{shown} {state.state if state else ''}".strip())
         else:
             parts.append("no model")
         parts.append(self.connection)
-        if self.last_stats is not None:
+        if self.current in self.generating:  # the reply's own label may be scrolled away
+            parts.append("replying… Esc stops")
+        elif self.last_stats is not None:
             stats = self.last_stats
             if stats.tokens_per_second:
                 parts.append(f"{stats.tokens_per_second:.0f} tok/s")
@@ -685,12 +1150,42 @@ class View:
                 else "0"
             )
             parts.append(f"find {self.find_query!r}: {found} (n/N, Esc)")
-        if self.notice:
-            parts.append(self.notice)
-        parts.append("F1 help")
-        text = " │ ".join(parts)
-        text = text if display_width(text) <= width else text[: max(width - 1, 0)] + "…"
-        return (Span(text.ljust(width), frozenset({"reverse"})),)
+        waiting = sum(1 for item in self.outbox if item.state != "sent")
+        if waiting:
+            parts.append(f"{waiting} unsent")
+        return parts
+
+
+def shown_reason(status: ModelStatus, now: float) -> str:
+    """A model's reason if it still explains its state (see ``STOPPED_REASON_SECONDS``)."""
+    if status.state == "stopped" and now - status.since >= STOPPED_REASON_SECONDS:
+        return ""
+    return status.reason
+
+
+def _arrived(item: Outgoing, messages: list[Message]) -> bool:
+    """Whether llamad stored ``item``: it is among ``messages``, its conversation's last."""
+    recent = [m for m in messages if m.created >= item.sent_at - CLOCK_SLACK_SECONDS]
+    if item.kind == "retry":
+        return any(m.role == "assistant" for m in recent)
+    text = _normal(item.text)
+    return any(m.role == "user" and _normal(m.text) == text for m in recent)
+
+
+def _text(line: Line) -> str:
+    return "".join(span.text for span in line)
+
+
+def _cut_to(text: str, columns: int) -> str:
+    """The longest start of ``text`` at most ``columns`` wide."""
+    out, used = [], 0
+    for char in text:
+        size = display_width(char)
+        if used + size > columns:
+            break
+        out.append(char)
+        used += size
+    return "".join(out)
 
 
 def _tool_call_lines(call: ToolCall, width: int, *, expanded: bool) -> Iterator[Line]:

@@ -120,6 +120,14 @@ def print_table(rows: list[list[str]]) -> None:
         print("  ".join(cells).rstrip())
 
 
+def add_parsers(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+    reading: argparse.ArgumentParser,
+) -> None:
+    commands.add_parser("ps", parents=[reading], help="resident models: memory, requests, idle")
+
+
 def cmd_ps(client: Client, args: argparse.Namespace) -> int:
     reply = client.call(lambda i: Status(id=i))
     assert isinstance(reply, StatusReply)

@@ -19,6 +19,7 @@ report that later.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import math
 import os
@@ -43,6 +44,7 @@ from llamad.errors import ConfigError, UnknownModelError
 from llamad.tools import TOOL_NAMES
 
 __all__ = [
+    "AuthMode",
     "Config",
     "DaemonConfig",
     "ModelConfig",
@@ -51,12 +53,15 @@ __all__ = [
     "ToolConfig",
     "WorkerConfig",
     "find_config",
+    "is_loopback",
     "load_config",
     "parse_config",
 ]
 
 RestartMode = Literal["no", "on-failure", "always"]
 _RESTART_MODES: tuple[str, ...] = ("no", "on-failure", "always")
+AuthMode = Literal["keys", "none"]
+_AUTH_MODES: tuple[str, ...] = ("keys", "none")
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")
@@ -201,14 +206,6 @@ def split_address(address: str) -> tuple[str, int]:
     return host, port
 
 
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` names this machine only (127.0.0.0/8, ::1, localhost)."""
-    if host in ("localhost", "::1"):
-        return True
-    parts = host.split(".")
-    return len(parts) == 4 and parts[0] == "127" and all(p.isdigit() for p in parts)
-
-
 @attrs.frozen
 class ToolConfig:
     """One ``[tools.NAME]`` table."""
@@ -237,6 +234,11 @@ class DaemonConfig:
     websocket: str = "127.0.0.1:8765"  # "HOST:PORT", or "off"
     allowed_origins: tuple[str, ...] = ()  # web pages allowed to use the WebSocket
     allowed_hosts: tuple[str, ...] = ()  # Host header values besides loopback names
+    # The HTTP API (OpenAI/Anthropic-compatible): "HOST:PORT" or "off". 8766 is
+    # next to the WebSocket's 8765 and clear of llama-server's 8080 and Ollama's 11434.
+    http: str = "127.0.0.1:8766"
+    auth: AuthMode = "keys"  # "none": no API key needed (loopback addresses only)
+    api_keys_file: Path | None = None  # more keys, each optionally limited to some models
     supervision: Supervision = attrs.field(factory=Supervision)
 
 
@@ -363,6 +365,16 @@ def _key_path(parts: KeyPath) -> str:
     return text
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, no port) is this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _valid_name(name: str) -> bool:
     return bool(name) and not _BAD_NAME.search(name)
 
@@ -465,6 +477,14 @@ def _converter(base: Path, env: Mapping[str, str]) -> cattrs.Converter:
     converter.register_structure_hook_func(lambda t: t == tuple[float, ...], numbers_hook)
     converter.register_structure_hook_func(lambda t: t == Mapping[str, str], env_hook)
     converter.register_structure_hook_func(lambda t: t == RestartMode, restart_hook)
+
+    def auth_hook(value: Any, _type: Any) -> str:
+        if not isinstance(value, str) or value not in _AUTH_MODES:
+            choices = ", ".join(json.dumps(m) for m in _AUTH_MODES)
+            raise _Invalid(f"expected one of {choices}, got {_show(value)}")
+        return value
+
+    converter.register_structure_hook_func(lambda t: t == AuthMode, auth_hook)
     return converter
 
 
@@ -632,11 +652,21 @@ def parse_config(text: str, *, source: Path, env: Mapping[str, str] = os.environ
                 parse_size(value)
             except ValueError as exc:
                 problems.add(("daemon", key), str(exc))
-    websocket = daemon_raw.get("websocket")
-    if isinstance(websocket, str) and websocket != "off" and not _LISTEN.fullmatch(websocket):
-        problems.add(
-            ("daemon", "websocket"), f'expected "HOST:PORT" or "off", got {_show(websocket)}'
-        )
+    for listener in ("websocket", "http"):
+        address = daemon_raw.get(listener)
+        if isinstance(address, str) and address != "off" and not _LISTEN.fullmatch(address):
+            problems.add(
+                ("daemon", listener), f'expected "HOST:PORT" or "off", got {_show(address)}'
+            )
+    if daemon is not None and daemon.auth == "none" and daemon.http != "off":
+        host = daemon.http.rpartition(":")[0].strip("[]")
+        if not is_loopback(host):
+            problems.add(
+                ("daemon", "auth"),
+                f'"none" is only allowed when the HTTP API listens on a loopback address, '
+                f"not {_show(daemon.http)}: anyone who can reach it could use your models; "
+                'use API keys (auth = "keys") or listen on 127.0.0.1',
+            )
 
     # With a broken [daemon], models are still checked against the built-in
     # defaults so that every problem is reported in one go.

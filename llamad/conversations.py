@@ -383,10 +383,12 @@ class ChatService:
             max_tool_rounds=lease.config.max_tool_rounds,
         )
         return await generate(
-            lease.client, request, sink, tool_settings=self.pool.config.tool
+            lease.stream_chat, request, sink, tool_settings=self.pool.config.tool
         )
 
     async def _history_for_upstream(self, prepared: Prepared) -> list[Message]:
+        if prepared.request.conversation is None and prepared.user is not None:
+            return [prepared.user]  # a new conversation holds just this: no read
         messages = await in_thread(self.store.all_messages, prepared.conversation.id)
         # Everything before the reply being written, minus failed replies.
         return [

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import trio
 
+from llamad.api_keys import ensure_own_key, key_ring, read_keys_file
 from llamad.concurrency import first_leaf
 from llamad.config import Config, load_config
 from llamad.conversations import ChatService
@@ -24,13 +25,24 @@ from llamad.errors import LlamadError, ServerBinaryNotFound, StartupError
 from llamad.events import EventHub
 from llamad.history import HistoryStore
 from llamad.llama_server import ServerBinary, find_server_binary, reap_stale
+from llamad.metrics import Metrics
+from llamad.paths import WEBSOCKET_ADDRESS_NAME
 from llamad.pool import STATE_FILE, ModelPool
 from llamad.systemd import Notifier, listen_sockets
+from llamad.transport import http
 from llamad.transport.unix import ControlServer, bind_control_socket
 from llamad.transport.websocket import WebSocketServer, parse_listen_address, write_token
 from llamad.workers import Workers
 
 log = logging.getLogger(__name__)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text``, mode 0600 from the start."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
 
 
 def _private_dir(path: Path) -> Path:
@@ -51,6 +63,8 @@ class Daemon:
         self.notifier = Notifier.from_env(self.environ)
         self.hub = EventHub()
         self._websocket_server: WebSocketServer | None = None
+        self._http_api: http.HttpApi | None = None
+        self._dispatcher: Dispatcher | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # One line per health probe would drown the journal.
@@ -84,6 +98,7 @@ class Daemon:
         history_path = data_dir / "history.lmdb"
         store = await trio.to_thread.run_sync(HistoryStore, history_path)
         token_path = self.config.daemon.runtime_dir / "token"
+        address_path = self.config.daemon.runtime_dir / WEBSOCKET_ADDRESS_NAME
         try:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async with trio.open_nursery() as nursery:
@@ -93,9 +108,17 @@ class Daemon:
                     chats = ChatService(pool, store, self.hub)
                     await nursery.start(chats.run)
                     websocket = await self._start_websocket(nursery, token_path)
+                    if websocket is not None:
+                        _write_private(address_path, f"ws://{websocket}/\n")
+                    else:  # one left by a llamad that was killed would mislead clients
+                        address_path.unlink(missing_ok=True)
+                    http_address = await self._start_http(nursery, pool)
                     dispatcher = Dispatcher(
                         pool, chats, nursery, self.reload_config, websocket=websocket
                     )
+                    dispatcher.http = http_address
+                    self._dispatcher = dispatcher
+                    self._show_key_file(self.config)
                     if self._websocket_server is not None:
                         self._websocket_server.dispatcher = dispatcher
                     await nursery.start(ControlServer(dispatcher).serve, listener)
@@ -120,6 +143,7 @@ class Daemon:
             if not activated:
                 self.socket_path.unlink(missing_ok=True)
             token_path.unlink(missing_ok=True)
+            address_path.unlink(missing_ok=True)
             listener.close()
             store.close()
             self.notifier.close()
@@ -162,6 +186,48 @@ class Daemon:
         log.info("WebSocket on ws://%s (token in %s)", address, token_path)
         return address
 
+    # ----------------------------------------------------------- the HTTP API
+
+    def _show_key_file(self, config: Config) -> None:
+        """Tell ``status`` (and so ``llamactl api-key``) where llamad's key is, if one is used."""
+        if self._dispatcher is None:
+            return
+        uses_key = self._http_api is not None and config.daemon.auth == "keys"
+        key_file = config.daemon.data_dir / "api_key"
+        self._dispatcher.api_key_file = str(key_file) if uses_key else None
+
+    def _http_settings(self, config: Config) -> http.HttpSettings:
+        """Keys and allowed origins/hosts; ``ConfigError`` for a bad keys file."""
+        daemon = config.daemon
+        keys = None
+        if daemon.auth == "keys":
+            extra = read_keys_file(daemon.api_keys_file, config) if daemon.api_keys_file else []
+            keys = key_ring(ensure_own_key(_private_dir(daemon.data_dir) / "api_key"), extra)
+        return http.HttpSettings(keys, daemon.allowed_origins, daemon.allowed_hosts)
+
+    async def _start_http(self, nursery: trio.Nursery, source: ModelPool) -> str | None:
+        """Listen for the HTTP API; returns "host:port", or None when it is off."""
+        setting = self.config.daemon.http
+        if setting == "off":
+            return None
+        host, port = parse_listen_address(setting)
+        metrics = Metrics(source)
+        nursery.start_soon(metrics.follow, self.hub)
+        self._http_api = http.HttpApi(source, self._http_settings(self.config), metrics)
+        try:
+            bound = await nursery.start(http.serve, self._http_api, host, port)
+        except Exception as exc:  # the bind failed: OSError, maybe inside a group
+            cause = first_leaf(exc)
+            reason = (cause.strerror if isinstance(cause, OSError) else None) or str(cause)
+            raise StartupError(
+                f"cannot listen for the HTTP API on {setting}: {reason}; set [daemon] "
+                'http to another "HOST:PORT", or "off"'
+            ) from None
+        address = http.listen_address(host, bound)
+        auth = "no API key needed" if self.config.daemon.auth == "none" else "API keys required"
+        log.info("HTTP API on http://%s (%s)", address, auth)
+        return address
+
     async def reload_config(self) -> Config:
         """Re-read models.toml; on error the old configuration stays in force."""
         source = self.config.source
@@ -169,7 +235,12 @@ class Daemon:
             raise LlamadError("llamad was started without a models.toml; nothing to reload")
         self.notifier.reloading()
         try:
-            self.config = load_config(source, self.environ)
+            config = load_config(source, self.environ)
+            if self._http_api is not None:
+                # A bad keys file rejects the whole reload, like a bad models.toml.
+                self._http_api.settings = self._http_settings(config)
+            self.config = config
+            self._show_key_file(config)
         finally:
             self.notifier.ready()
         return self.config

@@ -157,6 +157,8 @@ class Dispatcher:
         self.chat = chat
         self.store = chat.store
         self.websocket = websocket
+        self.http: str | None = None  # "host:port" of the HTTP API, when it listens
+        self.api_key_file: str | None = None  # where llamad's own API key is, when keys are used
         self._background = background
         self._reload_config = reload_config
         self._started = time.monotonic()
@@ -301,6 +303,8 @@ class Dispatcher:
             config_path=str(config.source or ""),
             models=list(self.pool.statuses().values()),
             websocket=self.websocket,
+            http=self.http,
+            api_key_file=self.api_key_file,
             memory=self.pool.pool_memory(),
             default_model=self.pool.default_model_or_none(),
             workers=self.pool.worker_statuses(),

@@ -16,7 +16,8 @@ hand::
     │   ├── UnknownTool                                    a tool name that does not exist
     │   ├── ImageError                                     an image unreadable, too big, unwanted
     │   ├── AmbiguousConversation                          a prefix matching several conversations
-    │   └── ToolInputError                                 a tool's arguments (told to the model)
+    │   ├── ToolInputError                                 a tool's arguments (told to the model)
+    │   └── MethodNotAllowed                          405  an HTTP method the route does not take
     ├── NotFound                 not_found            404
     │   ├── ConversationNotFound                           no conversation has this id or prefix
     │   ├── MessageNotFound
@@ -333,3 +334,13 @@ class Forbidden(LlamadError):
 class TooLarge(LlamadError):
     code: ClassVar[ErrorCode] = "too_large"
     http_status: ClassVar[int] = 413
+
+
+class MethodNotAllowed(BadRequest):
+    """An HTTP API route asked with a method it does not take; ``allow`` lists those it does."""
+
+    http_status: ClassVar[int] = 405
+
+    def __init__(self, method: str, allow: str) -> None:
+        self.allow = allow
+        super().__init__(f"{method} is not allowed here; use {allow}")

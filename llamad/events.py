@@ -77,6 +77,8 @@ class Subscription:
 
 def coalesce(events: list[HubEvent]) -> list[HubEvent]:
     """Join runs of ``ChatDelta`` of the same reply into one; keep everything else in order."""
+    if len(events) == 1:  # the usual batch while a reader keeps up: nothing to join
+        return events
     merged: list[HubEvent] = []
     for key, group in itertools.groupby(events, _delta_key):
         run = list(group)
@@ -103,6 +105,8 @@ def _delta_key(event: HubEvent) -> tuple[str, int] | None:
 
 
 def _topic_and_key(event: HubEvent) -> tuple[Topic, str]:
+    if type(event) is ChatEvent:  # the hot case first: a plain type test, no pattern
+        return "chat", event.conversation
     match event:
         case StateEvent(status):
             return "state", status.name
@@ -118,31 +122,46 @@ class EventHub:
     def __init__(self, queue_size: int = 1024) -> None:
         self._queue_size = queue_size
         self._subscriptions: set[Subscription] = set()
+        # Who gets a topic's events, rebuilt on every (rare) subscribe and
+        # unsubscribe, so that publishing (once per token while a reply
+        # streams) looks at the subscribers of that topic only, without a copy.
+        self._by_topic: dict[Topic, tuple[Subscription, ...]] = {}
 
     @contextlib.contextmanager
     def subscribe(self, topics: frozenset[Topic], key: str | None = None) -> Iterator[Subscription]:
         send, receive = trio.open_memory_channel[HubEvent](self._queue_size)
         subscription = Subscription(topics, send, receive, key)
         self._subscriptions.add(subscription)
+        self._reindex()
         try:
             yield subscription
         finally:
-            self._subscriptions.discard(subscription)
+            self._drop(subscription)
             send.close()
             receive.close()
 
     def publish(self, event: HubEvent) -> None:
         topic, key = _topic_and_key(event)
-        for subscription in list(self._subscriptions):
-            if topic not in subscription.topics:
-                continue
+        for subscription in self._by_topic.get(topic, ()):
             if subscription.key is not None and subscription.key != key:
                 continue
             try:
                 subscription.send.send_nowait(event)
             except trio.WouldBlock:
                 subscription.overflowed = True
-                self._subscriptions.discard(subscription)
+                self._drop(subscription)
                 subscription.send.close()
             except trio.ClosedResourceError:
-                self._subscriptions.discard(subscription)
+                self._drop(subscription)
+
+    def _drop(self, subscription: Subscription) -> None:
+        if subscription in self._subscriptions:
+            self._subscriptions.discard(subscription)
+            self._reindex()
+
+    def _reindex(self) -> None:
+        topics: dict[Topic, list[Subscription]] = {}
+        for subscription in self._subscriptions:
+            for topic in subscription.topics:
+                topics.setdefault(topic, []).append(subscription)
+        self._by_topic = {topic: tuple(subs) for topic, subs in topics.items()}

@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import httpx
 import msgspec
 import trio
 
 from llamad.config import ToolConfig
 from llamad.protocol import MessageStats, ToolCall, ToolCallStatus
 from llamad.tools import openai_tools, run_tool
-from llamad.upstream import AssembledCall, ToolCallAssembler, stream_chat
+from llamad.upstream import AssembledCall, Chunk, ToolCallAssembler
 
 YIELD_EVERY_CHUNKS = 32
 UNFINISHED: frozenset[ToolCallStatus] = frozenset({"running", "awaiting_approval"})
@@ -56,8 +55,11 @@ class GenerationRequest:
     max_tool_rounds: int = 5
 
 
+StreamChat = Callable[[dict[str, Any]], AsyncIterator[Chunk]]
+
+
 async def generate(
-    client: httpx.AsyncClient,
+    stream_chat: StreamChat,
     request: GenerationRequest,
     sink: GenerationSink,
     *,
@@ -82,7 +84,7 @@ async def generate(
             payload["tool_choice"] = "none"
         assembler = ToolCallAssembler()
         timings, usage = {}, {}
-        async for chunk in stream_chat(client, payload):
+        async for chunk in stream_chat(payload):
             if chunk.text:
                 if first_token is None:
                     first_token = time.monotonic()
@@ -90,8 +92,8 @@ async def generate(
             assembler.feed(chunk.tool_calls)
             chunks += 1
             if chunks % YIELD_EVERY_CHUNKS == 0:
-                # httpx hands over every chunk already read without yielding;
-                # let the connections forward what is queued.
+                # A reader that finds data at once does not yield; let the
+                # connections forward what is queued.
                 await trio.lowlevel.checkpoint()
             finish_reason = chunk.finish_reason or finish_reason
             timings = chunk.timings or timings

@@ -16,6 +16,8 @@ Key layout (one LMDB environment, five named databases)::
     meta            b"schema_version" -> msgpack(int), currently 1
     images          key: sha256 of the image (32 raw bytes)
                     val: 0x01 + refcount (8, big-endian) + the image bytes
+    handles         key: handle (6 ASCII bytes) | conv_uuid (16)
+                    val: b""  (an index: a conversation's short name -> its id)
 
 An image is stored once however often it is sent: a message keeps only its
 ``ImagePart`` (digest, type, size), the bytes live in ``images`` with a count
@@ -30,6 +32,13 @@ Conversation ids are UUIDv7, so the 16 raw bytes sort by creation time and a
 cursor range over one conversation's prefix yields its messages in ``seq``
 order; ``get_messages`` starts a reverse cursor at ``conv|before_seq`` and reads
 only the page it returns.
+
+Because of that time order, recent ids share long prefixes; a conversation's
+*handle* (``llamad.protocol.conversation_handle``: six base32 characters from
+the id's random tail) is what people type. A new conversation whose handle is
+taken gets another id, so handles are unique; the ``handles`` index is rebuilt
+at open when its count disagrees with ``conversations`` (a store written
+before it existed).
 
 Every value starts with a record-version byte so a later release can migrate
 records lazily as it reads them; ``meta.schema_version`` guards the layout as a
@@ -68,6 +77,7 @@ from llamad.errors import (
     MessageNotFound,
 )
 from llamad.protocol import (
+    HANDLE_CHARS,
     Conversation,
     ImagePart,
     Message,
@@ -78,6 +88,7 @@ from llamad.protocol import (
     SearchHit,
     TextPart,
     ToolCall,
+    conversation_handle,
 )
 
 SCHEMA_VERSION: Final = 1
@@ -167,6 +178,21 @@ def _id_of(raw: bytes) -> str:
     return str(uuid.UUID(bytes=bytes(raw)))
 
 
+def _handle_key(conversation_id: str) -> bytes:
+    """``handle | uuid (16)``: the handle index's key for a conversation."""
+    return conversation_handle(conversation_id).encode() + conversation_key(conversation_id)
+
+
+_HANDLE_TYPOS = str.maketrans({"o": "0", "i": "1", "l": "1"})  # as Crockford's base32 reads them
+_HANDLE_PATTERN = re.compile(rf"[0-9a-hjkmnp-tv-z]{{{HANDLE_CHARS}}}")
+
+
+def _normal_handle(text: str) -> str | None:
+    """``text`` as a handle (case and look-alike letters forgiven), or None if it cannot be one."""
+    candidate = text.strip().lower().translate(_HANDLE_TYPOS)
+    return candidate if _HANDLE_PATTERN.fullmatch(candidate) else None
+
+
 # ---------------------------------------------------------------- records
 
 # Stored records are private Structs, not the wire types: the wire may grow
@@ -228,6 +254,7 @@ def _to_conversation(conversation_id: str, rec: _ConversationRecord) -> Conversa
     return Conversation(
         id=conversation_id,
         title=rec.title,
+        handle=conversation_handle(conversation_id),
         model=rec.model,
         system_prompt=rec.system_prompt,
         created=rec.created_ns / 1e9,
@@ -443,7 +470,9 @@ class HistoryStore:
                 self._by_updated = self._env.open_db(b"by_updated", txn=txn)
                 self._meta = self._env.open_db(b"meta", txn=txn)
                 self._images = self._env.open_db(b"images", txn=txn)
+                self._handles = self._env.open_db(b"handles", txn=txn)
                 self._check_schema(txn)
+                self._index_handles(txn)
         except HistoryError:
             self._env.close()
             raise
@@ -462,6 +491,28 @@ class HistoryStore:
                 f"chat history at {self.path} has schema version {version}, but this "
                 f"llamad understands only up to {SCHEMA_VERSION}; upgrade llamad"
             )
+
+    def _index_handles(self, txn: _Txn) -> None:
+        """Rebuild the handle index if it does not cover every conversation."""
+        conversations = txn.stat(self._conversations)["entries"]
+        if txn.stat(self._handles)["entries"] == conversations:
+            return
+        txn.drop(self._handles, delete=False)
+        cursor = txn.cursor(db=self._conversations)
+        for key in cursor.iternext(keys=True, values=False):
+            txn.put(_handle_key(_id_of(key)), b"", db=self._handles)
+
+    def _with_handle(self, txn: _Txn, handle: str) -> list[bytes]:
+        """The raw ids of the conversations whose handle is ``handle``."""
+        prefix = handle.encode()
+        found: list[bytes] = []
+        cursor = txn.cursor(db=self._handles)
+        if cursor.set_range(prefix):
+            for key in cursor.iternext(keys=True, values=False):
+                if key[: len(prefix)] != prefix:
+                    break
+                found.append(bytes(key[len(prefix) :]))
+        return found
 
     # ------------------------------------------------------------ plumbing
 
@@ -575,6 +626,8 @@ class HistoryStore:
         self, txn: _Txn, *, model: str | None, system_prompt: str | None, title: str
     ) -> Conversation:
         conversation_id = generate_conversation_id()
+        while self._with_handle(txn, conversation_handle(conversation_id)):
+            conversation_id = generate_conversation_id()  # the next id has another tail
         key = conversation_key(conversation_id)
         now = _now_ns()
         rec = _ConversationRecord(
@@ -586,6 +639,7 @@ class HistoryStore:
         )
         txn.put(key, _pack(rec), db=self._conversations)
         txn.put(_U64.pack(now) + key, b"", db=self._by_updated)
+        txn.put(_handle_key(conversation_id), b"", db=self._handles)
         return _to_conversation(conversation_id, rec)
 
     def append_message(
@@ -751,6 +805,7 @@ class HistoryStore:
             key, conv = self._get_record(txn, conversation_id)
             txn.delete(key, db=self._conversations)
             txn.delete(_U64.pack(conv.updated_ns) + key, db=self._by_updated)
+            txn.delete(_handle_key(conversation_id), db=self._handles)
             cursor = txn.cursor(db=self._messages)
             if cursor.set_range(key):
                 while cursor.key()[:16] == key:
@@ -805,11 +860,20 @@ class HistoryStore:
         return _to_conversation(conversation_id, rec)
 
     def resolve(self, prefix: str) -> str:
-        """The full id of the one conversation whose id starts with ``prefix``.
+        """The full id of the conversation with this handle, or whose id starts with ``prefix``.
 
-        Case-insensitive; dashes are optional. Raises ``ConversationNotFound``
-        or ``AmbiguousConversation``.
+        Case-insensitive; dashes are optional. A handle wins over an id prefix
+        (six characters of a time-ordered id name hours of conversations).
+        Raises ``ConversationNotFound`` or ``AmbiguousConversation``.
         """
+        handle = _normal_handle(prefix)
+        if handle is not None:
+            with self._read() as txn:
+                named = self._with_handle(txn, handle)
+            if len(named) == 1:
+                return _id_of(named[0])
+            if len(named) > 1:  # only in a store written by hand or by another program
+                raise AmbiguousConversation(prefix, len(named))
         digits = prefix.strip().lower().replace("-", "")
         if not digits or len(digits) > 32 or not re.fullmatch(r"[0-9a-f]+", digits):
             raise ConversationNotFound(prefix)

@@ -109,8 +109,8 @@ def build_command(
         command += ["--host", "127.0.0.1", "--port", str(endpoint.port)]
     else:
         command += ["--host", str(endpoint.socket_path)]
-    if model.parallel > 1:
-        command += ["--parallel", str(model.parallel)]
+    # Always: llama-server's own default is several slots, llamad queues for ``parallel``.
+    command += ["--parallel", str(model.parallel)]
     if model.mmproj is not None:
         command += ["--mmproj", str(model.mmproj)]
     if rpc:

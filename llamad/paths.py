@@ -65,3 +65,11 @@ def config_search_path(env: Mapping[str, str] = os.environ, cwd: Path | None = N
     candidates.append(config_home / "llamad" / "models.toml")
     candidates.append((cwd if cwd is not None else Path.cwd()) / "models.toml")
     return candidates
+
+
+WEBSOCKET_ADDRESS_NAME = "websocket"
+
+
+def websocket_address_path(env: Mapping[str, str] = os.environ) -> Path:
+    """Where llamad writes its WebSocket's address (``ws://HOST:PORT/``), next to its token."""
+    return runtime_dir(env) / WEBSOCKET_ADDRESS_NAME

@@ -156,7 +156,8 @@ class _Plan:
     budget: Budget
     actions: list[Action] = field(default_factory=list)
     starting: set[str] = field(default_factory=set)  # started by this plan
-    evicting: set[str] = field(default_factory=set)  # evicted by this plan (or reserved)
+    evicted: set[str] = field(default_factory=set)  # evicted by this plan: admits nothing more
+    evicting: set[str] = field(default_factory=set)  # evicted by this plan, or reserved
     reserved: dict[str, int] = field(default_factory=dict)  # model -> ticket it drains for
 
     def holding(self) -> list[ModelView]:
@@ -214,6 +215,8 @@ def _serve(state: _Plan, request: Waiting, queue: Sequence[Waiting], now: float)
         state.actions.append(Refuse(request.ticket, "failed", message))
         return
     if model.state == "ready":
+        if model.name in state.evicted:
+            return  # on its way out; this request loads it again afterwards
         reserver = state.reserved.get(model.name)
         if reserver is None or _entitled(request, model, reserver):
             state.actions.append(Admit(request.ticket))
@@ -282,6 +285,7 @@ def _make_room(state: _Plan, request: Waiting, queue: Sequence[Waiting]) -> None
         return
     for m in to_evict:
         state.actions.append(Evict(m.name, f"evicted for {model.name}"))
+        state.evicted.add(m.name)
         state.evicting.add(m.name)
     for m in to_reserve:
         # Drained, not cut: admitted requests finish, the batch it was loaded
@@ -338,6 +342,7 @@ def _idle_unloads(state: _Plan, queue: Sequence[Waiting], now: float) -> None:
         if when is not None and when <= now and model.name not in state.evicting:
             idle = model.idle_unload_after or 0.0
             state.actions.append(Evict(model.name, f"idle for {_duration(idle)}"))
+            state.evicted.add(model.name)
             state.evicting.add(model.name)
 
 

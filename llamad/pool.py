@@ -38,6 +38,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import attrs
 import httpx
@@ -57,7 +58,7 @@ from llamad.errors import (
     WorkerUnavailable,
 )
 from llamad.events import EventHub
-from llamad.llama_server import ServerBinary, check_model_file, find_server_binary
+from llamad.llama_server import Endpoint, ServerBinary, check_model_file, find_server_binary
 from llamad.placement import (
     Admit,
     Budget,
@@ -75,6 +76,7 @@ from llamad.protocol import HealthLevel, ModelMemory, ModelStatus, PoolMemory, W
 from llamad.remote import RemoteServer
 from llamad.server import ModelServer
 from llamad.supervisor import ModelSupervisor
+from llamad.upstream import Chunk, stream_chat, stream_chat_direct
 from llamad.workers import Layers, Workers, local_share, read_layers, remote_weight
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,13 @@ Estimator = Callable[[ModelConfig], Memory]
 Measurer = Callable[[list[int]], dict[int, memory.Measured]]
 
 
+# Once text flows, llama-server is read at most once per this window: a fast
+# model's tokens then come out of one read together (one wake-up, one delta,
+# one send for several tokens) instead of one each; a token waits at most this
+# long. A model slower than one token per window sees no difference.
+BATCH_WINDOW_SEC = 0.002
+
+
 @dataclass
 class Lease:
     """One request's hold on a model: ready, a slot taken, counted in flight."""
@@ -98,6 +107,19 @@ class Lease:
     client: httpx.AsyncClient
     scope: trio.CancelScope
     server: ModelServer
+
+    def stream_chat(self, payload: dict[str, Any]) -> AsyncIterator[Chunk]:
+        """A streamed chat completion from this model's server.
+
+        Straight off a socket of its own, without httpx's layers: the per-token
+        path of every chat (see bench/README.md, "Where the relay's time goes").
+        """
+        endpoint = self.server.endpoint
+        if isinstance(endpoint, Endpoint):
+            return stream_chat_direct(endpoint, payload, batch_window=BATCH_WINDOW_SEC)
+        # Served elsewhere: through its client, which carries the key, the remote
+        # model's name and TLS.
+        return stream_chat(self.client, payload)
 
 
 @dataclass(eq=False)
@@ -629,11 +651,18 @@ class ModelPool:
 
     def _admit(self, ticket: int) -> None:
         request = self._queue.pop(ticket, None)
-        if request is None:
-            return
+        if request is not None:
+            self._admit_now(request)
+
+    def _admit_now(self, request: _Request) -> None:
         request.admitted = True
         self._admitted[request.model] = self._admitted.get(request.model, 0) + 1
         request.decided.set()
+
+    def _leaving(self, name: str) -> bool:
+        """Whether an idle unload of ``name`` is due (the planner would evict it now)."""
+        unload_at = self._unload_at(name)
+        return unload_at is not None and unload_at <= trio.current_time()
 
     def _refuse(self, ticket: int, kind: str, message: str) -> None:
         request = self._queue.pop(ticket, None)
@@ -798,16 +827,21 @@ class ModelPool:
             deadline=now + self.config.daemon.load_timeout_sec,
             starts_seen=self._starts.get(name, 0),
         )
-        self._queue[request.ticket] = request
-        self._poke()
-        try:
-            await self._wait_decided(request, on_event)
-        except BaseException:
-            if request.admitted:
-                self._release(name, keep_alive)
-            elif self._queue.pop(request.ticket, None) is not None:
-                self._poke()
-            raise
+        if self._servers[name].state == "ready" and not self._queue and not self._leaving(name):
+            # What the planner would decide at once (nothing waits, nothing is
+            # being made room for), without a round trip through its task.
+            self._admit_now(request)
+        else:
+            self._queue[request.ticket] = request
+            self._poke()
+            try:
+                await self._wait_decided(request, on_event)
+            except BaseException:
+                if request.admitted:
+                    self._release(name, keep_alive)
+                elif self._queue.pop(request.ticket, None) is not None:
+                    self._poke()
+                raise
         if request.error is not None:
             raise request.error
         supervisor = self._servers[name]
@@ -832,10 +866,13 @@ class ModelPool:
         with self.hub.subscribe(frozenset({"state"}), key=request.model) as states:
             async with trio.open_nursery() as nursery:
 
+                # Changes of state only: a request waiting for a model that is
+                # loading wants to see it load, not every change of its counts.
+                # (Read now: the planner may start the model before forward runs.)
+                last = (self._servers[request.model].state, self._servers[request.model].reason)
+
                 async def forward() -> None:
-                    # Changes of state only: a request waiting for a model that is
-                    # loading wants to see it load, not every change of its counts.
-                    last = (self._servers[request.model].state, "")
+                    nonlocal last
                     async for event in states.receive:
                         status = getattr(event, "status", None)
                         if not isinstance(status, ModelStatus):

@@ -279,9 +279,35 @@ class Message(msgspec.Struct, frozen=True, kw_only=True):
         return [part for part in self.parts if isinstance(part, ImagePart)]
 
 
+HANDLE_CHARS: Final = 6
+# Crockford's base32 in lower case: no i, l, o or u, so a handle read aloud or
+# copied by hand is not mistyped.
+_HANDLE_ALPHABET: Final = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+def conversation_handle(conversation_id: str) -> str:
+    """The short name of a conversation: its id's last 30 random bits in base32.
+
+    UUIDv7 ids begin with the time, so every recent conversation shares a long
+    prefix; the tail is random, so six characters tell them apart. llamad
+    keeps handles unique; an id that is not a UUID gets an empty handle.
+    """
+    digits = conversation_id.replace("-", "")
+    if len(digits) != 32:
+        return ""
+    try:
+        value = int(digits[-8:], 16)
+    except ValueError:
+        return ""
+    return "".join(
+        _HANDLE_ALPHABET[(value >> (5 * place)) & 31] for place in reversed(range(HANDLE_CHARS))
+    )
+
+
 class Conversation(msgspec.Struct, frozen=True, kw_only=True):
     id: str  # UUIDv7: time-ordered; clients may use any unique prefix
     title: str
+    handle: str = ""  # short and unique: accepted wherever an id is (conversation_handle)
     model: str | None = None
     system_prompt: str | None = None
     created: float = 0.0
@@ -382,6 +408,11 @@ class Chat(_Request, frozen=True, kw_only=True, tag="chat"):
     message is stored), any of ``state_changed`` / ``queue_position`` /
     ``context_trimmed``, ``chat_delta`` per piece of text, and finally
     ``chat_done`` (the stored reply) or ``error``.
+
+    ``retry``: regenerate the reply to the conversation's last user message,
+    replacing the last reply (``content`` is ignored). ``edit``: replace the
+    last user message (and its reply) with ``content``, then generate. Both
+    need ``conversation`` and a user message in it (``bad_request`` otherwise).
     """
 
     content: str | list[Part]
@@ -492,6 +523,8 @@ class StatusReply(_Message, frozen=True, kw_only=True, tag="status_reply"):
     # Where a new chat that names no model goes: the model loaded last, else
     # [daemon] default_model, else the only resident model; None when there is none.
     default_model: str | None = None
+    http: str | None = None  # "host:port" of the HTTP API (OpenAI/Anthropic), when enabled
+    api_key_file: str | None = None  # where llamad's own API key is (read it; never sent)
     workers: list[WorkerStatus] = []  # RPC workers run here or used by a model
 
 
@@ -696,11 +729,31 @@ def frame(payload: bytes) -> bytes:
 
 
 _msgpack_encoder = msgspec.msgpack.Encoder()
-_request_decoder: msgspec.msgpack.Decoder[Request] = msgspec.msgpack.Decoder(Request)
-_server_decoder: msgspec.msgpack.Decoder[ServerMessage] = msgspec.msgpack.Decoder(ServerMessage)
 _json_encoder = msgspec.json.Encoder()
-_json_request_decoder: msgspec.json.Decoder[Request] = msgspec.json.Decoder(Request)
-_json_server_decoder: msgspec.json.Decoder[ServerMessage] = msgspec.json.Decoder(ServerMessage)
+# Decoders are built on first use: each costs about a millisecond to build, and
+# a client needs one of the four (``llamactl status`` pays for every import).
+_RequestDecoder = msgspec.msgpack.Decoder[Request] | msgspec.json.Decoder[Request]
+_ServerDecoder = msgspec.msgpack.Decoder[ServerMessage] | msgspec.json.Decoder[ServerMessage]
+_request_decoders: dict[bool, _RequestDecoder] = {}
+_server_decoders: dict[bool, _ServerDecoder] = {}
+
+
+def _request_decoder(json: bool) -> _RequestDecoder:
+    decoder = _request_decoders.get(json)
+    if decoder is None:
+        decoder = msgspec.json.Decoder(Request) if json else msgspec.msgpack.Decoder(Request)
+        _request_decoders[json] = decoder
+    return decoder
+
+
+def _server_decoder(json: bool) -> _ServerDecoder:
+    decoder = _server_decoders.get(json)
+    if decoder is None:
+        decoder = (
+            msgspec.json.Decoder(ServerMessage) if json else msgspec.msgpack.Decoder(ServerMessage)
+        )
+        _server_decoders[json] = decoder
+    return decoder
 
 
 def encode(message: _Message) -> bytes:
@@ -747,9 +800,7 @@ def one_line(text: str, limit: int = _MAX_ERROR_DETAIL) -> str:
 def decode_request(payload: bytes, *, json: bool = False) -> Request:
     """Decode one request body or raise ``ProtocolError`` saying what is wrong."""
     try:
-        if json:
-            return _json_request_decoder.decode(payload)
-        return _request_decoder.decode(payload)
+        return _request_decoder(json).decode(payload)
     except msgspec.ValidationError as exc:
         raise ProtocolError(
             "bad_request", f"invalid request: {one_line(str(exc))}", _salvage_id(payload, json)
@@ -776,9 +827,7 @@ def decode_request(payload: bytes, *, json: bool = False) -> Request:
 
 def decode_server_message(payload: bytes, *, json: bool = False) -> ServerMessage:
     try:
-        if json:
-            return _json_server_decoder.decode(payload)
-        return _server_decoder.decode(payload)
+        return _server_decoder(json).decode(payload)
     # RecursionError, UnicodeDecodeError: as in decode_request (clients must not crash either).
     except (
         msgspec.ValidationError,

@@ -155,7 +155,9 @@ class RemoteTransport(httpx.AsyncBaseTransport):
 
     def _request(self, request: httpx.Request, path: str, body: bytes) -> httpx.Request:
         headers = httpx.Headers(request.headers)
-        headers.pop("content-length", None)
+        # Only the remote's own key ever leaves: never a credential a caller passed on.
+        for name in ("content-length", "authorization", "x-api-key"):
+            headers.pop(name, None)
         key = self.key()
         if key is not None:
             headers["authorization"] = f"Bearer {key}"

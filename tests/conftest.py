@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -187,6 +188,8 @@ def make_llamad(llama_server_binary: Path) -> Iterator[Callable[..., Llamad]]:
                 """
             )
             + ("" if "websocket" in daemon else 'websocket = "127.0.0.1:0"\n')
+            # Tests run several llamads at once: never the fixed default port.
+            + ("" if re.search(r"^\s*http\s*=", daemon, re.M) else 'http = "127.0.0.1:0"\n')
             + textwrap.dedent(daemon)
             + "\n"
             + textwrap.dedent(models)
@@ -240,6 +243,19 @@ def ready_daemon(
 ) -> Llamad:
     """A llamad with demo and demo-b configured and demo loaded and ready."""
     daemon = make_llamad(demo_config(demo_models, **overrides), 'default_model = "demo"\n')
+    daemon.start()
+    daemon.wait_for("demo", lambda s: s.state == "ready")
+    return daemon
+
+
+def long_reply_daemon(make_llamad: Callable[..., Llamad], demo_models: dict[str, Path]) -> Llamad:
+    """demo generating for seconds: past its end-of-text, up to 30,000 tokens."""
+    models = "".join(
+        f'[models.{name}]\npath = "{path}"\nctx_size = 32768\n'
+        'args = ["--threads", "1", "--ignore-eos", "--n-predict", "30000"]\n\n'
+        for name, path in demo_models.items()
+    )
+    daemon = make_llamad(models, 'default_model = "demo"\n')
     daemon.start()
     daemon.wait_for("demo", lambda s: s.state == "ready")
     return daemon

@@ -16,9 +16,11 @@ from llamad.config import (
     ModelConfig,
     Supervision,
     ToolConfig,
+    budget_bytes,
     find_config,
     load_config,
     parse_config,
+    parse_size,
     remote_base,
 )
 from llamad.errors import ConfigError, UnknownModelError
@@ -104,9 +106,12 @@ def test_full_file_round_trips() -> None:
         aliases=("tiny", "small"),
         mmproj=Path("/etc/llamad/models/mmproj.gguf"),
         parallel=4,
-        ttl_sec=600.0,
         supervision=Supervision(
-            restart="always", restart_sec=0.5, start_limit_burst=7, health_interval_sec=2.0
+            restart="always",
+            restart_sec=0.5,
+            start_limit_burst=7,
+            health_interval_sec=2.0,
+            ttl_sec=600.0,
         ),
     )
     big = config.models["big"]
@@ -119,7 +124,7 @@ def test_full_file_round_trips() -> None:
 def test_numbers_have_their_declared_types() -> None:
     demo = parse(FULL).models["demo"]
     assert type(demo.supervision.health_interval_sec) is float  # written as 2
-    assert type(demo.ttl_sec) is float
+    assert type(demo.supervision.ttl_sec) is float
     assert type(demo.ctx_size) is int
 
 
@@ -142,7 +147,8 @@ def test_defaults_for_a_minimal_model() -> None:
     assert model == ModelConfig(name="m", path=Path("/m.gguf"))
     assert (model.n_gpu_layers, model.ctx_size, model.port, model.parallel) == (0, 2048, None, 1)
     assert (model.args, model.env, model.aliases) == ((), {}, ())
-    assert model.mmproj is None and model.ttl_sec is None
+    assert model.mmproj is None and model.supervision.ttl_sec == 0
+    assert (model.pinned, model.max_concurrent) == (False, 512)
     assert model.supervision == Supervision()
 
 
@@ -386,6 +392,20 @@ def test_config_is_immutable_and_picklable() -> None:
             '[daemon]\nwebsocket = "8765"\n',
             'daemon.websocket: expected "HOST:PORT" or "off", got "8765"',
         ),
+        (
+            '[daemon]\nhttp = "8766"\n',
+            'daemon.http: expected "HOST:PORT" or "off", got "8766"',
+        ),
+        (
+            '[daemon]\nauth = "maybe"\n',
+            'daemon.auth: expected one of "keys", "none", got "maybe"',
+        ),
+        (
+            '[daemon]\nhttp = "0.0.0.0:8766"\nauth = "none"\n',
+            'daemon.auth: "none" is only allowed when the HTTP API listens on a loopback '
+            'address, not "0.0.0.0:8766": anyone who can reach it could use your models; '
+            'use API keys (auth = "keys") or listen on 127.0.0.1',
+        ),
     ],
 )
 def test_each_mistake_is_one_exact_line(text: str, expected: str) -> None:
@@ -459,10 +479,12 @@ def test_all_problems_are_reported_together() -> None:
 
 def _model_keys() -> str:
     return (
-        "path, n_gpu_layers, ctx_size, port, args, env, aliases, mmproj, parallel, ttl_sec, "
-        "tools, max_tool_rounds, restart, restart_sec, restart_max_delay_sec, start_limit_burst, "
-        "start_limit_interval_sec, stable_after_sec, ready_timeout_sec, stop_timeout_sec, "
-        "stop_drain_sec, health_interval_sec, health_failures"
+        "path, n_gpu_layers, ctx_size, port, args, env, aliases, mmproj, parallel, pinned, "
+        "max_concurrent, tools, max_tool_rounds, workers, rpc, tensor_split, devices, url, "
+        "api_key, api_key_file, remote_model, ca_file, restart, restart_sec, "
+        "restart_max_delay_sec, start_limit_burst, start_limit_interval_sec, stable_after_sec, "
+        "ready_timeout_sec, "
+        "stop_timeout_sec, stop_drain_sec, health_interval_sec, health_failures, ttl_sec"
     )
 
 
@@ -666,6 +688,42 @@ def test_file_search_without_roots_is_refused() -> None:
         "/etc/llamad/models.toml: models.a.tools: file_search needs the folders it may "
         'search: add [tools.file_search] roots = ["~/notes"]'
     ]
+
+
+def test_pool_keys_and_sizes() -> None:
+    config = parse(
+        '[daemon]\nmemory_budget = "12GiB"\ngpu_memory_budget = "512 MiB"\nmax_models = 2\n'
+        'preload = ["m"]\nttl_sec = 300\n[models.m]\npath = "/m.gguf"\npinned = true\n'
+    )
+    assert budget_bytes(config.daemon.memory_budget) == 12 * 1024**3
+    assert budget_bytes(config.daemon.gpu_memory_budget) == 512 * 1024**2
+    assert budget_bytes("auto") is None
+    assert (config.daemon.max_models, config.daemon.preload) == (2, ("m",))
+    assert config.models["m"].supervision.ttl_sec == 300.0
+    assert config.models["m"].pinned
+    assert parse_size("1.5GB") == 1_500_000_000 and parse_size("2KiB") == 2048
+
+
+def test_bad_pool_keys_are_one_line_each() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(
+            '[daemon]\nmemory_budget = "lots"\npreload = ["nope"]\nmax_models = 0\n'
+            'ttl_sec = -1\n[models.m]\npath = "/m.gguf"\n'
+        )
+    assert caught.value.problems == [
+        f'{SOURCE}: daemon.max_models: must be greater than 0, got 0',
+        f'{SOURCE}: daemon.ttl_sec: must not be negative, got -1',
+        f'{SOURCE}: daemon.memory_budget: expected "auto" or a size such as "12GiB" or '
+        '"512MiB", got "lots"',
+        f'{SOURCE}: daemon.preload[0]: no model or alias named "nope"; configured models: m',
+    ]
+
+def test_the_http_api_is_on_with_keys_by_default_and_none_is_fine_on_loopback() -> None:
+    default = parse_config("", source=Path("models.toml"), env={"HOME": "/home/u"}).daemon
+    assert (default.http, default.auth, default.api_keys_file) == ("127.0.0.1:8766", "keys", None)
+    text = '[daemon]\nhttp = "[::1]:9000"\nauth = "none"\napi_keys_file = "keys.toml"\n'
+    daemon = parse_config(text, source=Path("/etc/llamad/models.toml"), env={}).daemon
+    assert daemon.auth == "none" and daemon.api_keys_file == Path("/etc/llamad/keys.toml")
 
 
 # ------------------------------------------------ workers, split and remote models

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import trio
 
-from llamad.events import ChatEvent, EventHub, LogEvent, coalesce
-from llamad.protocol import ChatDelta, ChatDone, Message
+from llamad.events import (
+    ChatEvent,
+    EventHub,
+    HubEvent,
+    LogEvent,
+    StateEvent,
+    Subscription,
+    coalesce,
+)
+from llamad.protocol import ChatDelta, ChatDone, Message, ModelStatus
 
 
 def delta(text: str, seq: int = 2, conversation: str = "c") -> ChatEvent:
@@ -41,3 +49,44 @@ async def test_a_busy_reader_gets_the_burst_as_one_batch() -> None:
         with trio.move_on_after(1):
             rest = [event async for batch in batches for event in batch]
         assert rest == [delta("01234567")]
+
+
+def _drain(subscription: Subscription) -> list[HubEvent]:
+    got: list[HubEvent] = []
+    while True:
+        try:
+            got.append(subscription.receive.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            return got
+
+
+async def test_each_subscriber_gets_its_topics_and_key_only() -> None:
+    hub = EventHub(queue_size=4)
+    state = StateEvent(ModelStatus(name="demo", state="ready", since=0.0))
+    log = LogEvent("demo", "line")
+    with (
+        hub.subscribe(frozenset({"chat"}), key="c") as only_c,
+        hub.subscribe(frozenset({"chat", "log"})) as chats_and_logs,
+        hub.subscribe(frozenset({"state"}), key="other") as other_model,
+    ):
+        with hub.subscribe(frozenset({"chat"})) as gone:
+            pass
+        for event in (delta("a"), delta("b", conversation="d"), log, state):
+            hub.publish(event)
+        assert _drain(only_c) == [delta("a")]
+        assert _drain(chats_and_logs) == [delta("a"), delta("b", conversation="d"), log]
+        assert _drain(other_model) == []
+        assert _drain(gone) == []
+        # One that falls behind is cut off; the others keep getting events.
+        for piece in "0123456789":
+            hub.publish(delta(piece))
+        assert only_c.overflowed and chats_and_logs.overflowed
+        with hub.subscribe(frozenset({"chat"}), key="c") as fresh:
+            hub.publish(delta("z"))
+            assert _drain(fresh) == [delta("z")]
+        assert len(_drain(only_c)) == 4  # what fit before the cut, nothing after
+
+
+def test_a_batch_of_one_is_passed_as_it_is() -> None:
+    one: list[HubEvent] = [delta("x")]
+    assert coalesce(one) == [delta("x")]

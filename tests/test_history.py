@@ -32,7 +32,13 @@ from llamad.history import (
     new_conversation_id,
     updated_key,
 )
-from llamad.protocol import Conversation, Message, MessageStats, TextPart
+from llamad.protocol import (
+    Conversation,
+    Message,
+    MessageStats,
+    TextPart,
+    conversation_handle,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -396,6 +402,56 @@ def test_resolve_odd_length_prefix(store: HistoryStore) -> None:
         assert store.resolve(prefix) == conv.id
 
 
+# ----------------------------------------------------------------- handles
+
+
+def test_handles_are_short_unique_and_resolve(store: HistoryStore) -> None:
+    made = [_conv(store) for _ in range(300)]  # many in the same millisecond
+    handles = [c.handle for c in made]
+    assert len(set(handles)) == len(handles)
+    assert all(len(c.handle) == 6 and c.handle == conversation_handle(c.id) for c in made)
+    assert all(not set(h) & set("ilou") for h in handles)  # nothing to misread
+    for conversation in made[::37]:
+        assert store.resolve(conversation.handle) == conversation.id
+        assert store.resolve(conversation.handle.upper()) == conversation.id
+    listed, _ = store.list_conversations(limit=5)
+    assert [c.handle for c in listed] == [c.handle for c in made[::-1][:5]]
+
+
+def test_handle_look_alike_letters_are_forgiven(store: HistoryStore) -> None:
+    conv = _conv(store)
+    typed = conv.handle.replace("0", "o").replace("1", "l")
+    assert store.resolve(typed) == conv.id
+
+
+def test_a_taken_handle_gets_a_new_id(store: HistoryStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = _conv(store)
+    clash = str(uuid.UUID(int=uuid.UUID(first.id).int + (1 << 80)))  # other time, same tail
+    assert conversation_handle(clash) == first.handle
+    fresh = iter([clash])
+    real = history.generate_conversation_id
+    monkeypatch.setattr(history, "generate_conversation_id", lambda: next(fresh, None) or real())
+    second = _conv(store)
+    assert second.id != clash and second.handle != first.handle
+    assert store.resolve(first.handle) == first.id
+
+
+def test_deleted_conversations_free_their_handle(store: HistoryStore) -> None:
+    conv = _conv(store)
+    store.delete(conv.id)
+    with pytest.raises(ConversationNotFound):
+        store.resolve(conv.handle)
+
+
+def test_a_store_without_the_handle_index_gets_one_at_open(tmp_path: Path) -> None:
+    with HistoryStore(tmp_path / "h") as store:
+        made = [_conv(store) for _ in range(5)]
+        with store._env.begin(write=True) as txn:  # as written before handles existed
+            txn.drop(store._handles, delete=False)
+    with HistoryStore(tmp_path / "h") as store:
+        assert [store.resolve(c.handle) for c in made] == [c.id for c in made]
+
+
 # ------------------------------------------------------------------ export
 
 
@@ -633,22 +689,32 @@ def test_images_are_stored_once_by_digest_and_freed_with_the_last_message(
 
     data = b"\x89PNG fake bytes for the store"
     digest = hashlib.sha256(data).hexdigest()
-    part = ImagePart(data=data, name="cat.png", mime="image/png", width=2, height=3,
-                     size=len(data), digest=digest)
+    part = ImagePart(
+        data=data,
+        name="cat.png",
+        mime="image/png",
+        width=2,
+        height=3,
+        size=len(data),
+        digest=digest,
+    )
     with HistoryStore(tmp_path / "h") as store:
         first = store.create_conversation(model=None, system_prompt=None)
         second = store.create_conversation(model=None, system_prompt=None)
         for conversation in (first.id, second.id):
             stored = store.append_message(
-                conversation, role="user", parts=[TextPart(text="look"), part],
+                conversation,
+                role="user",
+                parts=[TextPart(text="look"), part],
                 images={digest: data},
             )
             assert stored.images == [msgspec.structs.replace(part, data=b"")]  # no bytes inline
         assert store.image_count() == 1
         assert store.get_image(digest) == data
         reply = store.append_message(first.id, role="assistant", parts=[], status="incomplete")
-        call = ToolCall(id="c1", name="calculator", arguments='{"expression":"2+2"}',
-                        status="ok", result="4")
+        call = ToolCall(
+            id="c1", name="calculator", arguments='{"expression":"2+2"}', status="ok", result="4"
+        )
         store.update_message(first.id, reply.seq, tool_calls=[call], status="complete")
         assert store.all_messages(first.id)[-1].tool_calls == [call]
         assert "- `calculator(2+2) → 4`" in store.export_markdown(first.id)
@@ -671,9 +737,7 @@ def test_an_exchange_starts_in_one_transaction(tmp_path: Path) -> None:
         assert (conversation.title, conversation.message_count) == ("hello", 2)
         assert (conversation.model, conversation.system_prompt) == ("demo", "be brief")
         assert (user.seq, reply.seq, reply.status, reply.model) == (1, 2, "incomplete", "demo")
-        again, user2, reply2 = store.start_exchange(
-            conversation.id, parts=[TextPart(text="more")]
-        )
+        again, user2, reply2 = store.start_exchange(conversation.id, parts=[TextPart(text="more")])
         assert (again.id, user2.seq, reply2.seq) == (conversation.id, 3, 4)
         # An image without its bytes is refused before anything is written.
         with pytest.raises(ValueError, match="no bytes given"):

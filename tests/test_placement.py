@@ -134,6 +134,14 @@ def test_a_drained_model_admits_only_requests_it_owes() -> None:
     assert Admit(1) in act(models, queue, Budget(host=4 * G), now=5)
 
 
+def test_a_model_evicted_admits_no_later_request_in_the_same_plan() -> None:
+    # a is idle and must go for b; a request for a that came after a was ready
+    # must not be let in to a server that is being stopped.
+    models = pool(model("a", "ready", 2, ready_since=1), model("b", gib=2))
+    queue = [wait(2, "b", since=2), wait(3, "a", since=3)]
+    assert act(models, queue, Budget(host=3 * G), now=4) == [Evict("a", "evicted for b")]
+
+
 def test_the_batch_a_model_was_loaded_for_is_served_before_it_is_evicted() -> None:
     # a loading for tickets 1 and 3; ticket 2 (b) needs a's room. When a becomes
     # ready, both 1 and 3 go in; 2 waits.

@@ -2,15 +2,39 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import re
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
 import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llamad.errors import ContextOverflow, UpstreamError
+from llamad.llama_server import Endpoint
+from llamad.supervisor import http_client
 from llamad.upstream import (
+    Chunk,
+    ResponseReader,
     SSEDecoder,
     interpret_chunk,
+    merge_chunks,
     refusal_message,
+    stream_chat,
+    stream_chat_direct,
     turns_to_drop,
 )
+from tests.conftest import short_tempdir
 
 
 def test_sse_events_split_across_reads() -> None:
@@ -104,3 +128,467 @@ def test_streamed_tool_calls_are_assembled_in_index_order() -> None:
 def test_malformed_tool_call_is_an_upstream_error() -> None:
     with pytest.raises(UpstreamError, match="malformed tool call"):
         interpret_chunk(b'{"choices":[{"delta":{"tool_calls":["nonsense"]}}]}')
+
+
+# ------------------------------------------------------- the typed fast path
+
+LLAMA_SERVER_CHUNK = (
+    b'{"choices":[{"finish_reason":null,"index":0,"delta":{"content":" about"}}],'
+    b'"created":1796085992,"id":"chatcmpl-JDEsySW7U39AhhsgUEW1ZLGY3ATgtcNo","model":"demo.gguf",'
+    b'"system_fingerprint":"b0-unknown","object":"chat.completion.chunk"}'
+)
+
+ODD_CHUNKS = [
+    LLAMA_SERVER_CHUNK,
+    b'{"choices":[{"finish_reason":null,"index":0,"delta":{"role":"assistant","content":null}}]}',
+    b'{"choices":[{"finish_reason":"length","index":0,"delta":{}}],"timings":{"predicted_n":3}}',
+    b'{"choices":[],"usage":{"completion_tokens":7}}',
+    b'{"choices":null}',
+    b"{}",
+    b'{"choices":[{"delta":null,"finish_reason":"stop"}]}',
+    b'{"choices":[{"delta":{"content":5}}]}',  # wrong types: the generic reading decides
+    b'{"choices":[{"delta":{"content":"a"},"finish_reason":7}]}',
+    b'{"choices":["x"]}',
+    b'{"choices":{"delta":{}}}',
+    b'{"choices":[{"delta":{"content":"a"}}],"timings":[1,2]}',
+    b'{"choices":[{"delta":{"tool_calls":[{"index":true,"id":5,"function":"f"}]}}]}',
+    b'{"choices":[{"delta":{"tool_calls":[{"function":{"name":"n","arguments":null}}]}}]}',
+    b'{"choices":[{"delta":{"tool_calls":{"index":0}}}]}',
+    b'{"choices":[{"delta":{"content":"\\u00e9\\"}}],\\n"}}]}',
+    b" [DONE] ",
+    b"[DONE]",
+]
+
+MALFORMED = [
+    (b'{"error":{"message":"boom"}}', "llama-server: boom"),
+    (b'{"error":null,"choices":[]}', "llama-server: "),
+    (b"{nope", "not JSON"),
+    (b'{"choices":[{"delta":{"content":"cut', "not JSON"),
+    (LLAMA_SERVER_CHUNK[:-1], "not JSON"),
+    (b"[1,2]", "unexpected chunk"),
+    (b'"text"', "unexpected chunk"),
+    (b'{"choices":[{"delta":{"tool_calls":["nonsense"]}}]}', "malformed tool call"),
+]
+
+
+@pytest.mark.parametrize("payload", ODD_CHUNKS)
+def test_typed_reading_agrees_with_the_generic_one(payload: bytes) -> None:
+    from llamad.upstream import _interpret_generic
+
+    assert interpret_chunk(payload) == _interpret_generic(payload)
+
+
+@pytest.mark.parametrize(("payload", "message"), MALFORMED)
+def test_malformed_chunks_are_one_line_upstream_errors(payload: bytes, message: str) -> None:
+    with pytest.raises(UpstreamError, match=re.escape(message)) as caught:
+        interpret_chunk(payload)
+    assert "\n" not in str(caught.value)
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=8,
+)
+
+
+def _maybe(strategy: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
+    return strategy | _json_values
+
+
+_chunk_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "choices": _maybe(
+            st.lists(
+                _maybe(
+                    st.fixed_dictionaries(
+                        {},
+                        optional={
+                            "finish_reason": _maybe(st.sampled_from(["stop", "length"])),
+                            "delta": _maybe(
+                                st.fixed_dictionaries(
+                                    {},
+                                    optional={
+                                        "content": _maybe(st.text(max_size=8)),
+                                        "tool_calls": _maybe(
+                                            st.lists(
+                                                _maybe(
+                                                    st.fixed_dictionaries(
+                                                        {},
+                                                        optional={
+                                                            "index": _json_values,
+                                                            "id": _json_values,
+                                                            "function": _json_values,
+                                                        },
+                                                    )
+                                                ),
+                                                max_size=2,
+                                            )
+                                        ),
+                                    },
+                                )
+                            ),
+                        },
+                    )
+                ),
+                max_size=2,
+            )
+        ),
+        "timings": _json_values,
+        "usage": _json_values,
+        "error": _json_values,
+        "model": _json_values,
+    },
+)
+
+
+@given(_chunk_like)
+@settings(max_examples=300, deadline=None)
+def test_any_chunk_reads_the_same_both_ways(data: dict[str, object]) -> None:
+    from llamad.upstream import _interpret_generic
+
+    payload = json.dumps(data).encode()
+    try:
+        expected: Chunk | str = _interpret_generic(payload)
+    except UpstreamError as exc:
+        expected = str(exc)
+    try:
+        got: Chunk | str = interpret_chunk(payload)
+    except UpstreamError as exc:
+        got = str(exc)
+    assert got == expected
+
+
+# ------------------------------------------------------- one chunk per read
+
+
+def test_merged_chunks_leave_a_reader_where_each_would() -> None:
+    from llamad.upstream import ToolCallDelta, merge_chunks
+
+    chunks = [
+        Chunk(text="He"),
+        Chunk(tool_calls=(ToolCallDelta(index=0, id="c1", name="calc"),)),
+        Chunk(text="llo", timings={"predicted_n": 1}),
+        Chunk(tool_calls=(ToolCallDelta(index=0, arguments="{}"),)),
+        Chunk(finish_reason="stop", timings={"predicted_n": 2}, usage={"completion_tokens": 2}),
+        Chunk(),
+    ]
+    merged = merge_chunks(chunks)
+    assert merged.text == "Hello"
+    assert merged.finish_reason == "stop"
+    assert merged.timings == {"predicted_n": 2}
+    assert merged.usage == {"completion_tokens": 2}
+    assert [c.id or c.arguments for c in merged.tool_calls] == ["c1", "{}"]
+    assert merge_chunks(chunks[:1]) is chunks[0]
+
+
+def test_a_read_stops_at_done_and_keeps_what_came_before_an_error() -> None:
+    from llamad.upstream import read_chunks
+
+    hello = [
+        b'{"choices":[{"delta":{"content":"Hel"}}]}',
+        b'{"choices":[{"delta":{"content":"lo"}}]}',
+    ]
+    chunk, done, error = read_chunks(
+        [*hello, b"[DONE]", b'{"choices":[{"delta":{"content":"x"}}]}']
+    )
+    assert (chunk.text if chunk else None, done, error) == ("Hello", True, None)
+    chunk, done, error = read_chunks([*hello, b"{garbage", hello[0]])
+    assert chunk is not None and chunk.text == "Hello" and not done
+    assert isinstance(error, UpstreamError) and "not JSON" in str(error)
+    assert read_chunks([]) == (None, False, None)
+    assert read_chunks([b"[DONE]"]) == (None, True, None)
+
+
+# ------------------------------------------------------- HTTP responses, sans I/O
+
+CHUNKED_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+
+
+def _chunked(*pieces: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+def _feed_in_pieces(data: bytes, size: int) -> tuple[ResponseReader, bytes]:
+    reader = ResponseReader()
+    body = b"".join(reader.feed(data[i : i + size]) for i in range(0, len(data), size))
+    return reader, body
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 64, 100_000])
+def test_a_chunked_body_survives_any_split(size: int) -> None:
+    events = [b"data: {}\n\n", b"data: " + LLAMA_SERVER_CHUNK + b"\n\n", b"data: [DONE]\n\n"]
+    reader, body = _feed_in_pieces(CHUNKED_HEAD + _chunked(*events), size)
+    assert reader.status == 200
+    assert reader.headers["content-type"] == "text/event-stream"
+    assert body == b"".join(events)
+    assert reader.complete
+    reader.closed()  # a whole response: fine
+
+
+def test_chunk_extensions_and_trailers_are_skipped() -> None:
+    data = CHUNKED_HEAD + b"3;name=value\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n"
+    reader, body = _feed_in_pieces(data, 4)
+    assert (body, reader.complete) == (b"abc", True)
+
+
+@pytest.mark.parametrize("size", [1, 5, 1000])
+def test_length_and_close_delimited_bodies(size: int) -> None:
+    error = b'{"error":{"message":"no"}}'
+    head = b"HTTP/1.1 400 Bad Request\r\nContent-Length: %d\r\n\r\n" % len(error)
+    reader, body = _feed_in_pieces(head + error, size)
+    assert (reader.status, body, reader.complete) == (400, error, True)
+    reader, body = _feed_in_pieces(b"HTTP/1.0 500 Oops\r\n\r\nsome text", size)
+    assert (reader.status, body, reader.complete) == (500, b"some text", False)
+    reader.closed()
+    assert reader.complete
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"SSH-2.0-OpenSSH\r\n\r\n", "bad HTTP status line"),
+        (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "bad HTTP header line"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n", "bad Content-Length"),
+        (CHUNKED_HEAD + b"zz\r\nabc\r\n", "malformed chunked body"),
+        (CHUNKED_HEAD + b"3\r\nabcXY", "malformed chunked body"),
+        (CHUNKED_HEAD + b"-3\r\nabc\r\n", "malformed chunked body"),
+        (CHUNKED_HEAD + b"1" * 5000, "malformed chunked body"),
+        (b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 20000, "never ends"),
+    ],
+)
+def test_malformed_responses_are_one_line_errors(data: bytes, message: str) -> None:
+    with pytest.raises(UpstreamError, match=message) as caught:
+        _feed_in_pieces(data, 4096)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_response_cut_short_is_an_error() -> None:
+    reader, _ = _feed_in_pieces(CHUNKED_HEAD + b"5\r\nab", 3)
+    with pytest.raises(UpstreamError, match="closed the connection in the middle"):
+        reader.closed()
+    with pytest.raises(UpstreamError, match="closed the connection in the middle"):
+        ResponseReader().closed()
+
+
+# ------------------------------------------- streaming from the real llama-server
+
+CHAT = {
+    "messages": [{"role": "user", "content": "hi"}],
+    "stream": True,
+    "temperature": 0.0,
+    "seed": 7,
+    "max_tokens": 60,
+    "ignore_eos": True,
+}
+
+
+@dataclass
+class RealServer:
+    process: subprocess.Popen[bytes]
+    endpoint: Endpoint
+
+
+@contextlib.contextmanager
+def real_server(
+    binary: Path, model: Path, *, port: bool = False, ctx: int = 512
+) -> Iterator[RealServer]:
+    directory = short_tempdir()
+    endpoint = Endpoint(port=_free_port()) if port else Endpoint(socket_path=directory / "s.sock")
+    where = (
+        ["--host", "127.0.0.1", "--port", str(endpoint.port)]
+        if port
+        else ["--host", str(endpoint.socket_path)]
+    )
+    command = [str(binary), "-m", str(model), "-c", str(ctx), "--threads", "1", *where]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        transport = (
+            httpx.HTTPTransport(uds=str(endpoint.socket_path))
+            if endpoint.socket_path
+            else httpx.HTTPTransport()
+        )
+        with httpx.Client(transport=transport, base_url=endpoint.base_url, timeout=2) as probe:
+            deadline = time.monotonic() + 30
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if probe.get("/health").status_code == 200:
+                        break
+                assert process.poll() is None, "llama-server exited"
+                assert time.monotonic() < deadline, "llama-server did not become ready"
+                time.sleep(0.05)
+        yield RealServer(process, endpoint)
+    finally:
+        process.kill()
+        process.wait()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def _collect(chunks: AsyncIterator[Chunk]) -> list[Chunk]:
+    return [chunk async for chunk in chunks]
+
+
+def _read_whole(server: RealServer, request: dict[str, Any]) -> list[Chunk]:
+    """The reference: the whole SSE body read at once by a plain client, then decoded."""
+    endpoint = server.endpoint
+    transport = (
+        httpx.HTTPTransport(uds=str(endpoint.socket_path))
+        if endpoint.socket_path
+        else httpx.HTTPTransport()
+    )
+    with httpx.Client(transport=transport, base_url=endpoint.base_url, timeout=30) as client:
+        body = client.post("/v1/chat/completions", json=request).content
+    chunks = [interpret_chunk(event) for event in SSEDecoder().feed(body)]
+    assert chunks[-1].done
+    return chunks[:-1]
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("port", [False, True], ids=["unix socket", "tcp port"])
+async def test_direct_stream_reads_what_a_plain_client_reads(
+    llama_server_binary: Path, demo_models: dict[str, Path], port: bool
+) -> None:
+    with real_server(llama_server_binary, demo_models["demo"], port=port) as server:
+        whole = _read_whole(server, CHAT)
+        direct = await _collect(stream_chat_direct(server.endpoint, CHAT))
+    final = merge_chunks(direct)
+    assert final.finish_reason == "length"
+    assert final.timings is not None and final.timings["predicted_n"] == 60
+    assert "".join(c.text for c in direct) == "".join(c.text for c in whole) != ""
+
+
+# httpx leaves the generators under aiter_raw to the garbage collector when a
+# reply is left at [DONE] (as stream_chat always has); trio reports them.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.server
+async def test_the_httpx_stream_reads_the_same_merged_per_read(
+    llama_server_binary: Path, demo_models: dict[str, Path]
+) -> None:
+    with real_server(llama_server_binary, demo_models["demo"]) as server:
+        whole = _read_whole(server, CHAT)
+        async with http_client(server.endpoint, timeout=30.0, keepalive=False) as client:
+            chunks = await _collect(stream_chat(client, CHAT))
+    assert "".join(c.text for c in chunks) == "".join(c.text for c in whole) != ""
+    assert len(chunks) <= len(whole)  # never more chunks than events: merged per read
+    final = merge_chunks(chunks)
+    assert final.finish_reason == "length"
+    assert final.timings is not None and final.timings["predicted_n"] == 60
+
+
+@pytest.mark.server
+async def test_a_batch_window_merges_tokens_and_loses_none(
+    llama_server_binary: Path, demo_models: dict[str, Path]
+) -> None:
+    request = CHAT | {"max_tokens": 200}
+    with real_server(llama_server_binary, demo_models["demo"], ctx=1024) as server:
+        each = await _collect(stream_chat_direct(server.endpoint, request))
+        batched = await _collect(stream_chat_direct(server.endpoint, request, batch_window=0.05))
+    assert "".join(c.text for c in batched) == "".join(c.text for c in each)
+    # The demo model makes hundreds of tokens per second: far fewer reads than tokens.
+    assert len([c for c in batched if c.text]) < 100
+    assert merge_chunks(batched).finish_reason == "length"
+
+
+@pytest.mark.server
+async def test_refusals_and_a_killed_server_are_one_line_errors(
+    llama_server_binary: Path, demo_models: dict[str, Path]
+) -> None:
+    with real_server(llama_server_binary, demo_models["demo"], ctx=256) as server:
+        too_long = CHAT | {"messages": [{"role": "user", "content": "word " * 2000}]}
+        with pytest.raises(ContextOverflow):
+            await _collect(stream_chat_direct(server.endpoint, too_long))
+        endless = CHAT | {"max_tokens": 100_000}
+        texts: list[str] = []
+        with pytest.raises(UpstreamError) as caught:
+            async for chunk in stream_chat_direct(server.endpoint, endless):
+                texts.append(chunk.text)
+                if len(texts) == 5:
+                    server.process.kill()
+    assert "closed the connection in the middle" in str(
+        caught.value
+    ) or "lost the connection" in str(caught.value)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(UpstreamError, match="did not answer at") as refused:
+        await _collect(stream_chat_direct(server.endpoint, CHAT))
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.server
+async def test_a_cancelled_stream_stops_at_once_and_frees_the_server(
+    llama_server_binary: Path, demo_models: dict[str, Path]
+) -> None:
+    endless = CHAT | {"max_tokens": 100_000}
+    with real_server(llama_server_binary, demo_models["demo"], ctx=8192) as server:
+        texts: list[str] = []
+        with trio.CancelScope() as scope:
+            async for chunk in stream_chat_direct(server.endpoint, endless):
+                texts.append(chunk.text)
+                if len(texts) == 20:
+                    scope.cancel()
+        assert scope.cancelled_caught and len(texts) == 20
+        # The closed socket told llama-server to stop: its one slot serves the next.
+        again = await _collect(stream_chat_direct(server.endpoint, CHAT))
+        assert merge_chunks(again).timings is not None
+        assert "".join(c.text for c in again) == "".join(c.text for c in _read_whole(server, CHAT))
+
+
+async def _scripted_upstream(reply: bytes, nursery: trio.Nursery) -> Endpoint:
+    """A socket that answers any request with ``reply`` and closes: faults on cue."""
+    path = short_tempdir() / "s.sock"
+    listener = trio.socket.socket(trio.socket.AF_UNIX)
+    await listener.bind(str(path))
+    listener.listen()
+
+    async def serve() -> None:
+        with listener:
+            connection, _ = await listener.accept()
+            with connection:
+                await connection.recv(65536)
+                await connection.send(reply)
+
+    nursery.start_soon(serve)
+    return Endpoint(socket_path=path)
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        (CHUNKED_HEAD + _chunked(b"data: {nope\n\n"), "not JSON"),
+        (CHUNKED_HEAD + b"zz\r\n", "malformed chunked body"),
+        (CHUNKED_HEAD + _chunked(b"data: {}\n\n")[:-5], "closed the connection in the middle"),
+        (CHUNKED_HEAD + _chunked(b"data: {}\n\n"), "ended its reply without [DONE]"),
+        (
+            b"HTTP/1.1 503 Unavailable\r\nContent-Length: 38\r\n\r\n"
+            b'{"error":{"message":"Loading model"}}\n',
+            "(HTTP 503): Loading model",
+        ),
+        (b"", "closed the connection in the middle"),
+    ],
+)
+async def test_faults_only_a_broken_upstream_shows(reply: bytes, message: str) -> None:
+    hello = b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n'
+    texts: list[str] = []
+    async with trio.open_nursery() as nursery:
+        endpoint = await _scripted_upstream(
+            reply.replace(b"\r\n\r\n", b"\r\n\r\n" + b"%x\r\n%s\r\n" % (len(hello), hello), 1)
+            if reply.startswith(CHUNKED_HEAD)
+            else reply,
+            nursery,
+        )
+        with pytest.raises(UpstreamError) as caught:
+            async for chunk in stream_chat_direct(endpoint, CHAT):
+                texts.append(chunk.text)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+    if reply.startswith(CHUNKED_HEAD) and "chunked" not in message:
+        assert texts[:1] == ["Hi"]  # the events before the fault were handed on

@@ -10,7 +10,6 @@ start, no foreign ``Origin``, and a loopback ``Host`` (DNS rebinding).
 from __future__ import annotations
 
 import functools
-import ipaddress
 import logging
 import os
 import secrets
@@ -22,6 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
+from llamad.config import is_loopback
 from llamad.dispatch import (
     DISCONNECTS,
     SEND_TIMEOUT_SEC,
@@ -64,20 +64,33 @@ def parse_listen_address(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _host_name(host_header: str) -> str:
     """The host part of a ``Host`` header, without the port."""
     if host_header.startswith("["):
         return host_header[1 : host_header.find("]")]
     return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
+
+
+def check_host_and_origin(
+    host_header: str,
+    origin: str | None,
+    *,
+    allowed_origins: Sequence[str] = (),
+    allowed_hosts: Sequence[str] = (),
+) -> Rejection | None:
+    """The defences every request from a browser's reach needs (WebSocket and HTTP API).
+
+    The ``Host`` must be a loopback name or address, or listed: a DNS-rebinding
+    page reaches a loopback port under its own host name. A request with an
+    ``Origin`` comes from a web page and is refused unless that origin is
+    listed. Both compare case-insensitively, as host names and schemes do.
+    """
+    host = _host_name(host_header).lower()
+    if not (is_loopback(host) or host in (h.lower() for h in allowed_hosts)):
+        return Rejection(403, f"Host {host!r} is not allowed (add it to allowed_hosts)")
+    if origin is not None and origin.lower() not in (o.lower() for o in allowed_origins):
+        return Rejection(403, f"Origin {origin!r} is not allowed (add it to allowed_origins)")
+    return None
 
 
 def check_handshake(
@@ -93,12 +106,14 @@ def check_handshake(
     fields: dict[str, str] = {}
     for name, value in headers:
         fields[name.decode("latin-1").lower()] = value.decode("latin-1")
-    host = _host_name(host_header)
-    if not (is_loopback(host) or host in allowed_hosts):
-        return Rejection(403, f"Host {host!r} is not allowed (add it to allowed_hosts)")
-    origin = fields.get("origin")
-    if origin is not None and origin not in allowed_origins:
-        return Rejection(403, f"Origin {origin!r} is not allowed (add it to allowed_origins)")
+    rejection = check_host_and_origin(
+        host_header,
+        fields.get("origin"),
+        allowed_origins=allowed_origins,
+        allowed_hosts=allowed_hosts,
+    )
+    if rejection is not None:
+        return rejection
     offered = ""
     authorization = fields.get("authorization", "")
     if authorization.lower().startswith("bearer "):
