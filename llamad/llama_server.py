@@ -238,7 +238,8 @@ def reap_stale(pidfile: Path) -> int | None:
     try:
         process = psutil.Process(pid)
         if abs(process.create_time() - create_time) < 0.01 and process.cmdline() == cmdline:
-            log.warning("killing llama-server pid %d left by a previous llamad", pid)
+            program = Path(cmdline[0]).name if cmdline else "server"
+            log.warning("killing %s pid %d left by a previous llamad", program, pid)
             signal_group(pid, signal.SIGKILL)
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()

@@ -54,6 +54,7 @@ from llamad.errors import (
     ModelFailed,
     NoModelNamed,
     QueueFull,
+    RemoteUnavailable,
     UnknownModelError,
     WorkerUnavailable,
 )
@@ -415,6 +416,14 @@ class ModelPool:
     async def _load_quietly(self, name: str) -> None:
         try:
             await self.load(name, remember=False)
+        except RemoteUnavailable as exc:
+            # Costs nothing here: it waits, and comes back when its server answers.
+            log.warning("%s: %s; it starts when the server answers", name, exc.reason)
+            server = self._servers.get(name)
+            if isinstance(server, RemoteServer):
+                self._expected.setdefault(name, trio.current_time())
+                server.block(exc.reason)
+                server.start()
         except LlamadError as exc:
             log.warning("could not bring back %s: %s", name, exc)
 

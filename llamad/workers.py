@@ -460,7 +460,12 @@ class Workers:
     def _saw(self, address: str, seen: _Seen, state: ModelState, reason: str) -> None:
         if (seen.state, seen.reason) != (state, reason):
             seen.state, seen.reason, seen.since = state, reason, time.time()
-            self.hub.publish(WorkerEvent(self._remote_status(address, seen, [], None)))
+            used = [
+                m.name
+                for m in self.config.models.values()
+                if address in self.config.rpc_addresses(m)
+            ]
+            self.hub.publish(WorkerEvent(self._remote_status(address, seen, used, None)))
 
     def report(self, address: str) -> rpc.Report | None:
         local = self.local(address)

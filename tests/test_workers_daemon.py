@@ -425,3 +425,31 @@ def test_systemd_hears_of_the_workers(make_llamad: MakeLlamad) -> None:
             10,
         )
         assert got
+
+
+def test_a_remote_model_loaded_before_a_restart_waits_for_its_server(
+    make_llamad: MakeLlamad, demo_models: dict[str, Path], llama_server_binary: Path
+) -> None:
+    upstream, port = start_llama_server(llama_server_binary, demo_models["demo"], "upstream")
+    try:
+        daemon = make_llamad(
+            f'[models.far]\nurl = "http://127.0.0.1:{port}"\nremote_model = "upstream"\n'
+            "health_interval_sec = 0.3\n"
+        )
+        daemon.start()
+        assert daemon.ctl("load", "far").returncode == 0
+        assert daemon.stop() == 0
+        upstream.kill()
+        upstream.wait()
+        daemon.start()
+        # Remembered as loaded: it waits for its server instead of being dropped.
+        waiting = daemon.wait_for("far", lambda s: s.state == "backoff", timeout=15)
+        assert waiting.expected
+        assert "starting again when it answers" in waiting.reason
+        upstream, _ = start_llama_server(
+            llama_server_binary, demo_models["demo"], "upstream", port=port
+        )
+        daemon.wait_for("far", lambda s: s.state == "ready", timeout=15)
+    finally:
+        upstream.kill()
+        upstream.wait()
