@@ -59,7 +59,7 @@ from llamad.errors import (
     WorkerUnavailable,
 )
 from llamad.events import EventHub
-from llamad.llama_server import Endpoint, ServerBinary, check_model_file, find_server_binary
+from llamad.llama_server import Endpoint, ServerBinary, find_server_binary
 from llamad.placement import (
     Admit,
     Budget,
@@ -723,8 +723,8 @@ class ModelPool:
         server = self._servers[config.name]
         await server.precheck()
         addresses = self.config.rpc_addresses(config)
-        if not addresses or server.state in ("starting", "ready"):
-            return
+        if not addresses or server.state in ("starting", "ready", "stopping"):
+            return  # its own llama-server may be connected: the check before a spawn decides
         holders: dict[str, list[str]] = {a: self._holders(a, config.name) for a in addresses}
         for address in addresses:
             if not holders[address]:  # held by a model of ours: alive, and freed below
@@ -756,6 +756,7 @@ class ModelPool:
             weight = 1.0  # only RPC devices were named
         else:
             rpc_free = sum(r.free for r in reports if r is not None)
+            # The GPU budget ("auto": free at start) stands for this machine's GPUs.
             weight = remote_weight(model.tensor_split, devices, rpc_free, self._budget.gpu or 0)
         return local_share(whole, self._layers.get(model.name), model.n_gpu_layers, weight)
 
@@ -926,8 +927,7 @@ class ModelPool:
         """
         config = self.resolve(name)
         name = config.name
-        check_model_file(config)  # before --only stops anything
-        await self._precheck(config)
+        await self._precheck(config)  # before --only stops anything
         if only:
             await self.unload([n for n in self._servers if n != name], "unloaded by load --only")
         if remember:
