@@ -167,3 +167,30 @@ def test_the_split_follows_tensor_split_or_free_memory() -> None:
     assert remote_weight((), 2, rpc_free=24, local_gpu_free=8) == 0.75
     # RPC devices come first in llama-server's list of devices.
     assert remote_weight((1, 1, 2), 2, rpc_free=0, local_gpu_free=8) == 0.5
+
+
+async def test_a_reload_restarts_only_the_workers_whose_process_changed(
+    rpc_server_binary: Path,
+) -> None:
+    ports = (free_port(), free_port())
+    body = f"[workers.a]\nport = {ports[0]}\n[workers.b]\nport = {ports[1]}\n"
+    async with running_workers(rpc_server_binary, body) as workers:
+        await wait_state(workers, "a", "ready")
+        await wait_state(workers, "b", "ready")
+        pids = {n: s.status().pid for n, s in workers.supervisors.items()}
+        text = _worker_config(rpc_server_binary, "")
+        text += f"[workers.a]\nport = {ports[0]}\nthreads = 1\n"  # a new command line
+        text += f"[workers.b]\nport = {ports[1]}\nhealth_failures = 9\n"  # llamad's own key
+        text += f"[workers.c]\nport = {free_port()}\n"
+        new = parse_config(text, source=Path("/tmp/models.toml"), env=os.environ)
+        changes = await workers.reload(new)
+        assert changes == ["changed worker a", "updated worker b, process kept", "added worker c"]
+        await wait_state(workers, "a", "ready")
+        await wait_state(workers, "c", "ready")
+        assert workers.supervisors["a"].status().pid != pids["a"]
+        assert workers.supervisors["b"].status().pid == pids["b"]
+        gone = await workers.reload(
+            parse_config(text.split("[workers.a]")[0], source=Path("/tmp/m.toml"), env=os.environ)
+        )
+        assert sorted(gone) == ["removed worker a", "removed worker b", "removed worker c"]
+        assert workers.supervisors == {}
