@@ -112,6 +112,12 @@ def _pool(quick: bool) -> list[Figure]:
     return pool.figures(rounds=4 if quick else 10)
 
 
+def _rpc(quick: bool) -> list[Figure]:
+    from bench import rpc
+
+    return rpc.figures(rounds=3 if quick else 7, tokens=100 if quick else 200)
+
+
 BENCHES = [
     Bench("relay_overhead", "demo model: direct vs Unix socket vs WebSocket", _relay_overhead),
     Bench("relay_capacity", "fast synthetic upstream: 1 and 50 streams", _relay_capacity),
@@ -124,6 +130,7 @@ BENCHES = [
     Bench("memory", "llamad RSS idle and with 500 WebSockets", _memory),
     Bench("tui", "llama-tui frame time, 1,000 messages", _tui),
     Bench("pool", "swaps under pressure; first token while another model loads", _pool),
+    Bench("rpc", "the same model local vs split over 2 loopback workers", _rpc),
 ]
 
 

@@ -211,8 +211,13 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
     for model in reply.models:
         marker = "*" if model.expected else " "
         print(f"{marker} {model.name:<16} {_describe(model)}")
-    if not any(model.expected for model in reply.models):
+    if reply.models and not any(model.expected for model in reply.models):
         print("no model loaded; try `llamactl load NAME`")
+    if reply.workers:
+        from llamactl.pool_commands import worker_line
+
+        for worker in reply.workers:
+            print(f"  worker {worker.name} {worker.address}: {worker_line(worker)}")
     return 0
 
 
@@ -227,7 +232,8 @@ def cmd_models(client: Client, args: argparse.Namespace) -> int:
         missing = "" if model.file_exists else "  MISSING FILE"
         extras = [*(["vision"] if model.vision else []), *(f"tool {t}" for t in model.tools)]
         can = f"  [{', '.join(extras)}]" if extras else ""
-        print(f"{model.name:<16} {model.state:<9} {model.path}{missing}{aliases}{can}")
+        where = model.endpoint if model.remote else model.path
+        print(f"{model.name:<16} {model.state:<9} {where}{missing}{aliases}{can}")
     return 0
 
 

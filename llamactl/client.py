@@ -27,6 +27,7 @@ from llamad.protocol import (
     ServerMessage,
     StateChanged,
     ToolCallEvent,
+    WorkerChanged,
     decode_server_message,
     encode,
     frame,
@@ -35,6 +36,7 @@ from llamad.protocol import (
 # Messages that are followed by more answers to the same request.
 _EVENTS = (
     StateChanged,
+    WorkerChanged,
     LogLine,
     ChatStarted,
     QueuePosition,

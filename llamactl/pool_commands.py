@@ -1,4 +1,4 @@
-"""``llamactl ps``: the resident models, like ``ollama ps``."""
+"""``llamactl ps``: the resident models, like ``ollama ps``, and the RPC workers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 from llamactl.client import Client
 from llamactl.output import memory_line, print_json, size
-from llamad.protocol import ModelStatus, Status, StatusReply
+from llamad.protocol import ModelStatus, Status, StatusReply, WorkerStatus
 
 
 def _for(seconds: float) -> str:
@@ -61,6 +61,65 @@ def ps_rows(reply: StatusReply, now: float) -> list[list[str]]:
     return rows
 
 
+def worker_devices(worker: WorkerStatus) -> str:
+    """``CPU 23.5 GiB free of 23.5 GiB``, one entry per device; ``-`` before it reported."""
+    shown = []
+    for device in worker.devices:
+        name = device.name or "device"
+        if device.free is not None and device.total is not None:
+            shown.append(f"{name} {size(device.free)} free of {size(device.total)}")
+        else:
+            shown.append(name)
+    return ", ".join(shown) or "-"
+
+
+def worker_line(worker: WorkerStatus) -> str:
+    """``ready for 3 min, pid 812, CPU 23.5 GiB free of 23.5 GiB, serving split``."""
+    if worker.local:
+        parts = [f"{worker.state} for {_for(time.time() - worker.since)}"]
+    elif worker.since:
+        parts = [f"elsewhere, {worker.state} for {_for(time.time() - worker.since)}"]
+    else:
+        parts = ["elsewhere, not checked yet"]
+    if worker.pid is not None:
+        parts.append(f"pid {worker.pid}")
+    if worker.restarts:
+        parts.append(f"{worker.restarts} restarts")
+    if worker.devices:
+        parts.append(worker_devices(worker))
+    if worker.serving:
+        parts.append(f"serving {worker.serving}")
+    elif worker.used_by:
+        parts.append(f"used by {', '.join(worker.used_by)}")
+    text = ", ".join(parts)
+    return f"{text}: {worker.reason}" if worker.reason else text
+
+
+def worker_rows(reply: StatusReply) -> list[list[str]]:
+    """One row per RPC worker: ours (supervised here) and those models name elsewhere."""
+    rows = [["WORKER", "ADDRESS", "STATE", "DEVICES", "SERVING", "USED BY"]]
+    for worker in reply.workers:
+        state = worker.state if worker.local else f"{worker.state} (elsewhere)"
+        rows.append(
+            [
+                worker.name,
+                worker.address,
+                state,
+                worker_devices(worker),
+                worker.serving or "-",
+                ", ".join(worker.used_by) or "-",
+            ]
+        )
+    return rows
+
+
+def print_table(rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())
+
+
 def add_parsers(
     commands: argparse._SubParsersAction[argparse.ArgumentParser],
     common: argparse.ArgumentParser,
@@ -77,11 +136,11 @@ def cmd_ps(client: Client, args: argparse.Namespace) -> int:
         print_json(resident)
         return 0
     rows = ps_rows(reply, time.time())
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-        print("  ".join(cells).rstrip())
+    print_table(rows)
     if len(rows) == 1:
         print("no model is loaded; `llamactl load NAME` loads one")
     print(memory_line(reply.memory))
+    if reply.workers:
+        print()
+        print_table(worker_rows(reply))
     return 0

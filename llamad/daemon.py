@@ -24,10 +24,10 @@ from llamad.concurrency import first_leaf
 from llamad.config import Config, DaemonConfig, load_config
 from llamad.conversations import ChatService
 from llamad.dispatch import Dispatcher
-from llamad.errors import HistoryOpenError, LlamadError, StartupError
+from llamad.errors import HistoryOpenError, LlamadError, ServerBinaryNotFound, StartupError
 from llamad.events import EventHub
 from llamad.history import HistoryStore
-from llamad.llama_server import find_server_binary, reap_stale
+from llamad.llama_server import ServerBinary, find_server_binary, reap_stale
 from llamad.metrics import Metrics
 from llamad.no_history import NoHistory
 from llamad.ownership import UntrustedPath, ensure_private_dir
@@ -38,6 +38,7 @@ from llamad.transport import http
 from llamad.transport.accept import raise_open_file_limit
 from llamad.transport.unix import ControlServer, bind_control_socket
 from llamad.transport.websocket import WebSocketServer, parse_listen_address, write_token
+from llamad.workers import Workers
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +161,7 @@ class Daemon:
         activated = listen_sockets(self.environ)
         # Before anything else is said or done: is the runtime directory ours?
         sockets_dir = prepare_runtime_dir(self.config.daemon.runtime_dir)
-        binary = find_server_binary(self.config.daemon.llama_server)
-        log.info("using llama-server %s (found via %s)", binary.path, binary.source)
+        binary = self._find_binary()
         listener: socket.socket
         if activated:
             listener = activated[0]
@@ -186,8 +186,16 @@ class Daemon:
         # A read-only data directory costs the history and what the pool
         # remembers across restarts, nothing else.
         state_path = None if history_problem else self.config.daemon.data_dir / STATE_FILE
+        workers_dir = ensure_private_dir(self.config.daemon.runtime_dir / "workers", repair=True)
+        workers = Workers(self.config, workers_dir, self.hub, self.environ)
         pool = ModelPool(
-            self.config, binary, sockets_dir, self.hub, self.environ, state_path=state_path
+            self.config,
+            binary,
+            sockets_dir,
+            self.hub,
+            self.environ,
+            state_path=state_path,
+            workers=workers,
         )
         pool.history_problem = history_problem
         self._pool = pool
@@ -196,6 +204,8 @@ class Daemon:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    # Workers first: the models split over them check them before starting.
+                    await nursery.start(workers.run)
                     await nursery.start(pool.run)
                     chats = ChatService(pool, store, self.hub)
                     await nursery.start(chats.run)
@@ -220,6 +230,7 @@ class Daemon:
                         break
                     self.notifier.stopping()
                     await pool.shutdown()
+                    await workers.shutdown()
                     nursery.cancel_scope.cancel()
         finally:
             if not activated:
@@ -229,6 +240,18 @@ class Daemon:
             listener.close()
             store.close()
             self.notifier.close()
+
+    def _find_binary(self) -> ServerBinary | None:
+        """llama-server; a llamad with only workers and remote models can do without it."""
+        config = self.config
+        try:
+            binary = find_server_binary(config.daemon.llama_server)
+        except ServerBinaryNotFound:
+            if any(not m.remote for m in config.models.values()):
+                raise
+            return None
+        log.info("using llama-server %s (found via %s)", binary.path, binary.source)
+        return binary
 
     async def _start_websocket(self, settings: DaemonConfig) -> str | None:
         """Listen as ``settings.websocket`` says; returns "host:port", or None when off.
@@ -461,7 +484,7 @@ class Daemon:
         log.info("%s", summary)
 
     async def _report_status(self, pool: ModelPool) -> None:
-        with self.hub.subscribe(frozenset({"state"})) as subscription:
+        with self.hub.subscribe(frozenset({"state", "workers"})) as subscription:
             async for _event in subscription.receive:
                 self.notifier.status(_status_line(pool))
 
@@ -474,6 +497,12 @@ class Daemon:
 
 def _status_line(pool: ModelPool) -> str:
     shown = [s for s in pool.statuses().values() if s.expected or s.state != "stopped"]
-    if not shown:
-        return "no model loaded"
-    return "; ".join(f"{s.name}: {s.state}" + (f" ({s.reason})" if s.reason else "") for s in shown)
+    workers = [
+        f"worker {w.name}: {w.state}" + (f" ({w.reason})" if w.reason else "")
+        for w in pool.worker_statuses()
+        if w.local
+    ]
+    models = [f"{s.name}: {s.state}" + (f" ({s.reason})" if s.reason else "") for s in shown]
+    if not models and pool.config.models:
+        models = ["no model loaded"]
+    return "; ".join(models + workers) or "no model loaded"

@@ -29,7 +29,7 @@ from llamad.errors import (
     LlamadError,
     NothingGenerating,
 )
-from llamad.events import ChatEvent, LogEvent, StateEvent, Subscription
+from llamad.events import ChatEvent, LogEvent, StateEvent, Subscription, WorkerEvent
 from llamad.pool import ModelPool
 from llamad.protocol import (
     ApproveTool,
@@ -65,6 +65,7 @@ from llamad.protocol import (
     Subscribe,
     Unload,
     Watch,
+    WorkerChanged,
     one_line,
 )
 
@@ -196,9 +197,13 @@ class Dispatcher:
                 level, summary, models = pool.health(name)
                 await peer.send(HealthReply(id=rid, level=level, summary=summary, models=models))
             case Logs(id=rid, model=name, lines=count, follow=follow):
-                model = pool.resolve(name).name if name is not None else pool.default_model()
-                supervisor = pool.server(model)
-                tail = list(supervisor.output)[-count:] if count > 0 else []
+                worker = pool.workers.supervisors.get(name) if name is not None else None
+                if worker is not None:  # names are unique across models and workers
+                    model, output = worker.name, worker.output
+                else:
+                    model = pool.resolve(name).name if name is not None else pool.default_model()
+                    output = pool.server(model).output
+                tail = list(output)[-count:] if count > 0 else []
                 if not follow:
                     await peer.send(LogLines(id=rid, model=model, lines=tail))
                     return
@@ -301,6 +306,7 @@ class Dispatcher:
             memory=self.pool.pool_memory(),
             history=self.pool.history_problem,
             default_model=self.pool.default_model_or_none(),
+            workers=self.pool.worker_statuses(),
         )
 
     async def _forward(self, request_id: int, subscription: Subscription, peer: Peer) -> None:
@@ -356,10 +362,14 @@ class Dispatcher:
             log.warning("background load of %s: %s", model, exc)
 
 
-def _event_message(request_id: int, event: StateEvent | LogEvent | ChatEvent) -> ServerMessage:
+def _event_message(
+    request_id: int, event: StateEvent | WorkerEvent | LogEvent | ChatEvent
+) -> ServerMessage:
     match event:
         case StateEvent(status):
             return StateChanged(id=request_id, model=status)
+        case WorkerEvent(status):
+            return WorkerChanged(id=request_id, worker=status)
         case LogEvent(model, line):
             return LogLine(id=request_id, model=model, line=line)
         case ChatEvent(_, message):

@@ -28,6 +28,8 @@ hand::
     ├── ModelFileMissing         model_file_missing   404  the model's GGUF file does not exist
     ├── ModelFailed              model_failed         503  a model could not be brought up
     │   ├── LoadSuperseded                                 another load or an unload came first
+    │   ├── WorkerUnavailable                              an RPC worker it is split over is away
+    │   ├── RemoteUnavailable                              its remote server is away or lacks it
     │   ├── DoesNotFit           does_not_fit         503  not enough memory after every eviction
     │   └── LoadTimeout          timeout              504  waited too long for requests in flight
     ├── RequestCancelled         cancelled            503  the model had to stop under a request
@@ -204,6 +206,22 @@ class LoadSuperseded(ModelFailed):
         super().__init__(model, "superseded")
         what = f"a load of {winner!r}" if winner else "an unload"
         self.args = (f"load of {model!r} superseded by {what} requested meanwhile",)
+
+
+class WorkerUnavailable(ModelFailed):
+    """An RPC worker the model is split over does not answer, or serves another model."""
+
+    def __init__(self, model: str, reason: str) -> None:
+        super().__init__(model, reason)
+        self.args = (f"model {model!r} cannot start: {reason}",)
+
+
+class RemoteUnavailable(ModelFailed):
+    """A remote model's server is unreachable, refuses us, or does not serve the model."""
+
+    def __init__(self, model: str, reason: str) -> None:
+        super().__init__(model, reason)
+        self.args = (f"model {model!r}: {reason}",)
 
 
 class DoesNotFit(ModelFailed):

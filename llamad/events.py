@@ -17,14 +17,19 @@ from typing import Literal
 import msgspec
 import trio
 
-from llamad.protocol import ChatDelta, ModelStatus, ServerMessage
+from llamad.protocol import ChatDelta, ModelStatus, ServerMessage, WorkerStatus
 
-Topic = Literal["state", "log", "chat"]
+Topic = Literal["state", "log", "chat", "workers"]
 
 
 @dataclass(frozen=True)
 class StateEvent:
     status: ModelStatus
+
+
+@dataclass(frozen=True)
+class WorkerEvent:
+    status: WorkerStatus
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,7 @@ class ChatEvent:
     message: ServerMessage
 
 
-HubEvent = StateEvent | LogEvent | ChatEvent
+HubEvent = StateEvent | WorkerEvent | LogEvent | ChatEvent
 
 
 @dataclass(eq=False)
@@ -105,6 +110,8 @@ def _topic_and_key(event: HubEvent) -> tuple[Topic, str]:
     match event:
         case StateEvent(status):
             return "state", status.name
+        case WorkerEvent(status):
+            return "workers", status.name
         case LogEvent(model, _):
             return "log", model
         case ChatEvent(conversation, _):

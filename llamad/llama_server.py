@@ -25,12 +25,13 @@ from pathlib import Path
 import psutil
 
 from llamad.config import ModelConfig
-from llamad.errors import ServerBinaryNotFound
+from llamad.errors import ModelFailed, ModelFileMissing, ServerBinaryNotFound
 from llamad.systemd import child_environment
 
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+GGUF_MAGIC = b"GGUF"
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -89,8 +90,13 @@ def endpoint_for(model: ModelConfig, sockets_dir: Path) -> Endpoint:
     return Endpoint(socket_path=sockets_dir / f"{model.name}.sock")
 
 
-def build_command(binary: Path, model: ModelConfig, endpoint: Endpoint) -> list[str]:
-    """The llama-server argv for ``model``; ``args`` from models.toml go last, verbatim."""
+def build_command(
+    binary: Path, model: ModelConfig, endpoint: Endpoint, rpc: tuple[str, ...] = ()
+) -> list[str]:
+    """The llama-server argv for ``model``; ``args`` from models.toml go last, verbatim.
+
+    ``rpc`` are the workers its layers are split over (``--rpc``).
+    """
     command = [
         str(binary),
         "--model",
@@ -108,8 +114,41 @@ def build_command(binary: Path, model: ModelConfig, endpoint: Endpoint) -> list[
     command += ["--parallel", str(model.parallel)]
     if model.mmproj is not None:
         command += ["--mmproj", str(model.mmproj)]
+    if rpc:
+        command += ["--rpc", ",".join(rpc)]
+    if model.tensor_split:
+        command += ["--tensor-split", ",".join(f"{share:g}" for share in model.tensor_split)]
+    if model.devices:
+        command += ["--device", ",".join(model.devices)]
     command += list(model.args)
     return command
+
+
+def check_model_file(model: ModelConfig) -> None:
+    """Refuse a model whose file is missing or is not a GGUF, before anything is evicted."""
+    if model.path is None:
+        return  # served elsewhere
+    try:
+        with model.path.open("rb") as handle:
+            head = handle.read(8)
+    except FileNotFoundError:
+        raise ModelFileMissing(model.name, str(model.path)) from None
+    except OSError as exc:
+        raise ModelFailed(
+            model.name, f"cannot read {model.path}: {exc.strerror or exc}"
+        ) from None
+    if head[:4] != GGUF_MAGIC:
+        raise ModelFailed(
+            model.name,
+            f"{model.path} is not a GGUF model file (it starts with {head[:4]!r}, not b'GGUF'); "
+            "fix its path in models.toml",
+        )
+    version = int.from_bytes(head[4:8], "little")
+    if version not in (2, 3):
+        raise ModelFailed(
+            model.name,
+            f"{model.path} is GGUF version {version}, which this llama-server does not read",
+        )
 
 
 def _child_setup(parent_pid: int) -> Callable[[], None]:
@@ -224,7 +263,8 @@ def reap_stale(pidfile: Path, uid: int | None = None) -> int | None:
         if same and process.uids().real != uid:
             log.warning("not killing pid %d named by %s: it runs as another user", pid, pidfile)
         elif same:
-            log.warning("killing llama-server pid %d left by a previous llamad", pid)
+            program = Path(cmdline[0]).name if cmdline else "server"
+            log.warning("killing %s pid %d left by a previous llamad", program, pid)
             signal_group(pid, signal.SIGKILL)
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()

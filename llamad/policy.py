@@ -12,6 +12,14 @@ a death by signal, a ready timeout or a failed health watchdog; a stop the
 user asked for never restarts; more than ``start_limit_burst`` starts within
 ``start_limit_interval_sec`` is a crash loop and ends in ``failed`` until the
 user loads or restarts the model.
+
+A server may also depend on something it does not run: the RPC workers a
+model is split over, or the remote server a model stands for. ``Blocked``
+says such a dependency went away: a running server is stopped (it could only
+fail or hang) and counted as a failure; while blocked, the machine waits in
+``backoff`` without starting, and ``Unblocked`` starts it again. Waiting
+costs no start, so a worker that is away for a minute does not end in a
+crash loop.
 """
 
 from __future__ import annotations
@@ -168,6 +176,25 @@ class TimerFired:
     token: int
 
 
+@dataclass(frozen=True)
+class Blocked:
+    """Something the server needs went away; ``reason`` names it (``worker X is not ...``)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Unblocked:
+    """Everything the server needs answers again."""
+
+
+@dataclass(frozen=True)
+class SpawnBlocked:
+    """The process was not started: the check before spawning found ``reason``."""
+
+    reason: str
+
+
 Event = (
     StartRequested
     | RestartRequested
@@ -178,6 +205,9 @@ Event = (
     | HealthProbed
     | Exited
     | TimerFired
+    | Blocked
+    | Unblocked
+    | SpawnBlocked
 )
 
 
@@ -234,6 +264,8 @@ class ModelMachine:
     _after_stop: _AfterStop = "stay"
     _failure_reason: str = ""
     _timer_token: int = 0
+    blocked: str = ""  # why a dependency is missing; "" when everything answers
+    _waiting: bool = False  # in backoff, waiting for Unblocked rather than a timer
 
     def __post_init__(self) -> None:
         self.since = self.now
@@ -254,7 +286,15 @@ class ModelMachine:
         self._timer_token += 1
         return CancelTimer()
 
+    def _wait_unblocked(self, now: float) -> list[Action]:
+        self._waiting = True
+        self._enter("backoff", now, f"{self.blocked}; starting again when it answers")
+        return []
+
     def _spawn(self, now: float, reason: str = "") -> list[Action]:
+        if self.blocked:
+            return self._wait_unblocked(now)
+        self._waiting = False
         self._start_times.append(now)
         self.started_at = now
         self.ready_at = None
@@ -338,9 +378,33 @@ class ModelMachine:
                     self._after_stop = "stay"
                     return []
                 if self.state in ("backoff", "failed"):
+                    self._waiting = False
                     self._enter("stopped", now, reason)
                     return [self._cancel_timer()]
                 return []
+            case Blocked(reason):
+                self.blocked = reason
+                if self.state in ("starting", "ready"):
+                    # Nothing to flush: a server whose worker is gone can only fail
+                    # or hang, and its graceful exit would wait on the lost worker.
+                    self._failure_reason = reason
+                    return self._terminate(now, "policy", reason, graceful=False)
+                if self.state == "stopping" and self._after_stop == "policy":
+                    # Found while stopping for a failure (missed health checks): the cause.
+                    self._failure_reason = f"{reason} ({self._failure_reason})"
+                if self._waiting:
+                    return self._wait_unblocked(now)
+                return []
+            case Unblocked():
+                self.blocked = ""
+                if self.state == "backoff" and self._waiting:
+                    return self._spawn(now, self.reason)
+                return []
+            case SpawnBlocked(reason):
+                self.blocked = reason
+                if self.state != "starting" or self.pid is not None:
+                    return []
+                return [self._cancel_timer(), *self._after_failure(now, reason, failed=True)]
             case Spawned(pid):
                 self.pid = pid
                 return []
@@ -396,7 +460,13 @@ class ModelMachine:
                 self._enter("stopped", now, self.reason)
                 return [cancel]
             case "starting" | "ready":
-                failed = exit_info.signal is not None or exit_info.code != 0
+                # Gone before it served at all is a failure whatever the code (rpc-server
+                # exits 0 when its port is taken).
+                failed = (
+                    exit_info.signal is not None
+                    or exit_info.code != 0
+                    or self.state == "starting"
+                )
                 if self.state == "starting":
                     what = f"{what} before it was ready"
                     if detail:

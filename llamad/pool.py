@@ -15,6 +15,14 @@ set of *expected* models (what should be running: loaded by the user or on
 demand, pinned, preloaded, and not since unloaded or evicted) is what
 ``health`` judges, and is remembered across restarts of llamad in the data
 directory.
+
+A model is served by a llama-server of ours (``ModelSupervisor``) or by a
+server elsewhere (``RemoteServer``); the pool sees both as a ``ModelServer``
+(``llamad.server``). A remote one costs no local memory. A model split over
+RPC workers is checked before anything is evicted for it (each worker must
+answer, and a worker serves one model at a time), and watched while it runs:
+a worker that goes away stops it (``backoff``, naming the worker) until the
+worker answers again.
 """
 
 from __future__ import annotations
@@ -37,20 +45,21 @@ import httpx
 import msgspec
 import trio
 
-from llamad import memory
+from llamad import memory, rpc
 from llamad.config import Config, ModelConfig, budget_bytes
 from llamad.errors import (
     DoesNotFit,
     LlamadError,
     LoadTimeout,
     ModelFailed,
-    ModelFileMissing,
     NoModelNamed,
     QueueFull,
+    RemoteUnavailable,
     UnknownModelError,
+    WorkerUnavailable,
 )
 from llamad.events import EventHub
-from llamad.llama_server import ServerBinary
+from llamad.llama_server import Endpoint, ServerBinary, find_server_binary
 from llamad.placement import (
     Admit,
     Budget,
@@ -64,15 +73,18 @@ from llamad.placement import (
     plan,
     size_text,
 )
-from llamad.protocol import HealthLevel, ModelMemory, ModelStatus, PoolMemory
+from llamad.protocol import HealthLevel, ModelMemory, ModelStatus, PoolMemory, WorkerStatus
+from llamad.remote import RemoteServer
+from llamad.server import ModelServer
 from llamad.supervisor import ModelSupervisor
-from llamad.upstream import Chunk, stream_chat_direct
+from llamad.upstream import Chunk, stream_chat, stream_chat_direct
+from llamad.workers import Layers, Workers, local_share, read_layers, remote_weight
 
 log = logging.getLogger(__name__)
 
 MEASURE_INTERVAL_SEC = 2.0
+WATCH_INTERVAL_SEC = 1.0  # how often a split model's connections to its workers are read
 STATE_FILE = "pool.json"
-GGUF_MAGIC = b"GGUF"
 
 # What a queued request hears while it waits: its model's status, or its place in line.
 PoolEvent = ModelStatus | int
@@ -95,7 +107,7 @@ class Lease:
     config: ModelConfig
     client: httpx.AsyncClient
     scope: trio.CancelScope
-    server: ModelSupervisor
+    server: ModelServer
 
     def stream_chat(self, payload: dict[str, Any]) -> AsyncIterator[Chunk]:
         """A streamed chat completion from this model's server.
@@ -103,7 +115,12 @@ class Lease:
         Straight off a socket of its own, without httpx's layers: the per-token
         path of every chat (see bench/README.md, "Where the relay's time goes").
         """
-        return stream_chat_direct(self.server.endpoint, payload, batch_window=BATCH_WINDOW_SEC)
+        endpoint = self.server.endpoint
+        if isinstance(endpoint, Endpoint):
+            return stream_chat_direct(endpoint, payload, batch_window=BATCH_WINDOW_SEC)
+        # Served elsewhere: through its client, which carries the key, the remote
+        # model's name and TLS.
+        return stream_chat(self.client, payload)
 
 
 @dataclass(eq=False)
@@ -166,33 +183,10 @@ class SlotQueue:
             self._free += 1
 
 
-def check_model_file(model: ModelConfig) -> None:
-    """Refuse a model whose file is missing or is not a GGUF, before anything is evicted."""
-    try:
-        with model.path.open("rb") as handle:
-            head = handle.read(8)
-    except FileNotFoundError:
-        raise ModelFileMissing(model.name, str(model.path)) from None
-    except OSError as exc:
-        raise ModelFailed(
-            model.name, f"cannot read {model.path}: {exc.strerror or exc}"
-        ) from None
-    if head[:4] != GGUF_MAGIC:
-        raise ModelFailed(
-            model.name,
-            f"{model.path} is not a GGUF model file (it starts with {head[:4]!r}, not b'GGUF'); "
-            "fix its path in models.toml",
-        )
-    version = int.from_bytes(head[4:8], "little")
-    if version not in (2, 3):
-        raise ModelFailed(
-            model.name,
-            f"{model.path} is GGUF version {version}, which this llama-server does not read",
-        )
-
-
 def rough_estimate(model: ModelConfig) -> Memory:
     """A stand-in estimate when the GGUF cannot be read: the file plus a margin."""
+    if model.path is None:
+        return Memory()  # served elsewhere
     try:
         size = model.path.stat().st_size
     except OSError:
@@ -249,13 +243,45 @@ def _models_verdict(statuses: Mapping[str, ModelStatus], now: float) -> tuple[He
     return "ok", f"{len(ready)} models ready: {', '.join(s.name for s in ready)}"
 
 
+def with_workers(
+    level: HealthLevel, summary: str, workers: list[WorkerStatus], *, alone: bool = False
+) -> tuple[HealthLevel, str]:
+    """A verdict with the workers this llamad runs: failed is CRITICAL, restarting WARNING.
+
+    ``alone``: the verdict is the workers' only (``health WORKER``, or no model configured).
+    """
+    critical: list[str] = []
+    warning: list[str] = []
+    ready: list[str] = []
+    for worker in (w for w in workers if w.local):
+        why = f": {worker.reason}" if worker.reason else ""
+        match worker.state:
+            case "ready":
+                ready.append(worker.name)
+            case "failed" | "stopped":
+                critical.append(f"worker {worker.name} {worker.state}{why}")
+            case _:
+                warning.append(f"worker {worker.name} {worker.state}{why}")
+    if critical:
+        level = "critical"
+    elif warning and level == "ok":
+        level = "warning"
+    problems = critical + warning
+    if alone:
+        parts = problems or [f"worker{'s' if len(ready) > 1 else ''} {', '.join(ready)} ready"]
+        return level, "; ".join(parts)
+    if level == "ok" or not problems:
+        return level, summary
+    return level, "; ".join([*problems, summary] if summary else problems)
+
+
 class ModelPool:
     """Which models run, and every request's way to one of them."""
 
     def __init__(
         self,
         config: Config,
-        binary: ServerBinary,
+        binary: ServerBinary | None,
         sockets_dir: Path,
         hub: EventHub,
         environ: Mapping[str, str] | None = None,
@@ -263,10 +289,13 @@ class ModelPool:
         estimate: Estimator | None = None,
         measure: Measurer = memory.measure,
         state_path: Path | None = None,
+        workers: Workers | None = None,
     ) -> None:
         self.config = config
-        self.binary = binary
+        self.binary = binary  # None until a model llamad runs needs it
         self.hub = hub
+        # The daemon's running workers; otherwise only workers elsewhere can be used.
+        self.workers = workers or Workers(config, sockets_dir.parent / "workers", hub)
         self.last_loaded: str | None = None  # the model a `load` named last
         self.history_problem: str | None = None  # set by the daemon when history is unavailable
         self._sockets_dir = sockets_dir
@@ -274,10 +303,12 @@ class ModelPool:
         self._estimate = estimate or rough_estimate
         self._measure = measure
         self._state_path = state_path
-        self._servers: dict[str, ModelSupervisor] = {}
+        self._servers: dict[str, ModelServer] = {}
         self._scopes: dict[str, trio.CancelScope] = {}
         self._slots: dict[str, SlotQueue] = {}
         self._estimates: dict[str, Memory] = {}
+        self._whole: dict[str, Memory] = {}  # a split model's estimate before the split
+        self._layers: dict[str, Layers | None] = {}
         self._measured: dict[str, memory.Measured] = {}
         self._measured_pid: dict[str, int] = {}
         self._queue: dict[int, _Request] = {}
@@ -318,30 +349,52 @@ class ModelPool:
             daemon.max_models,
         )
 
-    async def _add(self, name: str) -> None:
-        assert self._nursery is not None
-        model = self.config.models[name]
-        supervisor = ModelSupervisor(
+    def _server_for(self, model: ModelConfig) -> ModelServer:
+        log_lines = self.config.daemon.log_lines
+        if model.remote:
+            return RemoteServer(model, self.hub, log_lines=log_lines)
+        if self.binary is None:
+            self.binary = find_server_binary(self.config.daemon.llama_server)
+        addresses = self.config.rpc_addresses(model)
+        preflight = functools.partial(self._workers_problem, model.name) if addresses else None
+        return ModelSupervisor(
             model,
             self.binary,
             self._sockets_dir,
             self.hub,
-            log_lines=self.config.daemon.log_lines,
+            log_lines=log_lines,
             environ=self._environ,
+            rpc=addresses,
+            preflight=preflight,
         )
-        supervisor.on_change = functools.partial(self._on_change, name)
+
+    async def _add(self, name: str) -> None:
+        assert self._nursery is not None
+        model = self.config.models[name]
+        server = self._server_for(model)
+        server.on_change = functools.partial(self._on_change, name)
         scope = trio.CancelScope()
 
-        async def run_supervisor(task_status: trio.TaskStatus[None]) -> None:
+        async def run_server(task_status: trio.TaskStatus[None]) -> None:
             with scope:
-                await supervisor.run(task_status=task_status)
+                if isinstance(server, ModelSupervisor) and server.preflight is not None:
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(functools.partial(server.run))
+                        nursery.start_soon(self._watch_workers, server)
+                        task_status.started()
+                else:
+                    await server.run(task_status=task_status)
 
-        await self._nursery.start(run_supervisor)
-        self._servers[name] = supervisor
+        await self._nursery.start(run_server)
+        self._servers[name] = server
         self._scopes[name] = scope
         self._starts.setdefault(name, 0)
         self._admitted.setdefault(name, 0)
         self._estimates[name] = await trio.to_thread.run_sync(self._estimate, model)
+        if self.config.rpc_addresses(model) and model.path is not None:
+            self._whole[name] = self._estimates[name]
+            self._layers[name] = await trio.to_thread.run_sync(read_layers, model.path)
+            self._estimates[name] = self._split_estimate(model)
 
     async def _remove(self, name: str) -> None:
         supervisor = self._servers.pop(name)
@@ -374,6 +427,14 @@ class ModelPool:
     async def _load_quietly(self, name: str) -> None:
         try:
             await self.load(name, remember=False)
+        except RemoteUnavailable as exc:
+            # Costs nothing here: it waits, and comes back when its server answers.
+            log.warning("%s: %s; it starts when the server answers", name, exc.reason)
+            server = self._servers.get(name)
+            if isinstance(server, RemoteServer):
+                self._expected.setdefault(name, trio.current_time())
+                server.block(exc.reason)
+                server.start()
         except LlamadError as exc:
             log.warning("could not bring back %s: %s", name, exc)
 
@@ -393,7 +454,7 @@ class ModelPool:
         """A model by name or alias; ``UnknownModelError`` lists the configured names."""
         return self.config.resolve(name)
 
-    def server(self, name: str) -> ModelSupervisor:
+    def server(self, name: str) -> ModelServer:
         return self._servers[self._name(name)]
 
     def default_model(self) -> str:
@@ -493,6 +554,12 @@ class ModelPool:
         return Memory(host=max(estimate.host, measured.pss), gpu=max(estimate.gpu, measured.gpu))
 
     def health(self, model: str | None = None) -> tuple[HealthLevel, str, list[ModelStatus]]:
+        workers = self.worker_statuses()
+        if model is not None and model in self.config.workers:
+            level, summary = with_workers(
+                "ok", "", [w for w in workers if w.local and w.name == model], alone=True
+            )
+            return level, summary, []
         statuses = self.statuses()
         if model is not None:
             status = statuses[self._name(model)]
@@ -503,6 +570,9 @@ class ModelPool:
             statuses = {status.name: msgspec.structs.replace(status, expected=True)}
         # ModelStatus.since is wall-clock so clients can show it; compare like with like.
         level, summary = health_verdict(statuses, time.time(), self.history_problem)
+        if model is None and any(w.local for w in workers):
+            alone = not self.config.models
+            level, summary = with_workers(level, summary, workers, alone=alone)
         shown = [s for s in statuses.values() if s.expected and s.state != "ready"]
         return level, summary, shown
 
@@ -543,6 +613,7 @@ class ModelPool:
                 last_used=self._last_used.get(name, 0.0),
                 in_flight=self._admitted.get(name, 0),
                 pinned=supervisor.model.pinned,
+                counted=not supervisor.model.remote,
                 ready_since=self._ready_since.get(name) if supervisor.state == "ready" else None,
                 idle_unload_after=self._idle_after(name),
                 starts=self._starts.get(name, 0),
@@ -626,6 +697,123 @@ class ModelPool:
                 request.error = ModelFailed(request.model, message)
         request.decided.set()
 
+    # ------------------------------------------------------------- workers
+
+    def _holders(self, address: str, excluding: str = "") -> list[str]:
+        """Our models with a llama-server that is (or may be) connected to ``address``."""
+        return [
+            name
+            for name, server in self._servers.items()
+            if name != excluding
+            and server.state in ("starting", "ready", "stopping")
+            and address in self.config.rpc_addresses(server.model)
+        ]
+
+    async def _workers_problem(self, name: str) -> str | None:
+        """Why ``name`` cannot start on its workers now, or None (the check before a spawn)."""
+        for address in self.config.rpc_addresses(self.config.models[name]):
+            holders = self._holders(address, excluding=name)
+            if holders:
+                return (
+                    f"worker {self.workers.name(address)} is serving model {holders[0]} "
+                    "(an rpc-server serves one model at a time)"
+                )
+            problem = await self.workers.check(address)
+            if problem is not None:
+                return problem
+        return None
+
+    async def _precheck(self, config: ModelConfig) -> None:
+        """Refuse a model that cannot start, before anything is evicted for it.
+
+        The server's own check (its file; a remote server reachable and
+        serving the model), then every worker it is split over: each must
+        answer; another of our models holding one is stopped if it is idle
+        (a worker serves one model at a time), else the load is refused.
+        """
+        server = self._servers[config.name]
+        await server.precheck()
+        addresses = self.config.rpc_addresses(config)
+        if not addresses or server.state in ("starting", "ready", "stopping"):
+            return  # its own llama-server may be connected: the check before a spawn decides
+        holders: dict[str, list[str]] = {a: self._holders(a, config.name) for a in addresses}
+        for address in addresses:
+            if not holders[address]:  # held by a model of ours: alive, and freed below
+                problem = await self.workers.check(address)
+                if problem is not None:
+                    raise WorkerUnavailable(config.name, problem)
+        if isinstance(server, ModelSupervisor):
+            server.unblock()
+        others = sorted({n for names in holders.values() for n in names})
+        busy = [n for n in others if self._admitted.get(n) or self._servers[n].in_flight]
+        if busy:
+            shared = next(a for a in addresses if busy[0] in holders[a])
+            raise WorkerUnavailable(
+                config.name,
+                f"worker {self.workers.name(shared)} is serving model {busy[0]}, which has "
+                "requests in flight (an rpc-server serves one model at a time); try again when "
+                "they finish",
+            )
+        if others:
+            await self.unload(others, f"evicted for {config.name} (it needs the same workers)")
+        self._estimates[config.name] = self._split_estimate(config)
+
+    def _split_estimate(self, model: ModelConfig) -> Memory:
+        """The local share of a split model's estimate, by its workers' reported memory."""
+        whole = self._whole.get(model.name, self._estimates.get(model.name, Memory()))
+        reports = [self.workers.report(a) for a in self.config.rpc_addresses(model)]
+        devices = sum(len(r.devices) if r is not None and r.devices else 1 for r in reports)
+        if model.devices and all(d.upper().startswith("RPC") for d in model.devices):
+            weight = 1.0  # only RPC devices were named
+        else:
+            rpc_free = sum(r.free for r in reports if r is not None)
+            # The GPU budget ("auto": free at start) stands for this machine's GPUs.
+            weight = remote_weight(model.tensor_split, devices, rpc_free, self._budget.gpu or 0)
+        return local_share(whole, self._layers.get(model.name), model.n_gpu_layers, weight)
+
+    async def _watch_workers(self, server: ModelSupervisor) -> None:
+        """Stop a split model whose worker went away; let it start when all answer again.
+
+        Workers we run are judged by their supervisors (their exit is seen at
+        once). For one elsewhere, while the model runs, its llama-server's own
+        connection tells (closed by the worker's end); while the model waits,
+        a handshake every ``WATCH_INTERVAL_SEC``.
+        """
+        name = server.model.name
+        while True:
+            await self.workers.wait_changed(WATCH_INTERVAL_SEC)
+            addresses = self.config.rpc_addresses(server.model)
+            if server.state in ("starting", "ready"):
+                problem = next(
+                    (p for p in map(self.workers.local_problem, addresses) if p is not None),
+                    None,
+                )
+                elsewhere = [a for a in addresses if self.workers.local(a) is None]
+                pid = server.pid
+                if problem is None and elsewhere and pid is not None:
+                    gone = await trio.to_thread.run_sync(rpc.connection_closed, pid, elsewhere)
+                    if gone is not None:
+                        problem = f"worker {gone} closed its connection (it stopped or restarted)"
+                        self.workers.saw_gone(gone, "closed its connection")
+                if problem is not None and server.state in ("starting", "ready"):
+                    log.warning("%s: %s", name, problem)
+                    server.block(problem)
+            elif server.state == "backoff" and server.blocked:
+                problem = await self._workers_problem(name)
+                if problem is None:
+                    server.unblock()
+                elif server.state == "backoff":
+                    server.block(problem)
+
+    def worker_statuses(self) -> list[WorkerStatus]:
+        """Every worker we run or a model names, with the model of ours using each."""
+        serving: dict[str, str] = {}
+        for name, server in self._servers.items():
+            if server.state in ("starting", "ready", "stopping"):
+                for address in self.config.rpc_addresses(server.model):
+                    serving.setdefault(address, name)
+        return self.workers.statuses(serving)
+
     # ------------------------------------------------------------ requests
 
     @contextlib.asynccontextmanager
@@ -647,7 +835,7 @@ class ModelPool:
         """
         config = self.resolve(name)
         name = config.name
-        check_model_file(config)
+        await self._precheck(config)
         slots = self._slot_queue(config)
         busy = self._admitted.get(name, 0) + sum(1 for r in self._queue.values() if r.model == name)
         if busy >= config.max_concurrent:
@@ -742,7 +930,7 @@ class ModelPool:
         restart: bool = False,
         remember: bool = True,
         on_event: Callable[[PoolEvent], None] | None = None,
-    ) -> ModelSupervisor:
+    ) -> ModelServer:
         """Make ``name`` resident (evicting idle models as needed) and wait until ready.
 
         ``only`` unloads every other model first. ``restart`` gives a ready
@@ -750,7 +938,7 @@ class ModelPool:
         """
         config = self.resolve(name)
         name = config.name
-        check_model_file(config)
+        await self._precheck(config)  # before --only stops anything
         if only:
             await self.unload([n for n in self._servers if n != name], "unloaded by load --only")
         if remember:
@@ -787,7 +975,7 @@ class ModelPool:
                 nursery.start_soon(self._stop, self._servers[name], why)
         return stopped
 
-    async def _stop(self, supervisor: ModelSupervisor, why: str) -> None:
+    async def _stop(self, supervisor: ModelServer, why: str) -> None:
         if supervisor.state in ("stopped", "failed") and not supervisor.in_flight:
             if supervisor.state == "failed":
                 await supervisor.stop_and_wait(why)
@@ -803,12 +991,18 @@ class ModelPool:
         changes: list[str] = []
         old = self.config
         self.config = new
+        # Workers first: a model whose worker moved restarts onto the new one.
+        changes += await self.workers.reload(new)
         binary_changed = old.daemon.llama_server != new.daemon.llama_server
         for name in list(self._servers):
             if name not in new.models:
                 await self._remove(name)
                 changes.append(f"removed {name}")
-            elif not binary_changed and _same_server(old.models[name], new.models[name]):
+            elif (
+                not binary_changed
+                and _same_server(old.models[name], new.models[name])
+                and old.rpc_addresses(old.models[name]) == new.rpc_addresses(new.models[name])
+            ):
                 if old.models[name] != new.models[name]:
                     # Only what llamad itself reads changed: the running server stays.
                     self._servers[name].update_config(new.models[name])

@@ -50,7 +50,7 @@ ErrorCode = Literal[
     "too_large",
     "internal",
 ]
-LogTopic = Literal["state", "log"]
+LogTopic = Literal["state", "log", "workers"]
 
 
 class _Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
@@ -118,6 +118,37 @@ class ModelStatus(msgspec.Struct, frozen=True, kw_only=True):
     expected: bool = False  # should be running (loaded and not since unloaded or evicted)
     ctx_size: int = 0
     parallel: int = 1
+    remote: bool = False  # served elsewhere (url): ``endpoint`` is that server's URL
+    rpc: list[str] = []  # the RPC workers ("host:port") its layers are split over
+
+
+class WorkerDevice(msgspec.Struct, frozen=True, kw_only=True):
+    """One device a worker offers, with its memory in bytes as the worker reported it."""
+
+    name: str = ""  # as ggml names it ("CPU", "CUDA0"); "" when only the index is known
+    description: str = ""
+    free: int | None = None
+    total: int | None = None
+
+
+class WorkerStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """An RPC worker: one this llamad runs ([workers.NAME]) or one a model's ``rpc`` names."""
+
+    name: str  # [workers.NAME], or the address for a worker on another machine
+    address: str  # "host:port" a model connects to
+    local: bool  # run and supervised by this llamad
+    # Local: the supervisor's state. Elsewhere: "ready" when it answered the last
+    # check, "backoff" when it did not, "stopped" before it was ever checked.
+    state: ModelState
+    since: float  # wall-clock (Unix) time the state was entered
+    reason: str = ""
+    pid: int | None = None
+    restarts: int = 0
+    last_exit: ExitInfo | None = None
+    version: str = ""  # the RPC protocol version it reported ("7.0.0")
+    devices: list[WorkerDevice] = []
+    used_by: list[str] = []  # the configured models split over it
+    serving: str | None = None  # the model of ours connected to it now (one at a time)
 
 
 # --------------------------------------------------------- chat and history
@@ -495,6 +526,7 @@ class StatusReply(_Message, frozen=True, kw_only=True, tag="status_reply"):
     default_model: str | None = None
     http: str | None = None  # "host:port" of the HTTP API (OpenAI/Anthropic), when enabled
     api_key_file: str | None = None  # where llamad's own API key is (read it; never sent)
+    workers: list[WorkerStatus] = []  # RPC workers run here or used by a model
 
 
 class Loaded(_Message, frozen=True, kw_only=True, tag="loaded"):
@@ -524,6 +556,13 @@ class StateChanged(_Message, frozen=True, kw_only=True, tag="state_changed"):
 
     id: int
     model: ModelStatus
+
+
+class WorkerChanged(_Message, frozen=True, kw_only=True, tag="worker_changed"):
+    """Event (topic ``workers``): an RPC worker entered a state."""
+
+    id: int
+    worker: WorkerStatus
 
 
 class LogLine(_Message, frozen=True, kw_only=True, tag="log_line"):
@@ -615,6 +654,7 @@ ServerMessage = (
     | HealthReply
     | LogLines
     | StateChanged
+    | WorkerChanged
     | LogLine
     | ChatStarted
     | QueuePosition

@@ -1,22 +1,23 @@
-"""The I/O shell of one supervised llama-server.
+"""The I/O shell of the programs llamad supervises: llama-server and ggml-rpc-server.
 
-``ModelSupervisor`` feeds events into the pure ``ModelMachine`` (llamad.policy)
-and carries out the actions it returns: spawn a process, signal its group, arm
-a timer. Per process it runs three tasks: one waits on a pidfd for the exit,
-one polls ``/health`` (readiness at 10 ms, then the watchdog), one reads the
-output into a ring buffer and the log (at DEBUG: ``llamactl logs`` has it).
-Nothing here decides policy.
+``Supervisor`` feeds events into the pure ``ModelMachine`` (llamad.policy) and
+carries out the actions it returns: spawn a process, signal its group, arm a
+timer. Per process it runs three tasks: one waits on a pidfd for the exit,
+one probes readiness and then the watchdog, one reads the output into a ring
+buffer and the log (at DEBUG: ``llamactl logs`` has it). Nothing here decides
+policy. What differs between the
+programs (command line, probe, which output lines matter) is a ``ServerKind``;
+``ModelSupervisor`` is llama-server's, with the requests a model serves.
 
-Before a model is declared ready, llamad checks that what answered is its own
-child: a private socket in the verified runtime directory, or, for a model on
-a TCP ``port``, a listening socket that is one of the child's descriptors
-(another user may have bound the port first).
+Before a server is declared ready, llamad checks that what answered is its own
+child: a private socket in the verified runtime directory, or, on a TCP port,
+a listening socket that is one of the child's descriptors (another user may
+have bound the port first).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import os
@@ -24,20 +25,21 @@ import signal
 import subprocess
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, Protocol
 
 import httpx
 import trio
 
-from llamad.config import ModelConfig
-from llamad.errors import RequestCancelled
-from llamad.events import EventHub, LogEvent, StateEvent
+from llamad.config import ModelConfig, Supervision
+from llamad.events import EventHub, HubEvent, LogEvent, StateEvent
 from llamad.llama_server import (
     Endpoint,
     ServerBinary,
     build_command,
+    check_model_file,
     endpoint_for,
     signal_group,
     spawn,
@@ -46,6 +48,7 @@ from llamad.llama_server import (
 from llamad.ownership import UntrustedPath, ensure_private_dir, owned_by, port_served_by
 from llamad.policy import (
     BecameReady,
+    Blocked,
     CancelTimer,
     Event,
     Exited,
@@ -55,14 +58,17 @@ from llamad.policy import (
     SetTimer,
     SignalGroup,
     Spawn,
+    SpawnBlocked,
     Spawned,
     SpawnFailed,
     StartRequested,
     StopRequested,
     TimerFired,
+    Unblocked,
     health_probe_timeout,
 )
-from llamad.protocol import ModelState, ModelStatus
+from llamad.protocol import ExitInfo, ModelState, ModelStatus
+from llamad.server import InFlight
 
 log = logging.getLogger(__name__)
 
@@ -85,41 +91,65 @@ def http_client(endpoint: Endpoint, timeout: float, *, keepalive: bool = True) -
     return httpx.AsyncClient(transport=transport, base_url=endpoint.base_url, timeout=timeout)
 
 
-class ModelSupervisor:
-    """Keeps one model's llama-server in the state the user asked for."""
+class Probe(Protocol):
+    """Readiness and the watchdog for one process, as its kind of server answers them."""
 
-    def __init__(
-        self,
-        model: ModelConfig,
-        binary: ServerBinary,
-        runtime_dir: Path,
-        hub: EventHub,
-        *,
-        log_lines: int = 1000,
-        environ: Mapping[str, str] | None = None,
-    ) -> None:
-        self.model = model
-        self.binary = binary
+    async def wait_ready(self) -> None:
+        """Return once the freshly spawned server serves (poll; it may not listen yet)."""
+
+    async def healthy(self) -> bool:
+        """One watchdog probe while ready."""
+
+
+class ServerKind(Protocol):
+    """What differs between the programs llamad supervises: the seam of ``Supervisor``.
+
+    llama-server's (``LlamaServerKind``) is below; ggml-rpc-server's is in
+    ``llamad.workers``. Everything else (the state machine, spawning into its
+    own process group tied to llamad's life, pid files, the exit watch, the
+    output ring buffer, stops and timers) is the same for every program.
+    """
+
+    def command(self) -> list[str]:
+        """The argv to start it."""
+
+    def env(self) -> Mapping[str, str]:
+        """Variables added to its environment."""
+
+    def before_spawn(self) -> None:
+        """Clear what a killed predecessor may have left (a stale socket)."""
+
+    def probe(self) -> contextlib.AbstractAsyncContextManager[Probe]:
+        """The probe for one process, open while it runs."""
+
+    def impostor(self, pid: int) -> str | None:
+        """Why what answered may not be process ``pid`` (another user's), or None."""
+
+    def keep_line(self, line: str) -> bool:
+        """Whether an output line goes into the ring buffer (and llamad's log at INFO)."""
+
+
+class MachineShell:
+    """Carries out a ``ModelMachine``'s timers and the user's requests; no process.
+
+    ``Supervisor`` adds a process; ``llamad.remote.RemoteServer`` a server it
+    does not run. Subclasses carry out ``Spawn`` and ``SignalGroup`` and say
+    what event announces a change of state.
+    """
+
+    def __init__(self, name: str, policy: Supervision, hub: EventHub, *, log_lines: int) -> None:
+        self.name = name
         self.hub = hub
-        self.endpoint = endpoint_for(model, runtime_dir)
-        self.runtime_dir = runtime_dir
-        self.pidfile = runtime_dir / f"{model.name}.pid"
         self.output: deque[str] = deque(maxlen=log_lines)
-        self.in_flight: set[trio.CancelScope] = set()
         # Called after every change of state (the pool plans again on it).
         self.on_change: Callable[[], None] | None = None
-        self._environ = environ if environ is not None else os.environ
-        self._machine = ModelMachine(model.supervision, trio.current_time())
+        self._machine = ModelMachine(policy, trio.current_time())
         self._events_send, self._events_receive = trio.open_memory_channel[Event](math.inf)
         self._changed = trio.Event()
-        self._process: subprocess.Popen[bytes] | None = None
         self._timer_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
-        self._drain_reason = ""
         self._posted = 0  # user requests posted / handled: lets waiters skip stale states
         self._handled = 0
-        self.vision: bool | None = None  # from the running server's /props
-        self._client: httpx.AsyncClient | None = None
 
     # ---------------------------------------------------------------- queries
 
@@ -135,38 +165,19 @@ class ModelSupervisor:
     def ready_seconds(self) -> float | None:
         return self._machine.ready_seconds
 
-    def status(self) -> ModelStatus:
-        machine = self._machine
-        wall_since = time.time() - (trio.current_time() - machine.since)
-        return ModelStatus(
-            name=self.model.name,
-            state=machine.state,
-            since=wall_since,
-            reason=machine.reason,
-            pid=machine.pid,
-            restarts=machine.restarts,
-            last_exit=machine.last_exit,
-            ready_seconds=machine.ready_seconds,
-            in_flight=len(self.in_flight),
-            path=str(self.model.path),
-            file_exists=self.model.path.is_file(),
-            aliases=list(self.model.aliases),
-            endpoint=self.endpoint.describe(),
-            tools=list(self.model.tools),
-            vision=self.vision if machine.state == "ready" else None,
-        )
+    @property
+    def last_exit(self) -> ExitInfo | None:
+        return self._machine.last_exit
 
-    def keep_lines(self, count: int) -> None:
-        """Keep the last ``count`` output lines from now on (``[daemon] log_lines``)."""
-        if count != self.output.maxlen:
-            self.output = deque(self.output, maxlen=count)
+    @property
+    def blocked(self) -> str:
+        """Why a dependency (a worker, the remote server) is missing; "" when none is."""
+        return self._machine.blocked
+
+    def _wall_since(self) -> float:
+        return time.time() - (trio.current_time() - self._machine.since)
 
     # --------------------------------------------------------------- commands
-
-    def update_config(self, model: ModelConfig) -> None:
-        """New settings that do not change the server (tools, restart policy, ttl)."""
-        self.model = model
-        self._machine.policy = model.supervision
 
     def _post_request(self, event: Event) -> int:
         """Apply a user request at once, so whoever asked sees the new state now.
@@ -187,6 +198,16 @@ class ModelSupervisor:
     def stop(self, reason: str = "stop requested", *, graceful: bool = True) -> int:
         return self._post_request(StopRequested(reason, graceful))
 
+    def block(self, reason: str) -> None:
+        """A dependency went away (``reason`` names it): stop, and wait for ``unblock``."""
+        if reason != self._machine.blocked:
+            self._apply(Blocked(reason))
+
+    def unblock(self) -> None:
+        """Every dependency answers again; a server waiting for them starts."""
+        if self._machine.blocked:
+            self._apply(Unblocked())
+
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         while not predicate():
             await self._changed.wait()
@@ -203,47 +224,6 @@ class ModelSupervisor:
     async def stop_and_wait(self, reason: str = "stop requested", *, graceful: bool = True) -> None:
         await self.wait_settled(self.stop(reason, graceful=graceful))
 
-    async def drain(self, seconds: float, why: str) -> None:
-        """Give requests in flight ``seconds`` to finish, then cancel the rest."""
-        with trio.move_on_after(seconds):
-            await self.wait_until(lambda: not self.in_flight)
-        self._drain_reason = why
-        for scope in list(self.in_flight):
-            scope.cancel()
-
-    @property
-    def client(self) -> httpx.AsyncClient:
-        """The HTTP client to this server for requests (a lease's), one per supervisor.
-
-        No read timeout: a reply may take minutes; the caller's cancel scope
-        bounds it. No kept-alive connections: llama-server may close one after a
-        streamed reply, and reusing it would fail the next request.
-        """
-        if self._client is None:
-            self._client = http_client(self.endpoint, timeout=10.0, keepalive=False)
-            self._client.timeout = httpx.Timeout(None, connect=10.0)
-        return self._client
-
-    @contextlib.contextmanager
-    def hold(self) -> Iterator[trio.CancelScope]:
-        """Count one request in flight; ``drain`` cancels its scope when the model stops.
-
-        The body runs inside the yielded cancel scope; ``RequestCancelled``
-        then tells the caller why.
-        """
-        with trio.CancelScope() as scope:
-            self.in_flight.add(scope)
-            self._publish()
-            try:
-                yield scope
-            finally:
-                self.in_flight.discard(scope)
-                self._publish()
-        if scope.cancelled_caught:
-            raise RequestCancelled(
-                f"request cancelled: model {self.model.name!r} was stopped ({self._drain_reason})"
-            )
-
     # ---------------------------------------------------------- the event loop
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -254,16 +234,11 @@ class ModelSupervisor:
                 async for event in self._events_receive:
                     self._apply(event)
         finally:
-            if self._client is not None:
-                with trio.CancelScope(shield=True):
-                    await self._client.aclose()
-            # Shutdown without a graceful stop (cancellation, a crash): never leave
-            # a server behind. A graceful stop already reaped it.
-            if self._process is not None and self._process.poll() is None:
-                signal_group(self._process.pid, signal.SIGKILL)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self._process.wait(timeout=5)
-            self.pidfile.unlink(missing_ok=True)
+            with trio.CancelScope(shield=True):
+                await self._cleanup()
+
+    async def _cleanup(self) -> None:
+        """What must not outlive the shell (a process, a client)."""
 
     def _apply(self, event: Event) -> None:
         before = self._snapshot()
@@ -275,8 +250,7 @@ class ModelSupervisor:
                 case Spawn():
                     self._spawn()
                 case SignalGroup(sig):
-                    if self._process is not None and self._process.poll() is None:
-                        signal_group(self._process.pid, sig)
+                    self._signal(sig)
                 case SetTimer(timer, delay, token):
                     self._timer_scope.cancel()
                     self._timer_scope = trio.CancelScope()
@@ -289,10 +263,20 @@ class ModelSupervisor:
         if self._snapshot() != before:
             if self._machine.state != before[0] or self._machine.reason != before[2]:
                 reason = f" ({self._machine.reason})" if self._machine.reason else ""
-                log.info("%s: %s%s", self.model.name, self._machine.state, reason)
+                log.info("%s: %s%s", self.name, self._machine.state, reason)
             self._publish()
         else:
             self._wake()  # a handled request may be all a waiter needs
+
+    def _spawn(self) -> None:
+        raise NotImplementedError
+
+    def _signal(self, sig: int) -> None:
+        raise NotImplementedError
+
+    def _event(self) -> HubEvent:
+        """What announces this server's new state on the hub."""
+        raise NotImplementedError
 
     def _snapshot(self) -> tuple[object, ...]:
         machine = self._machine
@@ -306,35 +290,112 @@ class ModelSupervisor:
 
     def _publish(self) -> None:
         self._wake()
-        self.hub.publish(StateEvent(self.status()))
+        self.hub.publish(self._event())
 
     async def _fire_after(self, scope: trio.CancelScope, delay: float, event: TimerFired) -> None:
         with scope:
             await trio.sleep(delay)
             self._events_send.send_nowait(event)
 
+    def keep_lines(self, count: int) -> None:
+        """Keep the last ``count`` output lines from now on (``[daemon] log_lines``)."""
+        if count != self.output.maxlen:
+            self.output = deque(self.output, maxlen=count)
+
+    def _record_line(self, line: str, *, keep: bool = True) -> None:
+        if not keep:
+            log.debug("[%s] %s", self.name, line)
+            return
+        self.output.append(line)
+        # DEBUG: its chatter would drown llamad's own lines; `llamactl logs` keeps them.
+        log.debug("[%s] %s", self.name, line)
+        self.hub.publish(LogEvent(self.name, line))
+
+
+# Checks before a spawn: a problem (e.g. a worker that does not answer), or None.
+Preflight = Callable[[], Awaitable[str | None]]
+
+
+class Supervisor(MachineShell):
+    """Keeps one program (llama-server, ggml-rpc-server) in the state the user asked for."""
+
+    def __init__(
+        self,
+        name: str,
+        kind: ServerKind,
+        *,
+        binary: Path,
+        policy: Supervision,
+        pidfile: Path,
+        hub: EventHub,
+        log_lines: int = 1000,
+        environ: Mapping[str, str] | None = None,
+        preflight: Preflight | None = None,
+    ) -> None:
+        super().__init__(name, policy, hub, log_lines=log_lines)
+        self.kind = kind
+        self.binary = binary
+        self.pidfile = pidfile
+        self.preflight = preflight
+        self._environ = environ if environ is not None else os.environ
+        self._process: subprocess.Popen[bytes] | None = None
+        self._spawns = 0  # tells a preflight that finished too late from the current one
+
+    @property
+    def pid(self) -> int | None:
+        return self._machine.pid
+
+    async def _cleanup(self) -> None:
+        # Shutdown without a graceful stop (cancellation, a crash): never leave
+        # a server behind. A graceful stop already reaped it.
+        if self._process is not None and self._process.poll() is None:
+            signal_group(self._process.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(timeout=5)
+        self.pidfile.unlink(missing_ok=True)
+
+    def _signal(self, sig: int) -> None:
+        if self._process is not None and self._process.poll() is None:
+            signal_group(self._process.pid, sig)
+
     # ------------------------------------------------------- the process itself
 
     def _spawn(self) -> None:
         assert self._nursery is not None
-        command = build_command(self.binary.path, self.model, self.endpoint)
+        self._spawns += 1
+        if self.preflight is None:
+            self._start_process()
+        else:
+            self._nursery.start_soon(self._check_then_start, self._spawns)
+
+    async def _check_then_start(self, spawn: int) -> None:
+        assert self.preflight is not None
+        problem = await self.preflight()
+        if spawn != self._spawns or self.state != "starting" or self.pid is not None:
+            return  # stopped or restarted meanwhile
+        if problem is not None:
+            self._events_send.send_nowait(SpawnBlocked(problem))
+        else:
+            self._start_process()
+
+    def _start_process(self) -> None:
+        assert self._nursery is not None
+        command = self.kind.command()
         try:
             # The socket and the pid file go there: it must still be ours alone.
             # (Inside the runtime directory verified at start: a mode that lets
             # others in is fixed, a directory of someone else's refused.)
-            ensure_private_dir(self.runtime_dir, repair=True)
+            ensure_private_dir(self.pidfile.parent, repair=True)
         except (UntrustedPath, OSError) as exc:
             self._events_send.send_nowait(SpawnFailed(str(exc)))
             return
-        if self.endpoint.socket_path is not None:
-            # A socket left by a killed server would make the new one fail to bind.
-            self.endpoint.socket_path.unlink(missing_ok=True)
-        log.info("%s: starting %s", self.model.name, " ".join(command))
+        self.kind.before_spawn()
+        log.info("%s: starting %s", self.name, " ".join(command))
         try:
-            process = spawn(command, self._environ, dict(self.model.env))
+            process = spawn(command, self._environ, self.kind.env())
         except OSError as exc:
             self._events_send.send_nowait(
-                SpawnFailed(f"cannot run {self.binary.path}: {exc.strerror or exc}")
+                SpawnFailed(f"cannot run {self.binary}: {exc.strerror or exc}")
             )
             return
         self._process = process
@@ -376,56 +437,210 @@ class ModelSupervisor:
     async def _probe_health(
         self, process: subprocess.Popen[bytes], scope: trio.CancelScope
     ) -> None:
-        supervision = self.model.supervision
-        timeout = health_probe_timeout(supervision)
+        policy = self._machine.policy
         with scope:
-            async with http_client(self.endpoint, timeout=timeout) as client:
-                # Readiness: 503 while loading, connection refused before it binds.
-                self.vision = None
-                while not await _healthy(client):  # noqa: ASYNC110 - polling another process
-                    await trio.sleep(READY_POLL_SEC)
-                impostor = self._impostor(process)
+            async with self.kind.probe() as probe:
+                await probe.wait_ready()
+                impostor = self.kind.impostor(process.pid)
                 if impostor is not None:
                     # Whatever answered is not our child: never send it a request.
                     signal_group(process.pid, signal.SIGKILL)
                     self._events_send.send_nowait(SpawnFailed(impostor))
                     return
                 self._events_send.send_nowait(BecameReady())
-                self.vision = await _accepts_images(client)
                 await watch_health(
-                    functools.partial(_healthy, client),
+                    probe.healthy,
                     lambda ok: self._events_send.send_nowait(HealthProbed(ok)),
-                    interval=supervision.health_interval_sec,
-                    probe_timeout=timeout,
+                    interval=policy.health_interval_sec,
+                    probe_timeout=health_probe_timeout(policy),
                 )
 
-    def _impostor(self, process: subprocess.Popen[bytes]) -> str | None:
-        """Why the server that answered may not be our child, or None when it is."""
-        if self.endpoint.port is not None:
-            return port_served_by(process.pid, self.endpoint.port)
-        path = self.endpoint.socket_path
-        if path is not None and not owned_by(path):
-            return f"{path} is not a socket of yours; not using it"
-        return None
-
     async def _read_output(self, stream: trio.lowlevel.FdStream) -> None:
-        name = self.model.name
         pending = b""
         async with stream:
             while chunk := await stream.receive_some(65536):
                 pending += chunk
                 *lines, pending = pending.split(b"\n")
                 for raw in lines:
-                    self._record_line(name, raw)
+                    self._line(raw)
         if pending:
-            self._record_line(name, pending)
+            self._line(pending)
 
-    def _record_line(self, name: str, raw: bytes) -> None:
+    def _line(self, raw: bytes) -> None:
         line = raw.decode("utf-8", "replace").rstrip("\r")
-        self.output.append(line)
-        # DEBUG: its chatter would drown llamad's own lines; `llamactl logs` keeps them.
-        log.debug("[%s] %s", name, line)
-        self.hub.publish(LogEvent(name, line))
+        self._record_line(line, keep=self.kind.keep_line(line))
+
+
+
+@dataclass
+class LlamaServerKind:
+    """llama-server: its command line, and ``/health`` for readiness and the watchdog."""
+
+    model: ModelConfig
+    binary: Path
+    endpoint: Endpoint
+    rpc: tuple[str, ...] = ()  # the RPC workers its layers are split over
+    vision: bool | None = None  # from the running server's /props
+
+    def command(self) -> list[str]:
+        return build_command(self.binary, self.model, self.endpoint, self.rpc)
+
+    def env(self) -> Mapping[str, str]:
+        return self.model.env
+
+    def before_spawn(self) -> None:
+        if self.endpoint.socket_path is not None:
+            # A socket left by a killed server would make the new one fail to bind.
+            self.endpoint.socket_path.unlink(missing_ok=True)
+
+    @contextlib.asynccontextmanager
+    async def probe(self) -> AsyncIterator[Probe]:
+        timeout = health_probe_timeout(self.model.supervision)
+        async with http_client(self.endpoint, timeout=timeout) as client:
+            self.vision = None
+            yield _HealthProbe(self, client)
+
+    def impostor(self, pid: int) -> str | None:
+        if self.endpoint.port is not None:
+            return port_served_by(pid, self.endpoint.port)
+        path = self.endpoint.socket_path
+        if path is not None and not owned_by(path):
+            return f"{path} is not a socket of yours; not using it"
+        return None
+
+    def keep_line(self, line: str) -> bool:
+        return True
+
+
+@dataclass
+class _HealthProbe:
+    kind: LlamaServerKind
+    client: httpx.AsyncClient
+
+    async def wait_ready(self) -> None:
+        # Readiness: 503 while loading, connection refused before it binds.
+        while not await _healthy(self.client):  # noqa: ASYNC110 - polling another process
+            await trio.sleep(READY_POLL_SEC)
+        self.kind.vision = await _accepts_images(self.client)
+
+    async def healthy(self) -> bool:
+        return await _healthy(self.client)
+
+
+class ModelSupervisor(Supervisor):
+    """Keeps one model's llama-server in the state the user asked for."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        binary: ServerBinary,
+        runtime_dir: Path,
+        hub: EventHub,
+        *,
+        log_lines: int = 1000,
+        environ: Mapping[str, str] | None = None,
+        rpc: tuple[str, ...] = (),
+        preflight: Preflight | None = None,
+    ) -> None:
+        self.model = model
+        self.endpoint = endpoint_for(model, runtime_dir)
+        self.llama = LlamaServerKind(model, binary.path, self.endpoint, rpc)
+        super().__init__(
+            model.name,
+            self.llama,
+            binary=binary.path,
+            policy=model.supervision,
+            pidfile=runtime_dir / f"{model.name}.pid",
+            hub=hub,
+            log_lines=log_lines,
+            environ=environ,
+            preflight=preflight,
+        )
+        self.requests = InFlight(model.name, self._publish)
+        self._client: httpx.AsyncClient | None = None
+
+    # ---------------------------------------------------------------- queries
+
+    @property
+    def in_flight(self) -> set[trio.CancelScope]:
+        return self.requests.scopes
+
+    @property
+    def vision(self) -> bool | None:
+        return self.llama.vision
+
+    def status(self) -> ModelStatus:
+        machine = self._machine
+        path = self.model.path
+        return ModelStatus(
+            name=self.model.name,
+            state=machine.state,
+            since=self._wall_since(),
+            reason=machine.reason,
+            pid=machine.pid,
+            restarts=machine.restarts,
+            last_exit=machine.last_exit,
+            ready_seconds=machine.ready_seconds,
+            in_flight=len(self.in_flight),
+            path=str(path or ""),
+            file_exists=path is not None and path.is_file(),
+            aliases=list(self.model.aliases),
+            endpoint=self.endpoint.describe(),
+            tools=list(self.model.tools),
+            vision=self.vision if machine.state == "ready" else None,
+            rpc=list(self.llama.rpc),
+        )
+
+    def _event(self) -> HubEvent:
+        return StateEvent(self.status())
+
+    # --------------------------------------------------------------- commands
+
+    def update_config(self, model: ModelConfig) -> None:
+        """New settings that do not change the server (tools, restart policy, ttl)."""
+        self.model = model
+        self.llama.model = model
+        self._machine.policy = model.supervision
+
+    async def precheck(self) -> None:
+        """The model file is there and is a GGUF (the pool checks its workers)."""
+        check_model_file(self.model)
+
+    def block(self, reason: str) -> None:
+        if reason != self.blocked and self.state in ("starting", "ready"):
+            # They get the reason, not a broken connection when the server is killed.
+            self.requests.cancel(reason)
+        super().block(reason)
+
+    async def drain(self, seconds: float, why: str) -> None:
+        """Give requests in flight ``seconds`` to finish, then cancel the rest."""
+        await self.requests.drain(seconds, why)
+
+    def hold(self) -> contextlib.AbstractContextManager[trio.CancelScope]:
+        """Count one request in flight; ``drain`` cancels its scope when the model stops.
+
+        The body runs inside the yielded cancel scope; ``RequestCancelled``
+        then tells the caller why.
+        """
+        return self.requests.hold()
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """The HTTP client to this server for requests (a lease's), one per supervisor.
+
+        No read timeout: a reply may take minutes; the caller's cancel scope
+        bounds it. No kept-alive connections: llama-server may close one after a
+        streamed reply, and reusing it would fail the next request.
+        """
+        if self._client is None:
+            self._client = http_client(self.endpoint, timeout=10.0, keepalive=False)
+            self._client.timeout = httpx.Timeout(None, connect=10.0)
+        return self._client
+
+    async def _cleanup(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+        await super()._cleanup()
 
 
 async def _accepts_images(client: httpx.AsyncClient) -> bool | None:

@@ -47,6 +47,25 @@ def llama_server_binary() -> Path:
 
 
 @pytest.fixture(scope="session")
+def rpc_server_binary(llama_server_binary: Path) -> Path:
+    """ggml-rpc-server, built next to llama-server with -DGGML_RPC=ON (scripts/bootstrap)."""
+    from llamad.errors import ServerBinaryNotFound
+    from llamad.workers import find_rpc_server
+
+    try:
+        return find_rpc_server(None, llama_server_binary).path
+    except ServerBinaryNotFound as exc:
+        pytest.fail(str(exc))
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
 def demo_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from llamad.demo_model import write_demo_model
 

@@ -21,6 +21,7 @@ from llamad.config import (
     load_config,
     parse_config,
     parse_size,
+    remote_base,
 )
 from llamad.errors import ConfigError, UnknownModelError
 
@@ -60,6 +61,10 @@ port = 8081
 restart = "no"
 stop_drain_sec = 0
 """
+MISSING_PATH = (
+    "missing; every model needs the path to its GGUF file "
+    '(or url = "http://HOST:PORT" for one served elsewhere)'
+)
 
 
 def parse(text: str, env: dict[str, str] = ENV) -> Config:
@@ -362,7 +367,7 @@ def test_config_is_immutable_and_picklable() -> None:
         ),
         (
             "[models.m]\nctx_size = 5\n",
-            "models.m.path: missing; every model needs the path to its GGUF file",
+            "models.m.path: " + MISSING_PATH,
         ),
         (
             '[daemon]\ndefault_model = "ghost"\n[models.m]\npath = "x"\n',
@@ -467,7 +472,7 @@ def test_all_problems_are_reported_together() -> None:
         f"{SOURCE}: models.a.path: expected a string, got 5",
         f'{SOURCE}: models.a.ctx_size: expected an integer, got "big"',
         f"{SOURCE}: models.b.x: unknown key; known keys: " + _model_keys(),
-        f"{SOURCE}: models.b.path: missing; every model needs the path to its GGUF file",
+        f"{SOURCE}: models.b.path: " + MISSING_PATH,
         f'{SOURCE}: models.c.aliases: "a" is already the name of model "a"',
     ]
 
@@ -475,8 +480,10 @@ def test_all_problems_are_reported_together() -> None:
 def _model_keys() -> str:
     return (
         "path, n_gpu_layers, ctx_size, port, args, env, aliases, mmproj, parallel, pinned, "
-        "max_concurrent, tools, max_tool_rounds, restart, restart_sec, restart_max_delay_sec, "
-        "start_limit_burst, start_limit_interval_sec, stable_after_sec, ready_timeout_sec, "
+        "max_concurrent, tools, max_tool_rounds, workers, rpc, tensor_split, devices, url, "
+        "api_key, api_key_file, remote_model, ca_file, restart, restart_sec, "
+        "restart_max_delay_sec, start_limit_burst, start_limit_interval_sec, stable_after_sec, "
+        "ready_timeout_sec, "
         "stop_timeout_sec, stop_drain_sec, health_interval_sec, health_failures, ttl_sec"
     )
 
@@ -492,7 +499,7 @@ def test_every_bad_env_value_is_reported() -> None:
 def test_a_model_with_mistakes_does_not_also_break_default_model() -> None:
     lines = problems('[daemon]\ndefault_model = "m"\n[models.m]\nctx_size = "x"\n')
     assert lines == [
-        f"{SOURCE}: models.m.path: missing; every model needs the path to its GGUF file",
+        f"{SOURCE}: models.m.path: " + MISSING_PATH,
         f'{SOURCE}: models.m.ctx_size: expected an integer, got "x"',
     ]
 
@@ -717,3 +724,108 @@ def test_the_http_api_is_on_with_keys_by_default_and_none_is_fine_on_loopback() 
     text = '[daemon]\nhttp = "[::1]:9000"\nauth = "none"\napi_keys_file = "keys.toml"\n'
     daemon = parse_config(text, source=Path("/etc/llamad/models.toml"), env={}).daemon
     assert daemon.auth == "none" and daemon.api_keys_file == Path("/etc/llamad/keys.toml")
+
+
+# ------------------------------------------------ workers, split and remote models
+
+
+def test_workers_and_a_model_split_over_them() -> None:
+    config = parse(
+        "[workers.gpu0]\nport = 50052\ndevices = [\"CUDA0\"]\nthreads = 4\ncache = true\n"
+        "restart_sec = 1\n"
+        "[workers.any]\nhost = \"0.0.0.0\"\nport = 50053\nallow_network = true\n"
+        '[models.big]\npath = "big.gguf"\nworkers = ["gpu0", "any"]\n'
+        'rpc = ["gpu-box:50052", "[fd00::2]:50052"]\nn_gpu_layers = 99\n'
+        "tensor_split = [3, 1, 1, 1]\n"
+    )
+    gpu0 = config.workers["gpu0"]
+    assert (gpu0.host, gpu0.port, gpu0.devices, gpu0.threads, gpu0.cache) == (
+        "127.0.0.1",
+        50052,
+        ("CUDA0",),
+        4,
+        True,
+    )
+    assert gpu0.supervision.restart_sec == 1.0
+    big = config.models["big"]
+    assert big.tensor_split == (3.0, 1.0, 1.0, 1.0)
+    # A wildcard bind is reached on loopback by the models of this machine.
+    assert config.rpc_addresses(big) == (
+        "127.0.0.1:50052",
+        "127.0.0.1:50053",
+        "gpu-box:50052",
+        "[fd00::2]:50052",
+    )
+
+
+def test_a_worker_off_loopback_needs_allow_network() -> None:
+    (line,) = problems('[workers.w]\nhost = "0.0.0.0"\n')
+    assert line.startswith(f'{SOURCE}: workers.w.host: "0.0.0.0" is not a loopback address')
+    assert "allow_network = true" in line
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            '[models.m]\npath = "m"\nworkers = ["gpu1"]\nn_gpu_layers = 99\n'
+            "[workers.gpu0]\n",
+            'models.m.workers[0]: no [workers.gpu1] table; did you mean "gpu0"?',
+        ),
+        (
+            '[models.m]\npath = "m"\nrpc = ["gpu-box"]\nn_gpu_layers = 99\n',
+            'models.m.rpc[0]: expected "HOST:PORT", got "gpu-box"',
+        ),
+        (
+            '[models.m]\npath = "m"\nrpc = ["gpu-box:50052"]\n',
+            "models.m.n_gpu_layers: a model split over workers needs its layers offloaded",
+        ),
+        (
+            '[models.m]\npath = "m"\nrpc = ["h:1"]\nn_gpu_layers = 9\ntensor_split = [0, 0]\n',
+            "models.m.tensor_split: expected proportions such as [3, 1]",
+        ),
+        (
+            '[models.demo]\npath = "m"\n[workers.demo]\n',
+            'workers.demo: "demo" is also a model\'s name or alias',
+        ),
+        (
+            "[workers.a]\nport = 1\n[workers.b]\nport = 1\n",
+            'workers.b.port: 1 is already the port of worker "a"',
+        ),
+        ('[workers.a]\nmem = "lots"\n', 'workers.a.mem: expected "auto" or a size'),
+        (
+            '[models.r]\nurl = "http://h:1"\nn_gpu_layers = 9\n',
+            "models.r.n_gpu_layers: not for a model with url",
+        ),
+        (
+            '[models.r]\nurl = "ftp://h"\n',
+            'models.r.url: expected "http://HOST:PORT" or "https://HOST", got "ftp://h"',
+        ),
+        (
+            '[models.r]\nurl = "https://user:secret@h"\n',
+            "models.r.url: put the key in api_key or api_key_file, not in the URL",
+        ),
+        (
+            '[models.r]\nurl = "http://h"\napi_key = "k"\napi_key_file = "f"\n',
+            "models.r.api_key: give api_key or api_key_file, not both",
+        ),
+        (
+            '[models.m]\npath = "m"\nremote_model = "x"\n',
+            "models.m.remote_model: only for a model served elsewhere (url = ...)",
+        ),
+    ],
+)
+def test_worker_and_remote_mistakes(text: str, expected: str) -> None:
+    lines = problems(text)
+    assert any(line.startswith(f"{SOURCE}: {expected}") for line in lines), lines
+
+
+def test_a_remote_model_needs_no_path() -> None:
+    config = parse(
+        '[models.far]\nurl = "https://llm.example.net/v1/"\napi_key_file = "key"\n'
+        'remote_model = "qwen2.5-7b"\nctx_size = 8192\nparallel = 4\n'
+    )
+    far = config.models["far"]
+    assert far.remote and far.path is None
+    assert far.api_key_file == SOURCE.parent / "key"
+    assert remote_base(far.url or "") == "https://llm.example.net"

@@ -9,6 +9,7 @@ import pytest
 from llamad.config import Supervision
 from llamad.policy import (
     BecameReady,
+    Blocked,
     CancelTimer,
     Exited,
     GiveUp,
@@ -19,6 +20,7 @@ from llamad.policy import (
     SetTimer,
     SignalGroup,
     Spawn,
+    SpawnBlocked,
     Spawned,
     SpawnFailed,
     StartRequested,
@@ -26,6 +28,7 @@ from llamad.policy import (
     StopRequested,
     Timer,
     TimerFired,
+    Unblocked,
     backoff_delay,
     decide_restart,
 )
@@ -296,3 +299,98 @@ def test_switch_stop_kills_at_once() -> None:
     machine.handle(Exited(signal=signal.SIGKILL), 1.001)
     assert machine.state == "stopped"
     assert machine.reason == "switching to b"
+
+
+# ------------------------------------------------- dependencies (workers, remotes)
+
+LOST = "worker w2 (127.0.0.1:50112) went away (killed by SIGKILL)"
+
+
+def test_a_lost_worker_kills_the_server_at_once_and_counts_a_failure() -> None:
+    machine = ready()
+    actions = machine.handle(Blocked(LOST), 1.0)
+    assert machine.state == "stopping"
+    assert actions[0] == SignalGroup(signal.SIGKILL)  # nothing to flush; a graceful exit hangs
+    machine.handle(Exited(signal=signal.SIGKILL), 1.1)
+    assert machine.state == "backoff"
+    assert machine.reason.startswith(LOST)
+    assert machine.restarts == 1
+
+
+def test_while_blocked_the_backoff_waits_without_starting() -> None:
+    machine = ready()
+    machine.handle(Blocked(LOST), 1.0)
+    timer = machine.handle(Exited(signal=signal.SIGKILL), 1.1)[-1]
+    assert isinstance(timer, SetTimer)
+    actions = machine.handle(TimerFired(Timer.BACKOFF, timer.token), 1.6)
+    assert actions == []
+    assert machine.state == "backoff"
+    assert machine.reason == f"{LOST}; starting again when it answers"
+    # An hour away costs no start: the crash-loop limit is not reached by waiting.
+    assert machine.handle(Blocked("worker w2 is starting"), 3600.0) == []
+    assert machine.reason == "worker w2 is starting; starting again when it answers"
+    actions = machine.handle(Unblocked(), 3601.0)
+    assert Spawn() in actions
+    assert machine.state == "starting"
+    assert machine.restarts == 1
+
+
+def test_back_before_the_backoff_ends_starts_on_the_timer() -> None:
+    machine = ready()
+    machine.handle(Blocked(LOST), 1.0)
+    timer = machine.handle(Exited(signal=signal.SIGKILL), 1.1)[-1]
+    assert isinstance(timer, SetTimer)
+    assert machine.handle(Unblocked(), 1.2) == []
+    assert Spawn() in machine.handle(TimerFired(Timer.BACKOFF, timer.token), 1.6)
+
+
+def test_a_start_while_blocked_waits_and_a_stop_ends_the_wait() -> None:
+    machine = ModelMachine(POLICY, 0.0)
+    machine.handle(Blocked(LOST), 0.0)
+    assert machine.handle(StartRequested(), 1.0) == []
+    assert machine.state == "backoff"
+    machine.handle(StopRequested("unloaded"), 2.0)
+    assert machine.state == "stopped"
+    assert machine.handle(Unblocked(), 3.0) == []
+    assert machine.state == "stopped"
+
+
+def test_a_spawn_blocked_by_its_check_counts_as_a_failed_start() -> None:
+    machine = ModelMachine(POLICY, 0.0)
+    machine.handle(StartRequested(), 0.0)
+    actions = machine.handle(SpawnBlocked("worker 10.0.0.2:50052 is not answering"), 0.1)
+    assert machine.state == "backoff"
+    assert CancelTimer() in actions
+    assert machine.blocked == "worker 10.0.0.2:50052 is not answering"
+
+
+def test_blocked_after_the_server_died_by_itself_waits_at_the_end_of_the_backoff() -> None:
+    machine = ready()
+    # llama-server noticed the lost worker first and aborted.
+    timer = machine.handle(Exited(signal=signal.SIGABRT), 1.0)[-1]
+    assert isinstance(timer, SetTimer)
+    machine.handle(Blocked(LOST), 1.05)
+    assert machine.handle(TimerFired(Timer.BACKOFF, timer.token), 1.5) == []
+    assert machine.reason == f"{LOST}; starting again when it answers"
+
+
+def test_a_clean_exit_before_ready_is_a_failure() -> None:
+    machine = started()
+    machine.handle(Exited(code=0, detail="Failed to create server socket"), 1.0)
+    assert machine.state == "backoff"
+    assert "exited with code 0 before it was ready: Failed to create server socket" in (
+        machine.reason
+    )
+
+
+def test_a_dependency_found_missing_explains_the_missed_health_checks() -> None:
+    machine = ready()
+    for second in (1.0, 2.0, 3.0):
+        machine.handle(HealthProbed(ok=False), second)
+    assert machine.state == "stopping"
+    machine.handle(Blocked("remote server http://far is not answering: connection refused"), 3.0)
+    machine.handle(Exited(code=0), 3.1)
+    assert machine.reason == (
+        "remote server http://far is not answering: connection refused "
+        "(health check failed 3 times in a row); restarting in 0.5 s"
+    )

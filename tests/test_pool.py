@@ -27,8 +27,8 @@ from llamad.errors import (
 from llamad.events import EventHub
 from llamad.llama_server import ServerBinary
 from llamad.placement import MIB, Memory
-from llamad.pool import ModelPool, health_verdict
-from llamad.protocol import ModelStatus
+from llamad.pool import ModelPool, health_verdict, with_workers
+from llamad.protocol import ModelStatus, WorkerStatus
 from tests.conftest import FAKE_SERVER, short_tempdir
 
 GGUF = b"GGUF\x03\x00\x00\x00"
@@ -365,3 +365,31 @@ def test_health_without_history_is_at_least_a_warning() -> None:
     assert summary == f"demo ready (pid 5, restarts 0); {problem}"
     failed = {"demo": _status("demo", "failed", reason="crash loop")}
     assert health_verdict(failed, 101.5, problem)[0] == "critical"
+
+
+def _worker(name: str, state: str, reason: str = "", local: bool = True) -> WorkerStatus:
+    return WorkerStatus(
+        name=name, address=f"{name}:1", local=local, state=state, since=0.0, reason=reason
+    )  # type: ignore[arg-type]
+
+
+def test_health_counts_the_workers_this_llamad_runs() -> None:
+    ready = [_worker("a", "ready"), _worker("b", "ready")]
+    assert with_workers("ok", "", ready, alone=True) == ("ok", "workers a, b ready")
+    assert with_workers("ok", "demo ready (pid 1, restarts 0)", ready) == (
+        "ok",
+        "demo ready (pid 1, restarts 0)",
+    )
+    failed = [*ready, _worker("c", "failed", "crash loop: 5 starts within 60 s")]
+    assert with_workers("ok", "demo ready", failed) == (
+        "critical",
+        "worker c failed: crash loop: 5 starts within 60 s; demo ready",
+    )
+    restarting = [_worker("a", "backoff", "killed by SIGKILL; restarting in 0.1 s")]
+    assert with_workers("ok", "", restarting, alone=True) == (
+        "warning",
+        "worker a backoff: killed by SIGKILL; restarting in 0.1 s",
+    )
+    # A worker on another machine is its models' business, not this llamad's health.
+    elsewhere = [_worker("gpu-box:50052", "backoff", "is not answering", local=False)]
+    assert with_workers("ok", "no model", elsewhere) == ("ok", "no model")

@@ -97,6 +97,8 @@ SHARED: list[tuple[type[msgspec.Struct], str, bool]] = [
     (protocol.ModelStatus, "ModelStatus", True),
     (protocol.ModelMemory, "ModelStatus", True),
     (protocol.PoolMemory, "ModelStatus", True),
+    (protocol.WorkerStatus, "WorkerStatus", True),
+    (protocol.WorkerDevice, "WorkerStatus", False),
     (protocol.Conversation, "Conversation and Message", True),
     (protocol.Message, "Conversation and Message", True),
     (protocol.ToolCall, "Conversation and Message", True),
