@@ -95,7 +95,13 @@ class Probe(Protocol):
     """Readiness and the watchdog for one process, as its kind of server answers them."""
 
     async def wait_ready(self) -> None:
-        """Return once the freshly spawned server serves (poll; it may not listen yet)."""
+        """Return once the freshly spawned server serves (poll; it may not listen yet).
+
+        Only readiness: nothing else is asked before it is known to be our own child.
+        """
+
+    async def on_ready(self) -> None:
+        """Learn what the server offers, once it is known to be ours and ready."""
 
     async def healthy(self) -> bool:
         """One watchdog probe while ready."""
@@ -448,6 +454,7 @@ class Supervisor(MachineShell):
                     self._events_send.send_nowait(SpawnFailed(impostor))
                     return
                 self._events_send.send_nowait(BecameReady())
+                await probe.on_ready()
                 await watch_health(
                     probe.healthy,
                     lambda ok: self._events_send.send_nowait(HealthProbed(ok)),
@@ -521,6 +528,8 @@ class _HealthProbe:
         # Readiness: 503 while loading, connection refused before it binds.
         while not await _healthy(self.client):  # noqa: ASYNC110 - polling another process
             await trio.sleep(READY_POLL_SEC)
+
+    async def on_ready(self) -> None:
         self.kind.vision = await _accepts_images(self.client)
 
     async def healthy(self) -> bool:

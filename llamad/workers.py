@@ -183,6 +183,9 @@ class _RpcProbe:
                 return
             await trio.sleep(READY_POLL_SEC)
 
+    async def on_ready(self) -> None:
+        pass  # the handshake already told its devices and memory
+
     async def healthy(self) -> bool:
         if await self.kind.serving():
             return True  # a model is using it: a handshake would queue behind that
