@@ -3,10 +3,12 @@
 ``read_gguf(path)`` parses the header of a GGUF file (and of every part of a
 split model, ``name-00001-of-00003.gguf``): the metadata keys and the tensor
 table, never the tensor data. It walks the file through ``mmap`` with
-``struct``; the ``gguf`` package supplies the names and sizes of the tensor
-types and file types. ``gguf.GGUFReader`` itself is not used: it turns every
-vocabulary entry into numpy objects and takes 2 s for SmolLM2-135M and 10 s for
-Gemma 3 270M (262,144 tokens) here, where this reader takes milliseconds.
+``struct``. The ``gguf`` package is not imported: its ``GGUFReader`` turns every
+vocabulary entry into numpy objects (2 s for SmolLM2-135M and 10 s for Gemma 3
+270M with its 262,144 tokens, here, where this takes 20 and 45 ms), and
+importing it costs the daemon 19 MiB and 100 ms. The two tables it would supply
+(tensor types with their block sizes, file types) are copied below, and
+tests/test_gguf_info.py checks them against the installed ``gguf`` package.
 
 ``estimate_memory(info, ...)`` is pure: it predicts what a llama-server
 running the model will take, on the host and on the GPU, following the rules of
@@ -23,8 +25,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import gguf
 
 from llamad.errors import ModelFileInvalid
 
@@ -54,6 +54,84 @@ _SPLIT = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 # tags, languages); longer ones (vocabularies, merges) keep only their length.
 _KEEP_ARRAY = 4096
 _MAX_DIMS = 8  # GGML has 4; a larger count means a corrupt file
+
+_DEFAULT_ALIGNMENT = 32
+
+# GGML tensor types: name, elements per block, bytes per block (gguf.GGML_QUANT_SIZES).
+_GGML_TYPES: Mapping[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    9: ("Q8_1", 32, 40),
+    10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+    15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66),
+    17: ("IQ2_XS", 256, 74),
+    18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18),
+    21: ("IQ3_S", 256, 110),
+    22: ("IQ2_S", 256, 82),
+    23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1),
+    25: ("I16", 1, 2),
+    26: ("I32", 1, 4),
+    27: ("I64", 1, 8),
+    28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56),
+    30: ("BF16", 1, 2),
+    34: ("TQ1_0", 256, 54),
+    35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17),
+    40: ("NVFP4", 64, 36),
+    41: ("Q1_0", 128, 18),
+}
+# general.file_type: the quantization a file was made with (gguf.LlamaFileType).
+_FILE_TYPES: Mapping[int, str] = {
+    0: "F32",
+    1: "F16",
+    2: "Q4_0",
+    3: "Q4_1",
+    7: "Q8_0",
+    8: "Q5_0",
+    9: "Q5_1",
+    10: "Q2_K",
+    11: "Q3_K_S",
+    12: "Q3_K_M",
+    13: "Q3_K_L",
+    14: "Q4_K_S",
+    15: "Q4_K_M",
+    16: "Q5_K_S",
+    17: "Q5_K_M",
+    18: "Q6_K",
+    19: "IQ2_XXS",
+    20: "IQ2_XS",
+    21: "Q2_K_S",
+    22: "IQ3_XS",
+    23: "IQ3_XXS",
+    24: "IQ1_S",
+    25: "IQ4_NL",
+    26: "IQ3_S",
+    27: "IQ3_M",
+    28: "IQ2_S",
+    29: "IQ2_M",
+    30: "IQ4_XS",
+    31: "IQ1_M",
+    32: "BF16",
+    36: "TQ1_0",
+    37: "TQ2_0",
+    38: "MXFP4_MOE",
+    39: "NVFP4",
+    40: "Q1_0",
+}
 
 # GGUF value types: struct format and size of the scalars.
 _STRING, _ARRAY = 8, 9
@@ -180,10 +258,8 @@ class _Corrupt(Exception):
 
 
 def _type_name(kind: int) -> str:
-    try:
-        return gguf.GGMLQuantizationType(kind).name
-    except ValueError:
-        return f"type {kind}"
+    known = _GGML_TYPES.get(kind)
+    return known[0] if known else f"type {kind}"
 
 
 def _read_header(path: Path) -> _Header:
@@ -223,9 +299,9 @@ def _parse(path: Path, view: mmap.mmap, size: int) -> _Header:
         ) from None
     except (_Corrupt, KeyError) as exc:
         raise ModelFileInvalid(str(path), f"corrupt GGUF header: {exc}") from None
-    alignment = metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+    alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or alignment <= 0:
-        alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+        alignment = _DEFAULT_ALIGNMENT
     data_start = -(-cursor.offset // alignment) * alignment
     return _Header(version, metadata, _tensors(raw, size - data_start))
 
@@ -257,10 +333,10 @@ def _tensors(raw: list[tuple[str, int, int, int]], data_size: int) -> list[Tenso
     ends = sorted({offset for *_, offset in raw} | {data_size})
     tensors = []
     for name, kind, elements, offset in raw:
-        try:
-            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+        if kind in _GGML_TYPES:
+            _, block, type_size = _GGML_TYPES[kind]
             n_bytes = elements * type_size // block
-        except (ValueError, KeyError):
+        else:
             following = ends[min(_bisect(ends, offset), len(ends) - 1)]
             n_bytes = max(following - offset, 0)
         tensors.append(TensorInfo(name, _type_name(kind), elements, n_bytes))
@@ -421,11 +497,7 @@ def _per_layer(value: Any, n_layer: int) -> tuple[int, ...] | None:
 def _quantization(file_type: Any, dominant: str) -> str:
     number = _int(file_type)
     if number is not None:
-        try:
-            name = gguf.LlamaFileType(number).name
-        except ValueError:
-            return f"file type {number}"
-        return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        return _FILE_TYPES.get(number, f"file type {number}")
     return dominant
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -345,3 +346,26 @@ def test_estimate_matches_llama_server_real(
     args: list[str],
 ) -> None:
     _check_against_server(llama_server_binary, real_models[model], ctx, args)
+
+
+def test_type_tables_agree_with_the_gguf_package() -> None:
+    import gguf
+
+    from llamad import gguf_info
+
+    assert {
+        kind.value: (kind.name, block, size)
+        for kind, (block, size) in gguf.GGML_QUANT_SIZES.items()
+    } == dict(gguf_info._GGML_TYPES)
+    assert {
+        kind.value: kind.name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        for kind in gguf.LlamaFileType
+        if kind.name != "GUESSED"
+    } == dict(gguf_info._FILE_TYPES)
+    assert gguf.GGUF_DEFAULT_ALIGNMENT == gguf_info._DEFAULT_ALIGNMENT
+
+
+def test_the_daemon_does_not_pay_for_gguf() -> None:
+    code = "import sys, llamad.gguf_info; print('gguf' in sys.modules, 'numpy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
