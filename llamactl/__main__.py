@@ -15,7 +15,7 @@ from pathlib import Path
 
 import msgspec
 
-from llamactl import chat_commands
+from llamactl import chat_commands, model_commands
 from llamactl.client import Client, ClientError, resolve_socket
 from llamactl.output import print_json
 from llamad.protocol import (
@@ -49,7 +49,6 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llamactl", description="Control the llamad daemon.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("status", parents=[reading], help="daemon and model states")
-    commands.add_parser("models", parents=[reading], help="configured models and their files")
     load = commands.add_parser("load", parents=[common], help="switch to a model")
     load.add_argument("model", help="model name or alias")
     load.add_argument("--no-wait", action="store_true", help="return once the load has begun")
@@ -65,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("-f", "--follow", action="store_true")
     commands.add_parser("reload", parents=[common], help="re-read models.toml")
     chat_commands.add_parsers(commands, common, reading)
+    model_commands.add_parsers(commands, common, reading)
     demo = commands.add_parser("demo-model", help="write a tiny random-weights GGUF model")
     demo.add_argument("path", type=Path)
     demo.add_argument("--variant", default="demo", help="demo or demo-b (default: demo)")
@@ -107,21 +107,6 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
         print(f"{marker} {model.name:<16} {_describe(model)}")
     if reply.active is None:
         print("no model loaded; try `llamactl load NAME`")
-    return 0
-
-
-def cmd_models(client: Client, args: argparse.Namespace) -> int:
-    reply = client.call(lambda i: Status(id=i))
-    assert isinstance(reply, StatusReply)
-    if args.json:
-        print_json(reply.models)
-        return 0
-    for model in reply.models:
-        aliases = f" (aliases: {', '.join(model.aliases)})" if model.aliases else ""
-        missing = "" if model.file_exists else "  MISSING FILE"
-        extras = [*(["vision"] if model.vision else []), *(f"tool {t}" for t in model.tools)]
-        can = f"  [{', '.join(extras)}]" if extras else ""
-        print(f"{model.name:<16} {model.state:<9} {model.path}{missing}{aliases}{can}")
     return 0
 
 
@@ -228,7 +213,8 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "status": cmd_status,
-    "models": cmd_models,
+    "models": model_commands.cmd_models,
+    "show": model_commands.cmd_show,
     "load": cmd_load,
     "unload": cmd_unload,
     "restart": cmd_restart,
@@ -244,6 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo-model":
         return cmd_demo_model(args)
+    if (local := model_commands.without_daemon(args)) is not None:
+        return local
     try:
         with Client(resolve_socket(args.socket)) as client:
             return COMMANDS[args.command](client, args)

@@ -135,6 +135,9 @@ class ModelConfig:
     tools: tuple[str, ...] = ()  # built-in tools offered to this model
     max_tool_rounds: int = 5  # model -> tools -> model rounds in one reply
     supervision: Supervision = attrs.field(factory=Supervision)
+    # Where the entry came from: "models.toml", or the finder that found the file
+    # ("models_dirs", "llama.cpp", "huggingface", "lmstudio", "ollama").
+    source: str = "models.toml"
 
 
 @attrs.frozen
@@ -192,7 +195,7 @@ class Config:
 
 _SUPERVISION_KEYS = tuple(a.name for a in attrs.fields(Supervision))
 _MODEL_KEYS = tuple(
-    a.name for a in attrs.fields(ModelConfig) if a.name not in ("name", "supervision")
+    a.name for a in attrs.fields(ModelConfig) if a.name not in ("name", "supervision", "source")
 )
 _DAEMON_KEYS = tuple(a.name for a in attrs.fields(DaemonConfig) if a.name != "supervision")
 _TOOL_KEYS = tuple(a.name for a in attrs.fields(ToolConfig))

@@ -39,7 +39,9 @@ __all__ = [
     "estimate_memory",
     "memory_breakdown",
     "model_settings",
+    "model_warnings",
     "read_gguf",
+    "read_gguf_cached",
     "settings_from_args",
     "split_parts",
 ]
@@ -267,8 +269,12 @@ def _read_header(path: Path) -> _Header:
     try:
         with path.open("rb") as file:
             size = path.stat().st_size
+            start = file.read(4)
+            if start != _MAGIC:
+                what = f"it starts with {start!r}" if len(start) == 4 else f"{size} bytes"
+                raise ModelFileInvalid(str(path), f"not a GGUF file ({what}, expected b'GGUF')")
             if size < 24:
-                raise ModelFileInvalid(str(path), f"not a GGUF file ({size} bytes)")
+                raise ModelFileInvalid(str(path), "truncated GGUF header (the file is incomplete)")
             with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as view:
                 return _parse(path, view, size)
     except OSError as exc:
@@ -276,10 +282,6 @@ def _read_header(path: Path) -> _Header:
 
 
 def _parse(path: Path, view: mmap.mmap, size: int) -> _Header:
-    if view[:4] != _MAGIC:
-        raise ModelFileInvalid(
-            str(path), f"not a GGUF file (it starts with {bytes(view[:4])!r}, expected b'GGUF')"
-        )
     (version,) = struct.unpack_from("<I", view, 4)
     order = "<"
     if version & 0xFFFF == 0:  # written on a big-endian machine
@@ -950,3 +952,57 @@ def estimate_for_model(
 ) -> MemoryEstimate:
     """The estimate for a models.toml entry (see ``model_settings``)."""
     return estimate_memory(info, projector=projector, **model_settings(model))
+
+
+# ------------------------------------------------------------ for the daemon
+
+_CACHE_LIMIT = 256
+_cache: dict[Path, tuple[tuple[int, int], GGUFInfo | ModelFileInvalid]] = {}
+
+
+def read_gguf_cached(path: Path) -> GGUFInfo | ModelFileInvalid | None:
+    """``read_gguf(path)``, read again only when the file changed (size, mtime).
+
+    For the daemon's status replies: the header is read once per file (20-50
+    ms), later calls cost a ``stat``. Returns the error instead of raising it,
+    and None when the file does not exist.
+    """
+    try:
+        stat = path.stat()
+    except OSError:
+        _cache.pop(path, None)
+        return None
+    key = (stat.st_mtime_ns, stat.st_size)
+    hit = _cache.get(path)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    result: GGUFInfo | ModelFileInvalid
+    try:
+        result = read_gguf(path)
+    except ModelFileInvalid as exc:
+        result = exc
+    if len(_cache) >= _CACHE_LIMIT:
+        del _cache[next(iter(_cache))]
+    _cache[path] = (key, result)
+    return result
+
+
+NO_TEMPLATE = "base model: no chat template; chat replies will be poor"
+
+
+def model_warnings(info: GGUFInfo, model: ModelConfig) -> list[str]:
+    """What a user should know before chatting with ``model``, one line each."""
+    warnings = []
+    if info.is_projector:
+        warnings.append("this file is a vision projector, not a model: give it as mmproj")
+    elif not info.has_chat_template:
+        warnings.append(NO_TEMPLATE)
+    elif model.tools and not info.supports_tools:
+        warnings.append("its chat template does not mention tools: tool calls may not work")
+    settings = model_settings(model)
+    ctx = settings.get("ctx_size", model.ctx_size)
+    if info.context_length and ctx > info.context_length:
+        warnings.append(
+            f"ctx_size {ctx} is more than the {info.context_length} tokens it was trained with"
+        )
+    return warnings

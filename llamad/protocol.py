@@ -72,6 +72,13 @@ class ExitInfo(msgspec.Struct, frozen=True, kw_only=True):
         return f"exited with code {self.code}"
 
 
+class MemoryUse(msgspec.Struct, frozen=True, kw_only=True):
+    """Bytes of memory, on the host and on the GPU(s)."""
+
+    host: int
+    gpu: int = 0
+
+
 class ModelStatus(msgspec.Struct, frozen=True, kw_only=True):
     """Everything a client may show about one configured model."""
 
@@ -91,6 +98,15 @@ class ModelStatus(msgspec.Struct, frozen=True, kw_only=True):
     endpoint: str = ""  # where llama-server listens: a socket path or host:port
     tools: list[str] = []  # the llamad tools offered to this model
     vision: bool | None = None  # accepts images; None until a running server said
+    # From the GGUF file's header (None/"" when it cannot be read) and models.toml:
+    size: int | None = None  # bytes on disk, every part of a split model
+    quantization: str = ""  # e.g. "Q4_K_M"
+    context_length: int | None = None  # the context the model was trained with
+    ctx_size: int | None = None  # the context llama-server runs it with
+    memory_estimate: MemoryUse | None = None  # what llama-server will take, before it starts
+    source: str = ""  # where it was configured: "models.toml", "models_dirs", "ollama"...
+    mmproj: str = ""  # the vision projector passed as --mmproj
+    warnings: list[str] = []  # e.g. a base model without a chat template
 
 
 # --------------------------------------------------------- chat and history

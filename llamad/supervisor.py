@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
+from typing import TypedDict
 
 import httpx
 import trio
@@ -26,6 +27,12 @@ import trio
 from llamad.config import ModelConfig
 from llamad.errors import RequestCancelled
 from llamad.events import EventHub, LogEvent, StateEvent
+from llamad.gguf_info import (
+    GGUFInfo,
+    estimate_for_model,
+    model_warnings,
+    read_gguf_cached,
+)
 from llamad.llama_server import (
     Endpoint,
     ServerBinary,
@@ -52,7 +59,7 @@ from llamad.policy import (
     StopRequested,
     TimerFired,
 )
-from llamad.protocol import ModelState, ModelStatus
+from llamad.protocol import MemoryUse, ModelState, ModelStatus
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +80,19 @@ def http_client(endpoint: Endpoint, timeout: float, *, keepalive: bool = True) -
         else httpx.AsyncHTTPTransport(limits=limits, verify=False)
     )
     return httpx.AsyncClient(transport=transport, base_url=endpoint.base_url, timeout=timeout)
+
+
+class _FileFields(TypedDict, total=False):
+    """The ``ModelStatus`` fields that come from the model's file and its entry."""
+
+    source: str
+    ctx_size: int
+    mmproj: str
+    size: int
+    quantization: str
+    context_length: int | None
+    memory_estimate: MemoryUse
+    warnings: list[str]
 
 
 class ModelSupervisor:
@@ -107,6 +127,7 @@ class ModelSupervisor:
         self._posted = 0  # user requests posted / handled: lets waiters skip stale states
         self._handled = 0
         self.vision: bool | None = None  # from the running server's /props
+        self._file_status()  # read the GGUF header now, not on the first status reply
 
     # ---------------------------------------------------------------- queries
 
@@ -121,6 +142,26 @@ class ModelSupervisor:
     @property
     def ready_seconds(self) -> float | None:
         return self._machine.ready_seconds
+
+    def _file_status(self) -> _FileFields:
+        """What the GGUF file says, for ``status`` (read once, again when the file changes)."""
+        info = read_gguf_cached(self.model.path)
+        fields: _FileFields = {"source": self.model.source, "ctx_size": self.model.ctx_size}
+        if self.model.mmproj is not None:
+            fields["mmproj"] = str(self.model.mmproj)
+        if isinstance(info, GGUFInfo):
+            projector = read_gguf_cached(self.model.mmproj) if self.model.mmproj else None
+            estimate = estimate_for_model(
+                info, self.model, projector if isinstance(projector, GGUFInfo) else None
+            )
+            fields["size"] = info.file_size
+            fields["quantization"] = info.quantization
+            fields["context_length"] = info.context_length
+            fields["memory_estimate"] = MemoryUse(host=estimate.host, gpu=estimate.gpu)
+            fields["warnings"] = model_warnings(info, self.model)
+        elif info is not None:
+            fields["warnings"] = [info.reason]
+        return fields
 
     def status(self) -> ModelStatus:
         machine = self._machine
@@ -142,6 +183,7 @@ class ModelSupervisor:
             endpoint=self.endpoint.describe(),
             tools=list(self.model.tools),
             vision=self.vision if machine.state == "ready" else None,
+            **self._file_status(),
         )
 
     # --------------------------------------------------------------- commands
@@ -286,6 +328,8 @@ class ModelSupervisor:
             # A socket left by a killed server would make the new one fail to bind.
             self.endpoint.socket_path.unlink(missing_ok=True)
         log.info("%s: starting %s", self.model.name, " ".join(command))
+        for warning in self._file_status().get("warnings", []):
+            log.warning("%s: %s", self.model.name, warning)
         try:
             process = spawn(command, self._environ, dict(self.model.env))
         except OSError as exc:

@@ -98,7 +98,7 @@ def test_a_split_model_is_read_as_one(tmp_path: Path, demo: GGUFInfo) -> None:
 @pytest.mark.parametrize(
     ("content", "problem"),
     [
-        (b"", r"not a GGUF file \(0 bytes\)"),
+        (b"", r"not a GGUF file \(0 bytes, expected b'GGUF'\)"),
         (
             b"\x00" * 4096,
             r"not a GGUF file \(it starts with b'\\x00\\x00\\x00\\x00', expected b'GGUF'\)",

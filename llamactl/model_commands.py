@@ -1,0 +1,278 @@
+"""``llamactl models`` and ``llamactl show``: what is configured, and what a model is.
+
+``show`` reads the model's GGUF header itself (llamactl runs as the same user on
+the same machine; the path comes from llamad's status reply), so
+``llamad.gguf_info`` is imported only by the commands that need it and
+``llamactl status`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llamactl.client import Client
+from llamactl.output import print_json
+from llamad.protocol import MemoryUse, ModelStatus, Status, StatusReply
+
+if TYPE_CHECKING:
+    from llamad.gguf_info import GGUFInfo
+
+
+def add_parsers(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+    reading: argparse.ArgumentParser,
+) -> None:
+    """``models`` and ``show``, with the options every command takes."""
+    commands.add_parser(
+        "models", parents=[reading], help="configured and found models, their files and sizes"
+    )
+    show = commands.add_parser(
+        "show", parents=[reading], help="what a model's GGUF file says, and its memory estimate"
+    )
+    show.add_argument("model", help="model name or alias, or the path of a GGUF file")
+
+
+def without_daemon(args: argparse.Namespace) -> int | None:
+    """Run a command that does not need llamad; None when it does."""
+    if args.command == "show" and _looks_like_a_file(args.model):
+        return _show_file(Path(args.model), args)
+    return None
+
+
+def _looks_like_a_file(text: str) -> bool:
+    return ("/" in text or text.endswith(".gguf")) and Path(text).exists()
+
+
+# ------------------------------------------------------------------ models
+
+
+def _size(count: int | None) -> str:
+    """Bytes on disk, as file managers and model hubs write them (decimal)."""
+    if count is None:
+        return "-"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            value = count / scale
+            return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
+    return f"{count} B"
+
+
+def _memory(count: int) -> str:
+    """Bytes of memory, in binary units as free(1) and nvidia-smi show them."""
+    if count >= 1 << 30:
+        return f"{count / (1 << 30):.1f} GiB"
+    return f"{count / (1 << 20):.0f} MiB"
+
+
+def _context(tokens: int | None) -> str:
+    if not tokens:
+        return "?"
+    return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
+
+
+def _row(model: ModelStatus) -> str:
+    context = _context(model.context_length)
+    if model.ctx_size and model.ctx_size != model.context_length:
+        context = f"{_context(model.ctx_size)}/{context}"
+    aliases = f" (aliases: {', '.join(model.aliases)})" if model.aliases else ""
+    missing = "" if model.file_exists else "  MISSING FILE"
+    extras = [*(["vision"] if model.vision else []), *(f"tool {t}" for t in model.tools)]
+    if any(w.startswith("base model") for w in model.warnings):
+        extras.append("base model")
+    can = f"  [{', '.join(extras)}]" if extras else ""
+    return (
+        f"{model.name:<16} {model.state:<9} {_size(model.size):>7} "
+        f"{model.quantization or '-':<7} ctx {context:<8} {model.source or '-':<11} "
+        f"{model.path}{missing}{aliases}{can}"
+    )
+
+
+def cmd_models(client: Client, args: argparse.Namespace) -> int:
+    reply = client.call(lambda i: Status(id=i))
+    assert isinstance(reply, StatusReply)
+    if args.json:
+        print_json(reply.models)
+        return 0
+    for model in reply.models:
+        print(_row(model))
+    return 0
+
+
+# -------------------------------------------------------------------- show
+
+
+def _find(reply: StatusReply, name: str) -> ModelStatus | None:
+    for model in reply.models:
+        if model.name == name:
+            return model
+    return next((m for m in reply.models if name in m.aliases), None)
+
+
+def cmd_show(client: Client, args: argparse.Namespace) -> int:
+    reply = client.call(lambda i: Status(id=i))
+    assert isinstance(reply, StatusReply)
+    status = _find(reply, args.model)
+    if status is None:
+        known = ", ".join(m.name for m in reply.models) or "none configured"
+        print(
+            f"llamactl: unknown model {args.model!r}; configured models: {known}", file=sys.stderr
+        )
+        return 1
+    return _show(Path(status.path), status, args)
+
+
+def _show_file(path: Path, args: argparse.Namespace) -> int:
+    return _show(path, None, args)
+
+
+def _show(path: Path, status: ModelStatus | None, args: argparse.Namespace) -> int:
+    from llamad.errors import ModelFileInvalid
+    from llamad.gguf_info import read_gguf
+
+    try:
+        info = read_gguf(path)
+    except ModelFileInvalid as exc:
+        print(f"llamactl: {exc}", file=sys.stderr)
+        return 1
+    projector = None
+    if status is not None and status.mmproj:
+        try:
+            projector = read_gguf(Path(status.mmproj))
+        except ModelFileInvalid as exc:
+            print(f"llamactl: projector {exc}", file=sys.stderr)
+    if args.json:
+        print_json(_as_json(info, status, projector))
+    else:
+        print("\n".join(_describe(info, status, projector)))
+    return 0
+
+
+def _as_json(
+    info: GGUFInfo, status: ModelStatus | None, projector: GGUFInfo | None
+) -> dict[str, Any]:
+    return {
+        "name": status.name if status else None,
+        "source": status.source if status else None,
+        "path": str(info.path),
+        "parts": [str(p) for p in info.parts],
+        "file_size": info.file_size,
+        "architecture": info.architecture,
+        "model_name": info.name,
+        "size_label": info.size_label,
+        "parameters": info.parameters,
+        "quantization": info.quantization,
+        "dominant_type": info.dominant_type,
+        "context_length": info.context_length,
+        "ctx_size": status.ctx_size if status else None,
+        "layers": info.block_count,
+        "embedding_length": info.embedding_length,
+        "head_count": info.head_count,
+        "head_count_kv": info.head_count_kv,
+        "key_length": info.key_length,
+        "value_length": info.value_length,
+        "sliding_window": info.sliding_window,
+        "chat_template": info.has_chat_template,
+        "supports_tools": info.supports_tools,
+        "base_model": not info.has_chat_template and not info.is_projector,
+        "tokenizer": info.tokenizer,
+        "vocab_size": info.vocab_size,
+        "license": info.license,
+        "projector": str(projector.path) if projector else None,
+        "memory_estimate": status.memory_estimate if status else None,
+        "warnings": _warnings(info, status),
+    }
+
+
+def _count(parameters: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if parameters >= scale:
+            return f"{parameters / scale:.1f}{unit}"
+    return str(parameters)
+
+
+def _describe(info: GGUFInfo, status: ModelStatus | None, projector: GGUFInfo | None) -> list[str]:
+    title = status.name if status else info.path.name
+    lines = [f"{title}" + (f"  (from {status.source})" if status and status.source else "")]
+
+    def row(label: str, value: str) -> None:
+        lines.append(f"  {label:<14} {value}")
+
+    parts = f", {len(info.parts)} parts" if len(info.parts) > 1 else ""
+    row("file", f"{info.path} ({_size(info.file_size)}{parts})")
+    if info.name:
+        row("name", info.name)
+    if info.is_projector:
+        row("kind", "a vision projector (mmproj), not a model: give it as mmproj")
+    labelled = f" ({info.size_label})" if info.size_label else ""
+    row("architecture", f"{info.architecture}, {_count(info.parameters)} parameters{labelled}")
+    mostly = (
+        f", tensors mostly {info.dominant_type}" if info.dominant_type != info.quantization else ""
+    )
+    row("quantization", f"{info.quantization}{mostly}")
+    context = f"{info.context_length:,} trained" if info.context_length else "not stated"
+    if status and status.ctx_size:
+        context += f"; runs with {status.ctx_size:,}"
+    row("context", context)
+    if info.block_count:
+        heads = f"{info.head_count} heads, {info.head_count_kv} KV heads" if info.head_count else ""
+        size = f", head size {info.key_length}" if info.key_length else ""
+        row("layers", f"{info.block_count}, embedding {info.embedding_length}; {heads}{size}")
+    if info.sliding_window:
+        swa = sum(info.swa_layers)
+        window = f"sliding window of {info.sliding_window} tokens"
+        row("attention", f"{window} in {swa} of {info.layers} layers")
+    if info.has_chat_template:
+        tools = "supports tools" if info.supports_tools else "no tool support"
+        row("chat template", f"yes ({tools})")
+    elif not info.is_projector:
+        row("chat template", "none")
+    tokenizer = info.tokenizer or "?"
+    if info.tokenizer_pre:
+        tokenizer += f" ({info.tokenizer_pre})"
+    if info.vocab_size:
+        tokenizer += f", {info.vocab_size:,} tokens"
+    row("tokenizer", tokenizer)
+    row("license", info.license or "not stated in the file")
+    if projector is not None:
+        row("vision", f"projector {projector.path.name} ({_size(projector.file_size)})")
+    elif status is not None:
+        row("vision", "no projector (mmproj)")
+    if status is not None and status.memory_estimate is not None:
+        row("memory", _estimate(status.memory_estimate, status))
+    elif status is None and not info.is_projector:
+        row("memory", _bare_estimate(info))
+    lines += [f"  {warning}" for warning in _warnings(info, status)]
+    return lines
+
+
+def _bare_estimate(info: GGUFInfo) -> str:
+    """For a file no models.toml entry describes: llamad's default context, and the full one."""
+    from llamad.gguf_info import estimate_memory
+
+    contexts = sorted({min(2048, info.context_length or 2048), info.context_length or 2048})
+    figures = [
+        f"{_memory(estimate_memory(info, ctx_size=ctx, parallel=None, n_gpu_layers=0).host)}"
+        f" at ctx {ctx:,}"
+        for ctx in contexts
+    ]
+    return f"about {'; '.join(figures)} (host, estimated)"
+
+
+def _warnings(info: GGUFInfo, status: ModelStatus | None) -> list[str]:
+    """llamad's warnings for a configured model; for a bare file, the template one."""
+    from llamad.gguf_info import NO_TEMPLATE
+
+    if status is not None:
+        return list(status.warnings)
+    return [] if info.has_chat_template or info.is_projector else [NO_TEMPLATE]
+
+
+def _estimate(estimate: MemoryUse, status: ModelStatus) -> str:
+    where = f"{_memory(estimate.host)} host"
+    if estimate.gpu:
+        where += f" + {_memory(estimate.gpu)} GPU"
+    return f"about {where} (estimated for ctx {status.ctx_size:,})"
