@@ -74,7 +74,7 @@ def _context(tokens: int | None) -> str:
     return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
 
 
-def _row(model: ModelStatus) -> str:
+def _row(model: ModelStatus, width: int = 16) -> str:
     context = _context(model.context_length)
     if model.ctx_size and model.ctx_size != model.context_length:
         context = f"{_context(model.ctx_size)}/{context}"
@@ -85,7 +85,7 @@ def _row(model: ModelStatus) -> str:
         extras.append("base model")
     can = f"  [{', '.join(extras)}]" if extras else ""
     return (
-        f"{model.name:<16} {model.state:<9} {_size(model.size):>7} "
+        f"{model.name:<{width}} {model.state:<9} {_size(model.size):>7} "
         f"{model.quantization or '-':<7} ctx {context:<8} {model.source or '-':<11} "
         f"{model.path}{missing}{aliases}{can}"
     )
@@ -97,8 +97,9 @@ def cmd_models(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         print_json(reply.models)
         return 0
+    width = max([16, *(len(m.name) for m in reply.models)])
     for model in reply.models:
-        print(_row(model))
+        print(_row(model, width))
     return 0
 
 

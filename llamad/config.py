@@ -10,10 +10,10 @@ Layout: ``[daemon]`` holds the daemon's keys plus any ``Supervision`` key as
 the default for every model; ``[models.NAME]`` holds a model's keys plus any
 ``Supervision`` key as an override.
 
-The module is pure: apart from ``load_config`` reading the file (and
-``find_config`` looking for it) nothing here touches the file system, so a
-model whose GGUF file is missing still parses; ``llamactl models``/``load``
-report that later.
+The module is pure: apart from ``load_config`` reading the file and adding
+the models ``llamad.discovery`` finds on disk (and ``find_config`` looking for
+the file) nothing here touches the file system, so a model whose GGUF file is
+missing still parses; ``llamactl models``/``load`` report that later.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from cattrs.errors import (
 )
 
 from llamad import paths
+from llamad.discovery import FINDERS, FoundModel, find_models, merge
 from llamad.errors import ConfigError, UnknownModelError
 from llamad.tools import TOOL_NAMES
 
@@ -162,6 +163,8 @@ class DaemonConfig:
     websocket: str = "127.0.0.1:8765"  # "HOST:PORT", or "off"
     allowed_origins: tuple[str, ...] = ()  # web pages allowed to use the WebSocket
     allowed_hosts: tuple[str, ...] = ()  # Host header values besides loopback names
+    models_dirs: tuple[Path, ...] = ()  # folders scanned for GGUF files (llamad.discovery)
+    discover: tuple[str, ...] = ()  # other tools' caches to offer models from
     supervision: Supervision = attrs.field(factory=Supervision)
 
 
@@ -528,6 +531,15 @@ def parse_config(text: str, *, source: Path, env: Mapping[str, str] = os.environ
         problems.add(
             ("daemon", "websocket"), f'expected "HOST:PORT" or "off", got {_show(websocket)}'
         )
+    finders = daemon_raw.get("discover")
+    for index, finder in enumerate(finders if isinstance(finders, list) else ()):
+        if isinstance(finder, str) and finder not in FINDERS:
+            close = difflib.get_close_matches(finder, FINDERS, n=1)
+            hint = f'did you mean "{close[0]}"?' if close else f"known: {', '.join(FINDERS)}"
+            problems.add(("daemon", "discover", index), f"no finder {_show(finder)}; {hint}")
+    # Models found on disk are added after parsing (load_config): a default_model
+    # may name one of them.
+    discovering = bool(daemon_raw.get("models_dirs") or finders)
 
     # With a broken [daemon], models are still checked against the built-in
     # defaults so that every problem is reported in one go.
@@ -563,7 +575,7 @@ def parse_config(text: str, *, source: Path, env: Mapping[str, str] = os.environ
         if usable and model is not None:
             models[name] = model
 
-    _check_names(problems, tables, daemon_raw.get("default_model"))
+    _check_names(problems, tables, None if discovering else daemon_raw.get("default_model"))
     _check_model_tools(problems, tables)
     tools = _parse_tools(problems, converter, document.get("tools", {}))
     searchers = [n for n, t in tables.items() if "file_search" in (t.get("tools") or ())]
@@ -653,14 +665,57 @@ def _check_names(
 
 
 def load_config(path: Path, env: Mapping[str, str] = os.environ) -> Config:
-    """Read and parse ``path``; unreadable files raise ``ConfigError`` too."""
+    """Read and parse ``path``, then add the models found on disk (``[daemon] models_dirs``
+    and ``discover``); unreadable files raise ``ConfigError`` too."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from None
-    return parse_config(text, source=path, env=env)
+    config = parse_config(text, source=path, env=env)
+    daemon = config.daemon
+    if daemon.models_dirs or daemon.discover:
+        found = find_models(daemon.models_dirs, daemon.discover, env)
+        config = with_found_models(config, found)
+    return config
+
+
+def with_found_models(config: Config, found: Iterable[FoundModel]) -> Config:
+    """``config`` plus models found on disk, after its own (which always win).
+
+    Found models take the ``[daemon]`` defaults. Checks ``default_model``
+    against the whole set, since it may name a found model.
+    """
+    configured = config.models.values()
+    kept = merge(
+        [m.path for m in configured],
+        [name for m in configured for name in (m.name, *m.aliases)],
+        found,
+    )
+    models = dict(config.models)
+    for model in kept:
+        models[model.name] = ModelConfig(
+            name=model.name,
+            path=model.path,
+            mmproj=model.mmproj,
+            source=model.source,
+            supervision=config.daemon.supervision,
+        )
+    merged = attrs.evolve(config, models=models)
+    default = config.daemon.default_model
+    if default is not None:
+        try:
+            merged.resolve(default)
+        except UnknownModelError:
+            where = config.source or Path("models.toml")
+            raise ConfigError(
+                [
+                    f"{where}: daemon.default_model: no model or alias named {_show(default)}; "
+                    f"models: {', '.join(models) or 'none configured or found'}"
+                ]
+            ) from None
+    return merged
 
 
 def find_config(
