@@ -9,13 +9,17 @@ the same machine; the path comes from llamad's status reply), so
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import shlex
 import sys
+import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llamactl.client import Client
+from llamactl.client import Client, ClientError, resolve_socket
 from llamactl.output import print_json
-from llamad.protocol import MemoryUse, ModelStatus, Status, StatusReply
+from llamad.protocol import MemoryUse, ModelStatus, Ok, Reload, Status, StatusReply
 
 if TYPE_CHECKING:
     from llamad.gguf_info import GGUFInfo
@@ -26,10 +30,30 @@ def add_parsers(
     common: argparse.ArgumentParser,
     reading: argparse.ArgumentParser,
 ) -> None:
-    """``models`` and ``show``, with the options every command takes."""
-    commands.add_parser(
+    """``models`` (with ``add`` and ``remove``) and ``show``."""
+    models = commands.add_parser(
         "models", parents=[reading], help="configured and found models, their files and sizes"
     )
+    edits = models.add_subparsers(dest="models_action", metavar="[add|remove]")
+    editing = argparse.ArgumentParser(add_help=False, parents=[common])
+    editing.add_argument(
+        "--config", metavar="FILE", help="the models.toml to change (default: llamad's own)"
+    )
+    add = edits.add_parser(
+        "add", parents=[editing], help="add a [models.NAME] entry to models.toml and reload"
+    )
+    add.add_argument("name")
+    add.add_argument("path", type=Path, help="the GGUF file (any part of a split model)")
+    add.add_argument("--ctx-size", type=int, metavar="N")
+    add.add_argument("--n-gpu-layers", "-ngl", type=int, metavar="N")
+    add.add_argument("--parallel", type=int, metavar="N")
+    add.add_argument("--mmproj", type=Path, metavar="FILE", help="a vision projector")
+    add.add_argument("--alias", action="append", default=[], metavar="NAME")
+    add.add_argument("--args", metavar="'ARGS'", help="llama-server arguments, one string")
+    remove = edits.add_parser(
+        "remove", parents=[editing], help="remove a model's entry from models.toml and reload"
+    )
+    remove.add_argument("name")
     show = commands.add_parser(
         "show", parents=[reading], help="what a model's GGUF file says, and its memory estimate"
     )
@@ -40,6 +64,8 @@ def without_daemon(args: argparse.Namespace) -> int | None:
     """Run a command that does not need llamad; None when it does."""
     if args.command == "show" and _looks_like_a_file(args.model):
         return _show_file(Path(args.model), args)
+    if args.command == "models" and args.models_action is not None:
+        return _edit_config(args)  # works with or without llamad
     return None
 
 
@@ -277,3 +303,206 @@ def _estimate(estimate: MemoryUse, status: ModelStatus) -> str:
     if estimate.gpu:
         where += f" + {_memory(estimate.gpu)} GPU"
     return f"about {where} (estimated for ctx {status.ctx_size:,})"
+
+
+# ------------------------------------------------------- models add / remove
+
+_HEADER = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(?:#.*)?$")
+_ARRAY_HEADER = re.compile(r"^\s*\[\[")
+
+
+def _header_key(line: str) -> tuple[str, ...] | None:
+    """The key path of a ``[table]`` header line, as tomllib reads it; None otherwise."""
+    if _ARRAY_HEADER.match(line):
+        return ("[[",)
+    match = _HEADER.match(line)
+    if match is None:
+        return None
+    try:
+        parsed = tomllib.loads(f"[{match[1]}]\n")
+    except tomllib.TOMLDecodeError:
+        return None
+    keys: list[str] = []
+    while isinstance(parsed, dict) and len(parsed) == 1:
+        key = next(iter(parsed))
+        keys.append(key)
+        parsed = parsed[key]
+    return tuple(keys)
+
+
+def render_entry(name: str, fields: dict[str, Any]) -> str:
+    """The ``[models.NAME]`` table as TOML text (tomlkit quotes what needs quoting)."""
+    import tomlkit
+
+    document = tomlkit.document()
+    models = tomlkit.table(is_super_table=True)
+    table = tomlkit.table()
+    for key, value in fields.items():
+        table.add(key, value)
+    models.add(name, table)
+    document.add("models", models)
+    return tomlkit.dumps(document).strip() + "\n"
+
+
+def add_entry(text: str, name: str, fields: dict[str, Any]) -> str:
+    """``text`` with a new ``[models.NAME]`` table appended; every other byte kept.
+
+    Raises ``ValueError`` when the file already has that model.
+    """
+    if name in _models_in(text):
+        raise ValueError(f"model {name!r} is already in the file; remove it first or pick a name")
+    body = text if not text or text.endswith("\n") else text + "\n"
+    separator = "\n" if body.strip() else ""
+    return body + separator + render_entry(name, fields)
+
+
+def remove_entry(text: str, name: str) -> str:
+    """``text`` without the ``[models.NAME]`` table (and its sub-tables and the comment
+    block right above it); everything else kept as it was.
+
+    Raises ``ValueError`` when there is no such table header in the file.
+    """
+    lines = text.splitlines(keepends=True)
+    wanted = ("models", name)
+    start = next((i for i, line in enumerate(lines) if _header_key(line) == wanted), None)
+    if start is None:
+        if name in _models_in(text):
+            raise ValueError(f"model {name!r} is not written as a [models.{name}] table")
+        raise ValueError(f"no model {name!r} in the file")
+    end = start + 1
+    while end < len(lines):
+        key = _header_key(lines[end])
+        if key is not None and key[: len(wanted)] != wanted:
+            break
+        end += 1
+    # The comments right above the next table describe it: they stay.
+    while end > start + 1 and lines[end - 1].lstrip().startswith("#"):
+        end -= 1
+    # The comments right above this table describe it: they go with it.
+    while start > 0 and lines[start - 1].lstrip().startswith("#"):
+        start -= 1
+    kept = lines[:start] + lines[end:]
+    if end == len(lines):  # it was the last table: no blank lines left at the end
+        while kept and not kept[-1].strip():
+            kept.pop()
+    # One blank line where the table was, not two.
+    while (
+        start > 0 and start < len(kept) and not kept[start - 1].strip() and not kept[start].strip()
+    ):
+        del kept[start]
+    return "".join(kept)
+
+
+def _models_in(text: str) -> dict[str, Any]:
+    try:
+        models = tomllib.loads(text).get("models", {})
+    except tomllib.TOMLDecodeError:
+        return {}
+    return models if isinstance(models, dict) else {}
+
+
+def _entry_fields(args: argparse.Namespace, path: Path) -> dict[str, Any]:
+    fields: dict[str, Any] = {"path": str(path)}
+    for option, key in (("ctx_size", "ctx_size"), ("n_gpu_layers", "n_gpu_layers")):
+        if getattr(args, option) is not None:
+            fields[key] = getattr(args, option)
+    if args.parallel is not None:
+        fields["parallel"] = args.parallel
+    if args.mmproj is not None:
+        fields["mmproj"] = str(args.mmproj.expanduser().absolute())
+    if args.alias:
+        fields["aliases"] = list(args.alias)
+    if args.args:
+        fields["args"] = shlex.split(args.args)
+    return fields
+
+
+def _edit_config(args: argparse.Namespace) -> int:
+    """``models add`` / ``models remove``: change models.toml, check it, ask llamad to reload."""
+    from llamad.errors import ConfigError
+
+    try:
+        client: Client | None = Client(resolve_socket(args.socket))
+    except ClientError:
+        client = None  # llamad is not running: it will read the file when it starts
+    try:
+        _apply_edit(args, client)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"llamactl: {problem}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError, ClientError) as exc:
+        print(f"llamactl: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    finally:
+        if client is not None:
+            client.close()
+    return 0
+
+
+def _apply_edit(args: argparse.Namespace, client: Client | None) -> None:
+    from llamad.config import find_config, parse_config
+
+    if args.config is not None:
+        source = Path(args.config)
+    elif client is not None:
+        reply = client.call(lambda i: Status(id=i))
+        assert isinstance(reply, StatusReply)
+        source = Path(reply.config_path)
+    else:
+        source = find_config(None)
+    text = source.read_text(encoding="utf-8")
+    if args.models_action == "add":
+        changed = add_entry(text, args.name, _entry_fields(args, _model_file(args.path)))
+    else:
+        changed = remove_entry(text, args.name)
+    parse_config(changed, source=source)  # never write a file llamad would refuse
+    _write_atomically(source, changed)
+    what = "added" if args.models_action == "add" else "removed"
+    print(f"{what} [models.{args.name}] in {source}")
+    if client is None:
+        print("llamad is not running; it will read the file when it starts")
+        return
+    client.set_timeout(None)
+    reloaded = client.call(lambda i: Reload(id=i))
+    assert isinstance(reloaded, Ok)
+    print(reloaded.message)
+
+
+def _one_line(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return str(exc)
+
+
+def _model_file(path: Path) -> Path:
+    """The file to write: absolute, the first part of a split model, a real GGUF."""
+    from llamad.errors import ModelFileInvalid
+    from llamad.gguf_info import read_gguf
+
+    try:
+        info = read_gguf(path.expanduser().absolute())
+    except ModelFileInvalid as exc:
+        raise ValueError(str(exc)) from None
+    if info.is_projector:
+        raise ValueError(f"{path} is a vision projector, not a model: give it with --mmproj")
+    return info.path
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` so that a crash leaves the old file or the new one, never half."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        mode = 0o644
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise

@@ -173,7 +173,9 @@ class Daemon:
 
 
 def _status_line(manager: ModelManager) -> str:
-    if manager.active is None:
+    # During a reload that removes the active model, its last state events
+    # arrive after the new configuration no longer has it.
+    if manager.active is None or manager.active not in manager.config.models:
         return "no model loaded"
     supervisor = manager.resolve(manager.active)
     reason = f" ({supervisor.reason})" if supervisor.reason else ""

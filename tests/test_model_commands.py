@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from llamactl.model_commands import add_entry, remove_entry
 from llamad.gguf_info import MiB, estimate_memory, read_gguf
 from tests.conftest import Llamad
 
@@ -148,3 +150,135 @@ def test_status_does_not_import_the_gguf_reader() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------- models add / remove
+
+EDITED = """\
+# My models. Keep this comment.
+[daemon]
+default_model = "a"   # the one I use most
+
+# A is small.
+[models.a]
+path = "/m/a.gguf"
+env = { X = "1" }
+
+# B is big; its env below.
+[models.b]
+path = "/m/b.gguf"
+
+[models.b.env]
+CUDA_VISIBLE_DEVICES = "0"
+
+# Tools, later.
+[tools.calculator]
+confirm = false
+"""
+
+
+def test_add_entry_keeps_every_other_byte() -> None:
+    changed = add_entry(EDITED, "qwen:q4_k_m", {"path": "/m/q w.gguf", "ctx_size": 4096})
+    assert changed.startswith(EDITED)
+    assert changed[len(EDITED) :] == (
+        '\n[models."qwen:q4_k_m"]\npath = "/m/q w.gguf"\nctx_size = 4096\n'
+    )
+    assert tomllib.loads(changed)["models"]["qwen:q4_k_m"] == {
+        "path": "/m/q w.gguf",
+        "ctx_size": 4096,
+    }
+    with pytest.raises(ValueError, match="model 'a' is already in the file"):
+        add_entry(EDITED, "a", {"path": "/x"})
+    assert add_entry("", "x", {"path": "/x"}) == '[models.x]\npath = "/x"\n'
+    assert add_entry("# no newline", "x", {"path": "/x"}) == (
+        '# no newline\n\n[models.x]\npath = "/x"\n'
+    )
+
+
+def test_remove_entry_takes_the_table_its_subtables_and_its_comment() -> None:
+    without_b = remove_entry(EDITED, "b")
+    assert without_b == EDITED.replace(
+        '# B is big; its env below.\n[models.b]\npath = "/m/b.gguf"\n\n'
+        '[models.b.env]\nCUDA_VISIBLE_DEVICES = "0"\n\n',
+        "",
+    )
+    assert "# Tools, later." in without_b  # the next table's comment stays
+    without_a = remove_entry(EDITED, "a")
+    assert "# A is small." not in without_a and "# B is big" in without_a
+    assert "default_model" in without_a  # the caller's parse_config check refuses this file
+    last = add_entry(EDITED, "z", {"path": "/z"})
+    assert remove_entry(last, "z") == EDITED
+    with pytest.raises(ValueError, match="no model 'nope' in the file"):
+        remove_entry(EDITED, "nope")
+    inline = 'models = { c = { path = "/c" } }\n'
+    with pytest.raises(ValueError, match=r"not written as a \[models.c\] table"):
+        remove_entry(inline, "c")
+
+
+def test_models_add_and_remove_through_llamad(
+    make_llamad: Callable[..., Llamad], demo_models: dict[str, Path], tmp_path: Path
+) -> None:
+    daemon = make_llamad(
+        '# my comment\n[models.demo]\npath = "'
+        + str(demo_models["demo"])
+        + '"  # inline comment\nctx_size = 512\n',
+        'default_model = "demo"\n',
+    )
+    daemon.start()
+    before = daemon.config_path.read_text()
+    added = daemon.ctl(
+        "models", "add", "second", str(demo_models["demo-b"]),
+        "--ctx-size", "1024", "--alias", "two", "--args", "--threads 1",
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    assert added.stdout.splitlines()[0] == f"added [models.second] in {daemon.config_path}"
+    after = daemon.config_path.read_text()
+    assert after.startswith(before)  # comments and formatting untouched
+    assert tomllib.loads(after)["models"]["second"] == {
+        "path": str(demo_models["demo-b"]),
+        "ctx_size": 1024,
+        "aliases": ["two"],
+        "args": ["--threads", "1"],
+    }
+    assert "second" in daemon.ctl("models").stdout
+    loaded = daemon.ctl("load", "two")
+    assert loaded.returncode == 0, loaded.stderr
+
+    removed = daemon.ctl("models", "remove", "second")
+    assert removed.returncode == 0, removed.stderr
+    assert daemon.config_path.read_text() == before
+    assert "second" not in daemon.ctl("models").stdout
+
+    # Mistakes: one line each, and the file is not touched.
+    cases = [
+        (("models", "remove", "demo"), 'daemon.default_model: no model or alias named "demo"'),
+        (("models", "add", "x", str(tmp_path / "none.gguf")), "none.gguf: no such file"),
+        (("models", "add", "demo", str(demo_models["demo-b"])), "model 'demo' is already"),
+        (("models", "add", "bad name", str(demo_models["demo"])), "a model name must be"),
+        (("models", "remove", "ghost"), "no model 'ghost' in the file"),
+    ]
+    not_gguf = tmp_path / "notes.gguf"
+    not_gguf.write_text("hello")
+    cases.append((("models", "add", "notes", str(not_gguf)), "not a GGUF file"))
+    for arguments, message in cases:
+        result = daemon.ctl(*arguments)
+        assert result.returncode == 1, arguments
+        assert message in result.stderr, (arguments, result.stderr)
+        assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+        assert daemon.config_path.read_text() == before
+
+
+def test_models_add_without_llamad(demo_models: dict[str, Path], tmp_path: Path) -> None:
+    config = tmp_path / "models.toml"
+    config.write_text("# empty for now\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "llamactl", "models", "add", "d", str(demo_models["demo"]),
+         "--config", str(config), "--socket", str(tmp_path / "none.sock")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"added [models.d] in {config}",
+        "llamad is not running; it will read the file when it starts",
+    ]
+    assert config.read_text() == f'# empty for now\n\n[models.d]\npath = "{demo_models["demo"]}"\n'
