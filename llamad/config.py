@@ -6,9 +6,9 @@ and all of a file's mistakes are reported together in one ``ConfigError``.
 Values are checked strictly (a string is not an integer, ``true`` is not 1):
 a config that silently means something else is worse than one that is refused.
 
-Layout: ``[daemon]`` holds the daemon's keys plus any ``Supervision`` key as
-the default for every model; ``[models.NAME]`` holds a model's keys plus any
-``Supervision`` key as an override.
+Layout: ``[daemon]`` holds the daemon's keys plus any ``Supervision`` or
+``Sampling`` key as the default for every model; ``[models.NAME]`` holds a
+model's keys plus any of those as an override.
 
 The module is pure: apart from ``load_config`` reading the file and adding
 the models ``llamad.discovery`` finds on disk (and ``find_config`` looking for
@@ -48,6 +48,7 @@ __all__ = [
     "DaemonConfig",
     "ModelConfig",
     "RestartMode",
+    "Sampling",
     "Supervision",
     "ToolConfig",
     "find_config",
@@ -118,6 +119,30 @@ class Supervision:
     health_failures: int = 3
 
 
+DEFAULT_MAX_TOKENS = 4096
+
+
+@attrs.frozen
+class Sampling:
+    """Generation defaults for requests that do not set them; daemon-wide, overridable per model.
+
+    None leaves the choice to llama-server (or to the request). ``max_tokens``
+    always has a value: a reply is cut at this many tokens (``finish_reason``
+    ``"length"``) so that a small model caught in a loop stops. 4096 tokens is
+    about 3,000 words, longer than almost any chat answer, and at 100-150
+    tokens/s (a small model on a laptop) the cap is reached in half a minute
+    instead of generating until the context is full. See llamad/sampling.py.
+    """
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    system_prompt: str | None = None  # the system message of a new conversation
+
+
 @attrs.frozen
 class ModelConfig:
     """One ``[models.NAME]`` table, with the daemon's supervision defaults merged in."""
@@ -136,6 +161,7 @@ class ModelConfig:
     tools: tuple[str, ...] = ()  # built-in tools offered to this model
     max_tool_rounds: int = 5  # model -> tools -> model rounds in one reply
     supervision: Supervision = attrs.field(factory=Supervision)
+    sampling: Sampling = attrs.field(factory=Sampling)
     # Where the entry came from: "models.toml", or the finder that found the file
     # ("models_dirs", "llama.cpp", "huggingface", "lmstudio", "ollama").
     source: str = "models.toml"
@@ -166,6 +192,7 @@ class DaemonConfig:
     models_dirs: tuple[Path, ...] = ()  # folders scanned for GGUF files (llamad.discovery)
     discover: tuple[str, ...] = ()  # other tools' caches to offer models from
     supervision: Supervision = attrs.field(factory=Supervision)
+    sampling: Sampling = attrs.field(factory=Sampling)
 
 
 @attrs.frozen
@@ -197,10 +224,13 @@ class Config:
 # --------------------------------------------------------------- the schema
 
 _SUPERVISION_KEYS = tuple(a.name for a in attrs.fields(Supervision))
+_SAMPLING_KEYS = tuple(a.name for a in attrs.fields(Sampling))
+_INHERITED = (*_SUPERVISION_KEYS, *_SAMPLING_KEYS)  # in [daemon] as defaults, or per model
+_GROUPS = ("supervision", "sampling")
 _MODEL_KEYS = tuple(
-    a.name for a in attrs.fields(ModelConfig) if a.name not in ("name", "supervision", "source")
+    a.name for a in attrs.fields(ModelConfig) if a.name not in ("name", "source", *_GROUPS)
 )
-_DAEMON_KEYS = tuple(a.name for a in attrs.fields(DaemonConfig) if a.name != "supervision")
+_DAEMON_KEYS = tuple(a.name for a in attrs.fields(DaemonConfig) if a.name not in _GROUPS)
 _TOOL_KEYS = tuple(a.name for a in attrs.fields(ToolConfig))
 _TOP_KEYS = ("daemon", "models", "tools")
 
@@ -221,11 +251,17 @@ _POSITIVE = frozenset(
         "ttl_sec",
         "max_tool_rounds",
         "timeout_sec",
+        "repeat_penalty",
+        "max_tokens",
     }
 )
 # Zero means something here: restart at once, every ready start counts as
-# stable, cancel requests in flight at once on a switch.
-_NON_NEGATIVE = frozenset({"restart_sec", "stable_after_sec", "stop_drain_sec"})
+# stable, cancel requests in flight at once on a switch; greedy sampling; no
+# top-k cut.
+_NON_NEGATIVE = frozenset(
+    {"restart_sec", "stable_after_sec", "stop_drain_sec", "temperature", "top_k"}
+)
+_PROBABILITY = frozenset({"top_p", "min_p"})
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _BAD_NAME = re.compile(r"[\s/]")
@@ -380,7 +416,7 @@ def _flatten(exc: BaseException, path: KeyPath) -> Iterator[tuple[KeyPath, str]]
     if isinstance(exc, ClassValidationError):
         with_notes, without = exc.group_exceptions()
         for sub, note in with_notes:
-            step: KeyPath = () if note.type is Supervision else (note.name,)
+            step: KeyPath = () if note.type in (Supervision, Sampling) else (note.name,)
             yield from _flatten(sub, path + step)
         for sub in without:
             yield from _flatten(sub, path)
@@ -447,6 +483,8 @@ class _Problems:
                 self.add((*path, key), f"must be greater than 0, got {_show(value)}")
             elif key in _NON_NEGATIVE and value < 0:
                 self.add((*path, key), f"must not be negative, got {_show(value)}")
+            elif key in _PROBABILITY and not 0 <= value <= 1:
+                self.add((*path, key), f"must be between 0 and 1, got {_show(value)}")
             elif key == "port" and not 1 <= value <= 65535:
                 self.add((*path, key), f"must be between 1 and 65535, got {_show(value)}")
 
@@ -486,7 +524,7 @@ _IN_MODEL = "it belongs in a [models.NAME] table"
 # Hints for a key written in the wrong table, the likeliest way to get one wrong.
 _ELSEWHERE_TOP = {
     **{key: _IN_DAEMON for key in _DAEMON_KEYS},
-    **{key: "it belongs in [daemon] or a [models.NAME] table" for key in _SUPERVISION_KEYS},
+    **{key: "it belongs in [daemon] or a [models.NAME] table" for key in _INHERITED},
     **{key: _IN_MODEL for key in _MODEL_KEYS},
 }
 _ELSEWHERE_DAEMON = {key: _IN_MODEL for key in _MODEL_KEYS}
@@ -515,7 +553,7 @@ def parse_config(text: str, *, source: Path, env: Mapping[str, str] = os.environ
     problems.unknown_keys(document, _TOP_KEYS, (), _ELSEWHERE_TOP)
 
     daemon_raw = _table(problems, document.get("daemon", {}), ("daemon",))
-    daemon_allowed = _DAEMON_KEYS + _SUPERVISION_KEYS
+    daemon_allowed = _DAEMON_KEYS + _INHERITED
     problems.unknown_keys(daemon_raw, daemon_allowed, ("daemon",), _ELSEWHERE_DAEMON)
     problems.ranges(daemon_raw, daemon_allowed, ("daemon",))
     daemon_fields: dict[str, Any] = {k: v for k, v in daemon_raw.items() if k in _DAEMON_KEYS}
@@ -523,6 +561,7 @@ def parse_config(text: str, *, source: Path, env: Mapping[str, str] = os.environ
     daemon_fields.setdefault("runtime_dir", paths.runtime_dir(env))
     daemon_fields.setdefault("data_dir", paths.data_dir(env))
     daemon_fields["supervision"] = {k: v for k, v in daemon_raw.items() if k in _SUPERVISION_KEYS}
+    daemon_fields["sampling"] = {k: v for k, v in daemon_raw.items() if k in _SAMPLING_KEYS}
     daemon: DaemonConfig | None = problems.structure(
         converter, daemon_fields, DaemonConfig, ("daemon",)
     )
@@ -544,8 +583,9 @@ def parse_config(text: str, *, source: Path, env: Mapping[str, str] = os.environ
     # With a broken [daemon], models are still checked against the built-in
     # defaults so that every problem is reported in one go.
     defaults = attrs.asdict(daemon.supervision if daemon is not None else Supervision())
+    sampling_defaults = attrs.asdict(daemon.sampling if daemon is not None else Sampling())
     models_raw = _table(problems, document.get("models", {}), ("models",))
-    model_allowed = _MODEL_KEYS + _SUPERVISION_KEYS
+    model_allowed = _MODEL_KEYS + _INHERITED
     models: dict[str, ModelConfig] = {}
     tables: dict[str, dict[str, Any]] = {}  # validly named tables, for the name checks
     for name, raw in models_raw.items():
@@ -570,6 +610,10 @@ def parse_config(text: str, *, source: Path, env: Mapping[str, str] = os.environ
         fields["supervision"] = {
             **defaults,
             **{k: v for k, v in raw.items() if k in _SUPERVISION_KEYS},
+        }
+        fields["sampling"] = {
+            **sampling_defaults,
+            **{k: v for k, v in raw.items() if k in _SAMPLING_KEYS},
         }
         model: ModelConfig | None = problems.structure(converter, fields, ModelConfig, path)
         if usable and model is not None:
@@ -701,6 +745,7 @@ def with_found_models(config: Config, found: Iterable[FoundModel]) -> Config:
             mmproj=model.mmproj,
             source=model.source,
             supervision=config.daemon.supervision,
+            sampling=config.daemon.sampling,
         )
     merged = attrs.evolve(config, models=models)
     default = config.daemon.default_model

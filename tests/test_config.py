@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -457,7 +458,8 @@ def _model_keys() -> str:
         "path, n_gpu_layers, ctx_size, port, args, env, aliases, mmproj, parallel, ttl_sec, "
         "tools, max_tool_rounds, restart, restart_sec, restart_max_delay_sec, start_limit_burst, "
         "start_limit_interval_sec, stable_after_sec, ready_timeout_sec, stop_timeout_sec, "
-        "stop_drain_sec, health_interval_sec, health_failures"
+        "stop_drain_sec, health_interval_sec, health_failures, temperature, top_p, top_k, "
+        "min_p, repeat_penalty, max_tokens, system_prompt"
     )
 
 
@@ -661,3 +663,64 @@ def test_file_search_without_roots_is_refused() -> None:
         "/etc/llamad/models.toml: models.a.tools: file_search needs the folders it may "
         'search: add [tools.file_search] roots = ["~/notes"]'
     ]
+
+
+# ------------------------------------------------------ generation defaults
+
+
+def test_sampling_defaults_merge_like_supervision() -> None:
+    config = parse_config(
+        textwrap.dedent(
+            """\
+            [daemon]
+            temperature = 0.7
+            max_tokens = 1000
+            system_prompt = "Be brief."
+            [models.a]
+            path = "a.gguf"
+            temperature = 0
+            top_k = 40
+            [models.b]
+            path = "b.gguf"
+            """
+        ),
+        source=SOURCE,
+        env=ENV,
+    )
+    a, b = config.models["a"].sampling, config.models["b"].sampling
+    assert (a.temperature, a.top_k, a.max_tokens, a.system_prompt) == (0.0, 40, 1000, "Be brief.")
+    assert (b.temperature, b.top_k, b.top_p, b.max_tokens) == (0.7, None, None, 1000)
+    assert parse_config('[models.c]\npath = "c.gguf"\n', source=SOURCE, env=ENV).models[
+        "c"
+    ].sampling.max_tokens == 4096
+
+
+def test_sampling_mistakes() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(
+            textwrap.dedent(
+                """\
+                [daemon]
+                top_p = 1.5
+                [models.a]
+                path = "a.gguf"
+                temperature = -1
+                max_tokens = 0
+                min_p = "low"
+                system_prompt = 3
+                top_k = 2.5
+                """
+            ),
+            source=SOURCE,
+            env=ENV,
+        )
+    assert sorted(info.value.problems) == sorted(
+        [
+            f"{SOURCE}: daemon.top_p: must be between 0 and 1, got 1.5",
+            f"{SOURCE}: models.a.temperature: must not be negative, got -1",
+            f"{SOURCE}: models.a.max_tokens: must be greater than 0, got 0",
+            f'{SOURCE}: models.a.min_p: expected a number, got "low"',
+            f"{SOURCE}: models.a.system_prompt: expected a string, got 3",
+            f"{SOURCE}: models.a.top_k: expected an integer, got 2.5",
+        ]
+    )
