@@ -20,7 +20,7 @@ from llamad.chat import ChatEngine
 from llamad.concurrency import first_leaf
 from llamad.config import Config, load_config
 from llamad.dispatch import Dispatcher
-from llamad.errors import LlamadError, StartupError
+from llamad.errors import LlamadError, StartupError, UnknownModelError
 from llamad.events import EventHub
 from llamad.history import HistoryStore
 from llamad.llama_server import find_server_binary, reap_stale
@@ -173,10 +173,13 @@ class Daemon:
 
 
 def _status_line(manager: ModelManager) -> str:
-    # During a reload that removes the active model, its last state events
-    # arrive after the new configuration no longer has it.
-    if manager.active is None or manager.active not in manager.config.models:
+    if manager.active is None:
         return "no model loaded"
-    supervisor = manager.resolve(manager.active)
+    try:
+        supervisor = manager.resolve(manager.active)
+    except (KeyError, UnknownModelError):
+        # A reload that removes or replaces the active model publishes its last
+        # states while the new configuration (or supervisor) is not in place.
+        return f"{manager.active}: reloading"
     reason = f" ({supervisor.reason})" if supervisor.reason else ""
     return f"{manager.active}: {supervisor.state}{reason}"
