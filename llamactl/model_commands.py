@@ -50,6 +50,9 @@ def add_parsers(
     add.add_argument("--mmproj", type=Path, metavar="FILE", help="a vision projector")
     add.add_argument("--alias", action="append", default=[], metavar="NAME")
     add.add_argument("--args", metavar="'ARGS'", help="llama-server arguments, one string")
+    defaults = add.add_argument_group("generation defaults for chats that do not set them")
+    for option, kind in _SAMPLING_OPTIONS.items():
+        defaults.add_argument(f"--{option.replace('_', '-')}", dest=option, type=kind)
     remove = edits.add_parser(
         "remove", parents=[editing], help="remove a model's entry from models.toml and reload"
     )
@@ -401,6 +404,17 @@ def _models_in(text: str) -> dict[str, Any]:
     return models if isinstance(models, dict) else {}
 
 
+_SAMPLING_OPTIONS: dict[str, type] = {
+    "temperature": float,
+    "top_p": float,
+    "top_k": int,
+    "min_p": float,
+    "repeat_penalty": float,
+    "max_tokens": int,
+    "system_prompt": str,
+}
+
+
 def _entry_fields(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     fields: dict[str, Any] = {"path": str(path)}
     for option, key in (("ctx_size", "ctx_size"), ("n_gpu_layers", "n_gpu_layers")):
@@ -414,6 +428,9 @@ def _entry_fields(args: argparse.Namespace, path: Path) -> dict[str, Any]:
         fields["aliases"] = list(args.alias)
     if args.args:
         fields["args"] = shlex.split(args.args)
+    for option in _SAMPLING_OPTIONS:
+        if getattr(args, option) is not None:
+            fields[option] = getattr(args, option)
     return fields
 
 

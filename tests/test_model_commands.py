@@ -229,6 +229,7 @@ def test_models_add_and_remove_through_llamad(
     added = daemon.ctl(
         "models", "add", "second", str(demo_models["demo-b"]),
         "--ctx-size", "1024", "--alias", "two", "--args", "--threads 1",
+        "--temperature", "0.5", "--system-prompt", "Be brief.",
     )  # fmt: skip
     assert added.returncode == 0, added.stderr
     assert added.stdout.splitlines()[0] == f"added [models.second] in {daemon.config_path}"
@@ -239,6 +240,8 @@ def test_models_add_and_remove_through_llamad(
         "ctx_size": 1024,
         "aliases": ["two"],
         "args": ["--threads", "1"],
+        "temperature": 0.5,
+        "system_prompt": "Be brief.",
     }
     assert "second" in daemon.ctl("models").stdout
     loaded = daemon.ctl("load", "two")
@@ -260,6 +263,12 @@ def test_models_add_and_remove_through_llamad(
     not_gguf = tmp_path / "notes.gguf"
     not_gguf.write_text("hello")
     cases.append((("models", "add", "notes", str(not_gguf)), "not a GGUF file"))
+    cases.append(
+        (
+            ("models", "add", "hot", str(demo_models["demo"]), "--top-p", "2"),
+            "models.hot.top_p: must be between 0 and 1, got 2.0",
+        )
+    )
     for arguments, message in cases:
         result = daemon.ctl(*arguments)
         assert result.returncode == 1, arguments
