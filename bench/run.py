@@ -75,6 +75,19 @@ def _memory(quick: bool) -> list[Figure]:
     return memory.run(rounds=1 if quick else 3)
 
 
+def _memory_estimate(quick: bool) -> list[Figure]:
+    from bench import memory_estimate
+
+    cases = memory_estimate.CASES[::2] if quick else memory_estimate.CASES
+    return memory_estimate.figures(cases)
+
+
+def _real_models(quick: bool) -> list[Figure]:
+    from bench import real_models
+
+    return real_models.figures(quick)
+
+
 def _tui(quick: bool) -> list[Figure]:
     from bench import tui_frame
 
@@ -89,6 +102,8 @@ BENCHES = [
     Bench("history", "LMDB store: appends, 10k conversations, 100k messages", _history),
     Bench("memory", "llamad RSS idle and with 500 WebSockets", _memory),
     Bench("tui", "llama-tui frame time, 1,000 messages", _tui),
+    Bench("memory_estimate", "GGUF memory estimate vs llama-server RSS/PSS", _memory_estimate),
+    Bench("real_models", "SmolLM2/Gemma: load via llamad vs alone, relay", _real_models),
 ]
 
 

@@ -412,6 +412,7 @@ class GGUFInfo:
     tokenizer: str | None  # tokenizer.ggml.model: "gpt2" (BPE), "llama" (SPM), ...
     tokenizer_pre: str | None
     vocab_size: int | None
+    merges: int | None  # BPE merge rules (gpt2-style tokenizers)
     license: str | None
     feed_forward_length: int | None  # the largest layer's (per expert for MoE: times experts used)
     tensors: tuple[TensorInfo, ...] = field(repr=False)
@@ -554,6 +555,10 @@ def read_gguf(path: Path | str) -> GGUFInfo:
     if isinstance(tokens, list):
         vocab = len(tokens)
     vocab = vocab or _int(key("vocab_size"))
+    merges = meta.get("tokenizer.ggml.merges")
+    merge_count = merges.length if isinstance(merges, ArrayInfo) else None
+    if isinstance(merges, list):
+        merge_count = len(merges)
     scalars = {
         k: v
         for k, v in meta.items()
@@ -587,6 +592,7 @@ def read_gguf(path: Path | str) -> GGUFInfo:
         tokenizer=_str(meta.get("tokenizer.ggml.model")),
         tokenizer_pre=_str(meta.get("tokenizer.ggml.pre")),
         vocab_size=vocab,
+        merges=merge_count,
         license=_str(meta.get("general.license")) or _str(meta.get("general.license.name")),
         feed_forward_length=feed_forward,
         tensors=tuple(tensors),
@@ -656,11 +662,16 @@ _CACHE_TYPES: Mapping[str, tuple[int, int]] = {
     "q5_1": (32, 24),
 }
 
-# Calibrated against the real llama-server on this machine (bench/memory_estimate.py;
-# the README has the figures): the process without its model (binary, libraries,
-# HTTP server, threads) and, per vocabulary entry, the tokenizer's tables.
-PROCESS_BASE = 18 * MiB
-PER_VOCAB_TOKEN = 110
+# Calibrated against the real llama-server (bench/memory_estimate.py; the README
+# has the figures) after a prompt that fills the context, when the compute
+# buffers and the per-slot samplers have been touched: the process without its
+# model (binary, libraries, HTTP server, threads), and the tokenizer's tables and
+# the samplers' candidate arrays per vocabulary entry and per BPE merge rule.
+# Fitted to the demo models (537 tokens), Gemma 3 (262,144) and SmolLM2 (49,152
+# tokens and 48,900 merges).
+PROCESS_BASE = int(21.4 * MiB)
+PER_VOCAB_TOKEN = 246
+PER_MERGE = 122
 CUDA_CONTEXT = 500 * MiB  # per process, measured on an H200 (issue 12)
 N_UBATCH = 512  # llama-server's default physical batch
 N_PAD = 256  # llama.cpp pads context sizes to this
@@ -786,7 +797,10 @@ def memory_breakdown(
             else MemoryEstimate(compute + logits, 0)
         ),
         overhead=MemoryEstimate(
-            PROCESS_BASE + PER_VOCAB_TOKEN * (info.vocab_size or 0), CUDA_CONTEXT if any_gpu else 0
+            PROCESS_BASE
+            + PER_VOCAB_TOKEN * (info.vocab_size or 0)
+            + PER_MERGE * (info.merges or 0),
+            CUDA_CONTEXT if any_gpu else 0,
         ),
         prompt_cache=MemoryEstimate(max(cache_ram_mib, 0) * MiB, 0),
         kv_cells=per_stream * streams,
