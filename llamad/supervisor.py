@@ -127,6 +127,7 @@ class ModelSupervisor:
         self._posted = 0  # user requests posted / handled: lets waiters skip stale states
         self._handled = 0
         self.vision: bool | None = None  # from the running server's /props
+        self._file_memo: tuple[object, object, ModelConfig, _FileFields] | None = None
         self._file_status()  # read the GGUF header now, not on the first status reply
 
     # ---------------------------------------------------------------- queries
@@ -146,11 +147,15 @@ class ModelSupervisor:
     def _file_status(self) -> _FileFields:
         """What the GGUF file says, for ``status`` (read once, again when the file changes)."""
         info = read_gguf_cached(self.model.path)
+        projector = read_gguf_cached(self.model.mmproj) if self.model.mmproj else None
+        # The reads return the same objects while the files are unchanged.
+        memo = self._file_memo
+        if memo is not None and memo[0] is info and memo[1] is projector and memo[2] == self.model:
+            return memo[3]
         fields: _FileFields = {"source": self.model.source, "ctx_size": self.model.ctx_size}
         if self.model.mmproj is not None:
             fields["mmproj"] = str(self.model.mmproj)
         if isinstance(info, GGUFInfo):
-            projector = read_gguf_cached(self.model.mmproj) if self.model.mmproj else None
             estimate = estimate_for_model(
                 info, self.model, projector if isinstance(projector, GGUFInfo) else None
             )
@@ -161,6 +166,7 @@ class ModelSupervisor:
             fields["warnings"] = model_warnings(info, self.model)
         elif info is not None:
             fields["warnings"] = [info.reason]
+        self._file_memo = (info, projector, self.model, fields)
         return fields
 
     def status(self) -> ModelStatus:
