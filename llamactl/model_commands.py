@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shlex
 import sys
-import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -321,6 +319,8 @@ def _header_key(line: str) -> tuple[str, ...] | None:
     match = _HEADER.match(line)
     if match is None:
         return None
+    import tomllib
+
     try:
         parsed = tomllib.loads(f"[{match[1]}]\n")
     except tomllib.TOMLDecodeError:
@@ -397,6 +397,8 @@ def remove_entry(text: str, name: str) -> str:
 
 
 def _models_in(text: str) -> dict[str, Any]:
+    import tomllib
+
     try:
         models = tomllib.loads(text).get("models", {})
     except tomllib.TOMLDecodeError:
@@ -427,6 +429,8 @@ def _entry_fields(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     if args.alias:
         fields["aliases"] = list(args.alias)
     if args.args:
+        import shlex
+
         fields["args"] = shlex.split(args.args)
     for option in _SAMPLING_OPTIONS:
         if getattr(args, option) is not None:
