@@ -35,7 +35,7 @@ def _models() -> dict[str, str]:
     return {name: str(path) for name, path in REAL.items()}
 
 
-def load_figures(rounds: int = 6) -> list[Figure]:
+def load_figures(rounds: int = 8) -> list[Figure]:
     paths = _models()
     binary = server_binary()
     tables = "".join(model_table(name, REAL[name], ctx_size=512) for name in paths)
@@ -75,7 +75,7 @@ def load_figures(rounds: int = 6) -> list[Figure]:
     return figures
 
 
-def relay_figures(rounds: int = 5, max_tokens: int = 400) -> list[Figure]:
+def relay_figures(rounds: int = 9, max_tokens: int = 200) -> list[Figure]:
     _models()
     table = model_table("smol", REAL["smol"], ctx_size=2048)
     with running_daemon(table, default_model="smol") as daemon:
@@ -139,7 +139,7 @@ def relay_figures(rounds: int = 5, max_tokens: int = 400) -> list[Figure]:
 
 
 def figures(quick: bool = False) -> list[Figure]:
-    return load_figures(3 if quick else 6) + relay_figures(3 if quick else 5)
+    return load_figures(3 if quick else 8) + relay_figures(3 if quick else 9)
 
 
 def main() -> None:
