@@ -100,6 +100,19 @@ def _memory(quick: bool) -> list[Figure]:
     return memory.run(rounds=1 if quick else 3)
 
 
+def _memory_estimate(quick: bool) -> list[Figure]:
+    from bench import memory_estimate
+
+    cases = memory_estimate.CASES[::2] if quick else memory_estimate.CASES
+    return memory_estimate.figures(cases)
+
+
+def _real_models(quick: bool) -> list[Figure]:
+    from bench import real_models
+
+    return real_models.figures(quick)
+
+
 def _tui(quick: bool) -> list[Figure]:
     from bench import tui_frame
 
@@ -131,6 +144,8 @@ BENCHES = [
     Bench("tui", "llama-tui frame time, 1,000 messages", _tui),
     Bench("pool", "swaps under pressure; first token while another model loads", _pool),
     Bench("rpc", "the same model local vs split over 2 loopback workers", _rpc),
+    Bench("memory_estimate", "GGUF memory estimate vs llama-server RSS/PSS", _memory_estimate),
+    Bench("real_models", "SmolLM2/Gemma: load via llamad vs alone, relay", _real_models),
 ]
 
 

@@ -54,7 +54,11 @@ STOPPED_REASON_SECONDS = 60.0
 # (dashes as underscores) and is imported only when one of its commands runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("daemon and model states", __name__),
-    "models": ("configured models and their files", __name__),
+    "models": (
+        "configured and found models, their files and sizes; models add / remove",
+        "llamactl.model_commands",
+    ),
+    "show": ("what a model's GGUF file says, and its memory estimate", "llamactl.model_commands"),
     "load": ("load a model (evicting idle ones if memory requires)", __name__),
     "unload": ("stop a model (default: all)", __name__),
     "restart": ("restart a model", __name__),
@@ -101,8 +105,6 @@ def add_parsers(
 
     if wanted("status"):
         add("status", reading)
-    if wanted("models"):
-        add("models", reading)
     if wanted("load"):
         load = add("load", common)
         load.add_argument("model", help="model name or alias")
@@ -218,22 +220,6 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
 
         for worker in reply.workers:
             print(f"  worker {worker.name} {worker.address}: {worker_line(worker)}")
-    return 0
-
-
-def cmd_models(client: Client, args: argparse.Namespace) -> int:
-    reply = client.call(lambda i: Status(id=i))
-    assert isinstance(reply, StatusReply)
-    if args.json:
-        print_json(reply.models)
-        return 0
-    for model in reply.models:
-        aliases = f" (aliases: {', '.join(model.aliases)})" if model.aliases else ""
-        missing = "" if model.file_exists else "  MISSING FILE"
-        extras = [*(["vision"] if model.vision else []), *(f"tool {t}" for t in model.tools)]
-        can = f"  [{', '.join(extras)}]" if extras else ""
-        where = model.endpoint if model.remote else model.path
-        print(f"{model.name:<16} {model.state:<9} {where}{missing}{aliases}{can}")
     return 0
 
 
@@ -372,6 +358,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if COMMANDS[args.command][1] != __name__:
         module = importlib.import_module(COMMANDS[args.command][1])
     command = getattr(module, "cmd_" + args.command.replace("-", "_"))
+    if args.command in ("show", "models"):  # some of theirs need no llamad
+        from llamactl import model_commands
+
+        if (local := model_commands.without_daemon(args)) is not None:
+            return local
     try:
         with Client(resolve_socket(args.socket)) as client:
             return int(command(client, args))

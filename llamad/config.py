@@ -6,14 +6,14 @@ and all of a file's mistakes are reported together in one ``ConfigError``.
 Values are checked strictly (a string is not an integer, ``true`` is not 1):
 a config that silently means something else is worse than one that is refused.
 
-Layout: ``[daemon]`` holds the daemon's keys plus any ``Supervision`` key as
-the default for every model; ``[models.NAME]`` holds a model's keys plus any
-``Supervision`` key as an override.
+Layout: ``[daemon]`` holds the daemon's keys plus any ``Supervision`` or
+``Sampling`` key as the default for every model; ``[models.NAME]`` holds a
+model's keys plus any of those as an override.
 
-The module is pure: apart from ``load_config`` reading the file (and
-``find_config`` looking for it) nothing here touches the file system, so a
-model whose GGUF file is missing still parses; ``llamactl models``/``load``
-report that later.
+The module is pure: apart from ``load_config`` reading the file and adding
+the models ``llamad.discovery`` finds on disk (and ``find_config`` looking for
+the file) nothing here touches the file system, so a model whose GGUF file is
+missing still parses; ``llamactl models``/``load`` report that later.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from cattrs.errors import (
 )
 
 from llamad import paths
+from llamad.discovery import FINDERS, FoundModel, find_models, merge
 from llamad.errors import ConfigError, UnknownModelError
 from llamad.tools import TOOL_NAMES
 
@@ -49,6 +50,7 @@ __all__ = [
     "DaemonConfig",
     "ModelConfig",
     "RestartMode",
+    "Sampling",
     "Supervision",
     "ToolConfig",
     "WorkerConfig",
@@ -129,6 +131,30 @@ class Supervision:
     ttl_sec: float = 0.0
 
 
+DEFAULT_MAX_TOKENS = 4096
+
+
+@attrs.frozen
+class Sampling:
+    """Generation defaults for requests that do not set them; daemon-wide, overridable per model.
+
+    None leaves the choice to llama-server (or to the request). ``max_tokens``
+    always has a value: a reply is cut at this many tokens (``finish_reason``
+    ``"length"``) so that a small model caught in a loop stops. 4096 tokens is
+    about 3,000 words, longer than almost any chat answer, and at 100-150
+    tokens/s (a small model on a laptop) the cap is reached in half a minute
+    instead of generating until the context is full. See llamad/sampling.py.
+    """
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    system_prompt: str | None = None  # the system message of a new conversation
+
+
 @attrs.frozen
 class ModelConfig:
     """One ``[models.NAME]`` table, with the daemon's supervision defaults merged in."""
@@ -159,6 +185,10 @@ class ModelConfig:
     remote_model: str | None = None  # its name there; default: this model's name
     ca_file: Path | None = None  # a private CA to verify the remote's certificate with
     supervision: Supervision = attrs.field(factory=Supervision)
+    sampling: Sampling = attrs.field(factory=Sampling)
+    # Where the entry came from: "models.toml", or the finder that found the file
+    # ("models_dirs", "llama.cpp", "huggingface", "lmstudio", "ollama").
+    source: str = "models.toml"
 
     @property
     def remote(self) -> bool:
@@ -239,7 +269,10 @@ class DaemonConfig:
     http: str = "127.0.0.1:8766"
     auth: AuthMode = "keys"  # "none": no API key needed (loopback addresses only)
     api_keys_file: Path | None = None  # more keys, each optionally limited to some models
+    models_dirs: tuple[Path, ...] = ()  # folders scanned for GGUF files (llamad.discovery)
+    discover: tuple[str, ...] = ()  # other tools' caches to offer models from
     supervision: Supervision = attrs.field(factory=Supervision)
+    sampling: Sampling = attrs.field(factory=Sampling)
 
 
 @attrs.frozen
@@ -277,10 +310,13 @@ class Config:
 # --------------------------------------------------------------- the schema
 
 _SUPERVISION_KEYS = tuple(a.name for a in attrs.fields(Supervision))
+_SAMPLING_KEYS = tuple(a.name for a in attrs.fields(Sampling))
+_INHERITED = (*_SUPERVISION_KEYS, *_SAMPLING_KEYS)  # in [daemon] as defaults, or per model
+_GROUPS = ("supervision", "sampling")
 _MODEL_KEYS = tuple(
-    a.name for a in attrs.fields(ModelConfig) if a.name not in ("name", "supervision")
+    a.name for a in attrs.fields(ModelConfig) if a.name not in ("name", "source", *_GROUPS)
 )
-_DAEMON_KEYS = tuple(a.name for a in attrs.fields(DaemonConfig) if a.name != "supervision")
+_DAEMON_KEYS = tuple(a.name for a in attrs.fields(DaemonConfig) if a.name not in _GROUPS)
 _TOOL_KEYS = tuple(a.name for a in attrs.fields(ToolConfig))
 _WORKER_KEYS = tuple(
     a.name for a in attrs.fields(WorkerConfig) if a.name not in ("name", "supervision")
@@ -313,11 +349,17 @@ _POSITIVE = frozenset(
         "threads",
         "load_timeout_sec",
         "timeout_sec",
+        "repeat_penalty",
+        "max_tokens",
     }
 )
 # Zero means something here: restart at once, every ready start counts as
-# stable, cancel requests in flight at once on a switch.
-_NON_NEGATIVE = frozenset({"restart_sec", "stable_after_sec", "stop_drain_sec", "ttl_sec"})
+# stable, cancel requests in flight at once on a switch; never unload for
+# idleness; greedy sampling; no top-k cut.
+_NON_NEGATIVE = frozenset(
+    {"restart_sec", "stable_after_sec", "stop_drain_sec", "ttl_sec", "temperature", "top_k"}
+)
+_PROBABILITY = frozenset({"top_p", "min_p"})
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _BAD_NAME = re.compile(r"[\s/]")
@@ -499,7 +541,7 @@ def _flatten(exc: BaseException, path: KeyPath) -> Iterator[tuple[KeyPath, str]]
     if isinstance(exc, ClassValidationError):
         with_notes, without = exc.group_exceptions()
         for sub, note in with_notes:
-            step: KeyPath = () if note.type is Supervision else (note.name,)
+            step: KeyPath = () if note.type in (Supervision, Sampling) else (note.name,)
             yield from _flatten(sub, path + step)
         for sub in without:
             yield from _flatten(sub, path)
@@ -566,6 +608,8 @@ class _Problems:
                 self.add((*path, key), f"must be greater than 0, got {_show(value)}")
             elif key in _NON_NEGATIVE and value < 0:
                 self.add((*path, key), f"must not be negative, got {_show(value)}")
+            elif key in _PROBABILITY and not 0 <= value <= 1:
+                self.add((*path, key), f"must be between 0 and 1, got {_show(value)}")
             elif key == "port" and not 1 <= value <= 65535:
                 self.add((*path, key), f"must be between 1 and 65535, got {_show(value)}")
 
@@ -605,7 +649,7 @@ _IN_MODEL = "it belongs in a [models.NAME] table"
 # Hints for a key written in the wrong table, the likeliest way to get one wrong.
 _ELSEWHERE_TOP = {
     **{key: _IN_DAEMON for key in _DAEMON_KEYS},
-    **{key: "it belongs in [daemon] or a [models.NAME] table" for key in _SUPERVISION_KEYS},
+    **{key: "it belongs in [daemon] or a [models.NAME] table" for key in _INHERITED},
     **{key: _IN_MODEL for key in _MODEL_KEYS},
 }
 _ELSEWHERE_DAEMON = {key: _IN_MODEL for key in _MODEL_KEYS}
@@ -634,7 +678,7 @@ def parse_config(text: str, *, source: Path, env: Mapping[str, str] = os.environ
     problems.unknown_keys(document, _TOP_KEYS, (), _ELSEWHERE_TOP)
 
     daemon_raw = _table(problems, document.get("daemon", {}), ("daemon",))
-    daemon_allowed = _DAEMON_KEYS + _SUPERVISION_KEYS
+    daemon_allowed = _DAEMON_KEYS + _INHERITED
     problems.unknown_keys(daemon_raw, daemon_allowed, ("daemon",), _ELSEWHERE_DAEMON)
     problems.ranges(daemon_raw, daemon_allowed, ("daemon",))
     daemon_fields: dict[str, Any] = {k: v for k, v in daemon_raw.items() if k in _DAEMON_KEYS}
@@ -642,6 +686,7 @@ def parse_config(text: str, *, source: Path, env: Mapping[str, str] = os.environ
     daemon_fields.setdefault("runtime_dir", paths.runtime_dir(env))
     daemon_fields.setdefault("data_dir", paths.data_dir(env))
     daemon_fields["supervision"] = {k: v for k, v in daemon_raw.items() if k in _SUPERVISION_KEYS}
+    daemon_fields["sampling"] = {k: v for k, v in daemon_raw.items() if k in _SAMPLING_KEYS}
     daemon: DaemonConfig | None = problems.structure(
         converter, daemon_fields, DaemonConfig, ("daemon",)
     )
@@ -667,12 +712,22 @@ def parse_config(text: str, *, source: Path, env: Mapping[str, str] = os.environ
                 f"not {_show(daemon.http)}: anyone who can reach it could use your models; "
                 'use API keys (auth = "keys") or listen on 127.0.0.1',
             )
+    finders = daemon_raw.get("discover")
+    for index, finder in enumerate(finders if isinstance(finders, list) else ()):
+        if isinstance(finder, str) and finder not in FINDERS:
+            close = difflib.get_close_matches(finder, FINDERS, n=1)
+            hint = f'did you mean "{close[0]}"?' if close else f"known: {', '.join(FINDERS)}"
+            problems.add(("daemon", "discover", index), f"no finder {_show(finder)}; {hint}")
+    # Models found on disk are added after parsing (load_config): a default_model
+    # may name one of them.
+    discovering = bool(daemon_raw.get("models_dirs") or finders)
 
     # With a broken [daemon], models are still checked against the built-in
     # defaults so that every problem is reported in one go.
     defaults = attrs.asdict(daemon.supervision if daemon is not None else Supervision())
+    sampling_defaults = attrs.asdict(daemon.sampling if daemon is not None else Sampling())
     models_raw = _table(problems, document.get("models", {}), ("models",))
-    model_allowed = _MODEL_KEYS + _SUPERVISION_KEYS
+    model_allowed = _MODEL_KEYS + _INHERITED
     models: dict[str, ModelConfig] = {}
     tables: dict[str, dict[str, Any]] = {}  # validly named tables, for the name checks
     for name, raw in models_raw.items():
@@ -698,12 +753,21 @@ def parse_config(text: str, *, source: Path, env: Mapping[str, str] = os.environ
             **defaults,
             **{k: v for k, v in raw.items() if k in _SUPERVISION_KEYS},
         }
+        fields["sampling"] = {
+            **sampling_defaults,
+            **{k: v for k, v in raw.items() if k in _SAMPLING_KEYS},
+        }
         model: ModelConfig | None = problems.structure(converter, fields, ModelConfig, path)
         if usable and model is not None:
             models[name] = model
 
     workers = _parse_workers(problems, converter, document.get("workers", {}), defaults)
-    _check_names(problems, tables, daemon_raw.get("default_model"), daemon_raw.get("preload"))
+    _check_names(
+        problems,
+        tables,
+        None if discovering else daemon_raw.get("default_model"),
+        None if discovering else daemon_raw.get("preload"),
+    )
     _check_model_tools(problems, tables)
     _check_model_workers(problems, tables, document.get("workers"))
     tools = _parse_tools(problems, converter, document.get("tools", {}))
@@ -1000,14 +1064,62 @@ def budget_bytes(setting: str) -> int | None:
 
 
 def load_config(path: Path, env: Mapping[str, str] = os.environ) -> Config:
-    """Read and parse ``path``; unreadable files raise ``ConfigError`` too."""
+    """Read and parse ``path``, then add the models found on disk (``[daemon] models_dirs``
+    and ``discover``); unreadable files raise ``ConfigError`` too."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from None
-    return parse_config(text, source=path, env=env)
+    config = parse_config(text, source=path, env=env)
+    daemon = config.daemon
+    if daemon.models_dirs or daemon.discover:
+        found = find_models(daemon.models_dirs, daemon.discover, env)
+        config = with_found_models(config, found)
+    return config
+
+
+def with_found_models(config: Config, found: Iterable[FoundModel]) -> Config:
+    """``config`` plus models found on disk, after its own (which always win).
+
+    Found models take the ``[daemon]`` defaults. Checks ``default_model``
+    against the whole set, since it may name a found model.
+    """
+    configured = config.models.values()
+    kept = merge(
+        [m.path for m in configured if m.path is not None],
+        [name for m in configured for name in (m.name, *m.aliases)],
+        found,
+    )
+    models = dict(config.models)
+    for model in kept:
+        models[model.name] = ModelConfig(
+            name=model.name,
+            path=model.path,
+            mmproj=model.mmproj,
+            source=model.source,
+            supervision=config.daemon.supervision,
+            sampling=config.daemon.sampling,
+        )
+    merged = attrs.evolve(config, models=models)
+    where = config.source or Path("models.toml")
+    problems = []
+    named = [("default_model", config.daemon.default_model)]
+    named += [(f"preload[{i}]", name) for i, name in enumerate(config.daemon.preload)]
+    for key, name in named:
+        if name is None:
+            continue
+        try:
+            merged.resolve(name)
+        except UnknownModelError:
+            problems.append(
+                f"{where}: daemon.{key}: no model or alias named {_show(name)}; "
+                f"models: {', '.join(models) or 'none configured or found'}"
+            )
+    if problems:
+        raise ConfigError(problems)
+    return merged
 
 
 def find_config(

@@ -144,9 +144,9 @@ def _tensors(spec: DemoSpec, n_vocab: int) -> dict[str, np.ndarray[Any, np.dtype
     return tensors
 
 
-def _write(filename: Path, variant: str, spec: DemoSpec) -> None:
+def _write(filename: Path, variant: str, spec: DemoSpec, split_max_tensors: int = 0) -> None:
     tokens, scores, types = _vocabulary(spec)
-    writer = gguf.GGUFWriter(filename, "llama")
+    writer = gguf.GGUFWriter(filename, "llama", split_max_tensors=split_max_tensors)
     try:
         writer.add_name(f"llamad {variant} (random weights)")
         writer.add_context_length(spec.n_ctx)
@@ -177,11 +177,14 @@ def _write(filename: Path, variant: str, spec: DemoSpec) -> None:
         writer.close()
 
 
-def write_demo_model(path: Path, variant: str = "demo") -> Path:
+def write_demo_model(path: Path, variant: str = "demo", *, split_max_tensors: int = 0) -> Path:
     """Write the ``variant`` demo model to ``path`` atomically; returns the path.
 
     Parent directories are created. The same variant always produces the same
     bytes. Raises ``ValueError`` for a variant not in ``DEMO_VARIANTS``.
+    With ``split_max_tensors`` the model is split as llama.cpp's gguf-split does
+    (``NAME-00001-of-0000N.gguf`` beside ``path``, at most that many tensors per
+    file; the first part holds the metadata) and the first part is returned.
     """
     try:
         spec = DEMO_VARIANTS[variant]
@@ -192,6 +195,8 @@ def write_demo_model(path: Path, variant: str = "demo") -> Path:
         ) from None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if split_max_tensors:
+        return _write_split(path, variant, spec, split_max_tensors)
     # Created exclusively with mode 0o666 so the umask applies, as for any file the
     # user writes (mkstemp's 0o600 would hide the model from a service user).
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
@@ -205,3 +210,19 @@ def write_demo_model(path: Path, variant: str = "demo") -> Path:
         temporary.unlink(missing_ok=True)
         raise
     return path
+
+
+def _write_split(path: Path, variant: str, spec: DemoSpec, split_max_tensors: int) -> Path:
+    """The parts are written in a private folder beside ``path``, then moved in place."""
+    staging = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    staging.mkdir()
+    try:
+        _write(staging / path.name, variant, spec, split_max_tensors)
+        parts = sorted(staging.iterdir())
+        for part in parts:
+            os.replace(part, path.with_name(part.name))
+    finally:
+        for leftover in staging.iterdir():
+            leftover.unlink()
+        staging.rmdir()
+    return path.with_name(parts[0].name)

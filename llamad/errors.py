@@ -26,6 +26,7 @@ hand::
     │   └── NoModelNamed                                   a request needs a model, names none
     ├── UnknownModelError        unknown_model        404  neither a model nor an alias
     ├── ModelFileMissing         model_file_missing   404  the model's GGUF file does not exist
+    ├── ModelFileInvalid         model_failed         422  not a readable GGUF (magic, truncated)
     ├── ModelFailed              model_failed         503  a model could not be brought up
     │   ├── LoadSuperseded                                 another load or an unload came first
     │   ├── WorkerUnavailable                              an RPC worker it is split over is away
@@ -189,6 +190,18 @@ class ModelFileMissing(LlamadError):
         super().__init__(
             f"model {model!r}: file {path} does not exist; fix its path in models.toml"
         )
+
+
+class ModelFileInvalid(LlamadError):
+    """A model file that is not a usable GGUF; ``reason`` says what is wrong with it."""
+
+    code: ClassVar[ErrorCode] = "model_failed"
+    http_status: ClassVar[int] = 422
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
 
 
 class ModelFailed(LlamadError):

@@ -59,6 +59,7 @@ from llamad.errors import (
     WorkerUnavailable,
 )
 from llamad.events import EventHub
+from llamad.gguf_info import GGUFInfo, estimate_for_model, read_gguf_cached
 from llamad.llama_server import Endpoint, ServerBinary, find_server_binary
 from llamad.placement import (
     Admit,
@@ -183,6 +184,24 @@ class SlotQueue:
             self._free += 1
 
 
+def gguf_estimate(model: ModelConfig) -> Memory:
+    """What ``model``'s llama-server will take, from its GGUF's own header.
+
+    Weights, KV cache, compute buffers and the process, by llama.cpp's rules
+    (``llamad.gguf_info``); a file that cannot be read gets ``rough_estimate``.
+    """
+    if model.path is None:
+        return Memory()
+    info = read_gguf_cached(model.path)
+    if not isinstance(info, GGUFInfo):
+        return rough_estimate(model)
+    projector = read_gguf_cached(model.mmproj) if model.mmproj is not None else None
+    estimate = estimate_for_model(
+        info, model, projector if isinstance(projector, GGUFInfo) else None
+    )
+    return Memory(host=estimate.host, gpu=estimate.gpu)
+
+
 def rough_estimate(model: ModelConfig) -> Memory:
     """A stand-in estimate when the GGUF cannot be read: the file plus a margin."""
     if model.path is None:
@@ -300,7 +319,7 @@ class ModelPool:
         self.history_problem: str | None = None  # set by the daemon when history is unavailable
         self._sockets_dir = sockets_dir
         self._environ = environ
-        self._estimate = estimate or rough_estimate
+        self._estimate = estimate or gguf_estimate
         self._measure = measure
         self._state_path = state_path
         self._servers: dict[str, ModelServer] = {}

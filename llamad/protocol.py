@@ -120,6 +120,13 @@ class ModelStatus(msgspec.Struct, frozen=True, kw_only=True):
     parallel: int = 1
     remote: bool = False  # served elsewhere (url): ``endpoint`` is that server's URL
     rpc: list[str] = []  # the RPC workers ("host:port") its layers are split over
+    # From the GGUF file's header (None/"" when it cannot be read) and models.toml:
+    size: int | None = None  # bytes on disk, every part of a split model
+    quantization: str = ""  # e.g. "Q4_K_M"
+    context_length: int | None = None  # the context the model was trained with
+    source: str = ""  # where it was configured: "models.toml", "models_dirs", "ollama"...
+    mmproj: str = ""  # the vision projector passed as --mmproj
+    warnings: list[str] = []  # e.g. a base model without a chat template
 
 
 class WorkerDevice(msgspec.Struct, frozen=True, kw_only=True):

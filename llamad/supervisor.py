@@ -28,13 +28,14 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn, Protocol
+from typing import NoReturn, Protocol, TypedDict
 
 import httpx
 import trio
 
 from llamad.config import ModelConfig, Supervision
 from llamad.events import EventHub, HubEvent, LogEvent, StateEvent
+from llamad.gguf_info import GGUFInfo, model_warnings, read_gguf_cached
 from llamad.llama_server import (
     Endpoint,
     ServerBinary,
@@ -536,6 +537,18 @@ class _HealthProbe:
         return await _healthy(self.client)
 
 
+class _FileFields(TypedDict, total=False):
+    """The ``ModelStatus`` fields that come from the model's file and its entry."""
+
+    source: str
+    ctx_size: int
+    mmproj: str
+    size: int
+    quantization: str
+    context_length: int | None
+    warnings: list[str]
+
+
 class ModelSupervisor(Supervisor):
     """Keeps one model's llama-server in the state the user asked for."""
 
@@ -567,6 +580,8 @@ class ModelSupervisor(Supervisor):
         )
         self.requests = InFlight(model.name, self._publish)
         self._client: httpx.AsyncClient | None = None
+        self._file_memo: tuple[object, object, ModelConfig, _FileFields] | None = None
+        self._file_status()  # read the GGUF header now, not on the first status reply
 
     # ---------------------------------------------------------------- queries
 
@@ -598,7 +613,35 @@ class ModelSupervisor(Supervisor):
             tools=list(self.model.tools),
             vision=self.vision if machine.state == "ready" else None,
             rpc=list(self.llama.rpc),
+            **self._file_status(),
         )
+
+    def _file_status(self) -> _FileFields:
+        """What the GGUF file says, for ``status`` (read once, again when the file changes)."""
+        model = self.model
+        info = read_gguf_cached(model.path) if model.path is not None else None
+        projector = read_gguf_cached(model.mmproj) if model.mmproj else None
+        # The reads return the same objects while the files are unchanged.
+        memo = self._file_memo
+        if memo is not None and memo[0] is info and memo[1] is projector and memo[2] == model:
+            return memo[3]
+        fields: _FileFields = {"source": model.source, "ctx_size": model.ctx_size}
+        if model.mmproj is not None:
+            fields["mmproj"] = str(model.mmproj)
+        if isinstance(info, GGUFInfo):
+            fields["size"] = info.file_size
+            fields["quantization"] = info.quantization
+            fields["context_length"] = info.context_length
+            fields["warnings"] = model_warnings(info, model)
+        elif info is not None:
+            fields["warnings"] = [info.reason]
+        self._file_memo = (info, projector, model, fields)
+        return fields
+
+    def _start_process(self) -> None:
+        for warning in self._file_status().get("warnings", []):
+            log.warning("%s: %s", self.model.name, warning)
+        super()._start_process()
 
     def _event(self) -> HubEvent:
         return StateEvent(self.status())

@@ -76,6 +76,23 @@ def demo_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+REPO = TESTS.parent
+# Put there by scripts/fetch-models (run by scripts/bootstrap, so by scripts/test and CI).
+REAL_MODELS = {
+    "smol": REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "gemma": REPO / "models" / "gemma-3-270m-q4_k_m.gguf",
+}
+
+
+@pytest.fixture(scope="session")
+def real_models() -> dict[str, Path]:
+    """SmolLM2-135M-Instruct and Gemma 3 270M; missing files fail, never skip."""
+    missing = [str(path) for path in REAL_MODELS.values() if not path.is_file()]
+    if missing:
+        pytest.fail(f"real models missing ({', '.join(missing)}): run scripts/fetch-models")
+    return dict(REAL_MODELS)
+
+
 def short_tempdir() -> Path:
     # Unix socket paths are limited to 107 bytes; pytest's tmp_path is too deep.
     return Path(tempfile.mkdtemp(prefix="llamad-t-", dir="/tmp"))

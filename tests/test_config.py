@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -483,8 +484,9 @@ def _model_keys() -> str:
         "max_concurrent, tools, max_tool_rounds, workers, rpc, tensor_split, devices, url, "
         "api_key, api_key_file, remote_model, ca_file, restart, restart_sec, "
         "restart_max_delay_sec, start_limit_burst, start_limit_interval_sec, stable_after_sec, "
-        "ready_timeout_sec, "
-        "stop_timeout_sec, stop_drain_sec, health_interval_sec, health_failures, ttl_sec"
+        "ready_timeout_sec, stop_timeout_sec, stop_drain_sec, health_interval_sec, "
+        "health_failures, ttl_sec, temperature, top_p, top_k, min_p, repeat_penalty, "
+        "max_tokens, system_prompt"
     )
 
 
@@ -829,3 +831,64 @@ def test_a_remote_model_needs_no_path() -> None:
     assert far.remote and far.path is None
     assert far.api_key_file == SOURCE.parent / "key"
     assert remote_base(far.url or "") == "https://llm.example.net"
+
+
+# ------------------------------------------------------ generation defaults
+
+
+def test_sampling_defaults_merge_like_supervision() -> None:
+    config = parse_config(
+        textwrap.dedent(
+            """\
+            [daemon]
+            temperature = 0.7
+            max_tokens = 1000
+            system_prompt = "Be brief."
+            [models.a]
+            path = "a.gguf"
+            temperature = 0
+            top_k = 40
+            [models.b]
+            path = "b.gguf"
+            """
+        ),
+        source=SOURCE,
+        env=ENV,
+    )
+    a, b = config.models["a"].sampling, config.models["b"].sampling
+    assert (a.temperature, a.top_k, a.max_tokens, a.system_prompt) == (0.0, 40, 1000, "Be brief.")
+    assert (b.temperature, b.top_k, b.top_p, b.max_tokens) == (0.7, None, None, 1000)
+    assert parse_config('[models.c]\npath = "c.gguf"\n', source=SOURCE, env=ENV).models[
+        "c"
+    ].sampling.max_tokens == 4096
+
+
+def test_sampling_mistakes() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(
+            textwrap.dedent(
+                """\
+                [daemon]
+                top_p = 1.5
+                [models.a]
+                path = "a.gguf"
+                temperature = -1
+                max_tokens = 0
+                min_p = "low"
+                system_prompt = 3
+                top_k = 2.5
+                """
+            ),
+            source=SOURCE,
+            env=ENV,
+        )
+    assert sorted(info.value.problems) == sorted(
+        [
+            f"{SOURCE}: daemon.top_p: must be between 0 and 1, got 1.5",
+            f"{SOURCE}: models.a.temperature: must not be negative, got -1",
+            f"{SOURCE}: models.a.max_tokens: must be greater than 0, got 0",
+            f'{SOURCE}: models.a.min_p: expected a number, got "low"',
+            f"{SOURCE}: models.a.system_prompt: expected a string, got 3",
+            f"{SOURCE}: models.a.top_k: expected an integer, got 2.5",
+        ]
+    )
