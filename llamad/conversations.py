@@ -80,6 +80,7 @@ from llamad.protocol import (
     ToolCall,
     ToolCallEvent,
 )
+from llamad.sampling import request_defaults, system_prompt
 from llamad.tools import TOOL_NAMES
 from llamad.upstream import context_size, count_tokens, template_overhead, turns_to_drop
 
@@ -452,16 +453,15 @@ class ChatService:
 
     async def _generate(self, prepared: Prepared, lease: Lease, sink: _ReplySink) -> MessageStats:
         options = prepared.request.options
-        history = await self._fit(lease, prepared, sink, prepared.history)
+        # The conversation's own system prompt, else the answering model's default.
+        system = system_prompt(lease.config, prepared.system_prompt)
+        history = await self._fit(lease, prepared, sink, system, prepared.history)
         messages: list[dict[str, Any]] = []
-        if prepared.system_prompt:
-            messages.append({"role": "system", "content": prepared.system_prompt})
+        if system:
+            messages.append({"role": "system", "content": system})
         messages += await self._upstream_messages(history)
-        params: dict[str, Any] = {}
-        if options.temperature is not None:
-            params["temperature"] = options.temperature
-        if options.max_tokens is not None:
-            params["max_tokens"] = options.max_tokens
+        # The model's generation defaults (and its reply cap) where the chat sets none.
+        params = request_defaults(lease.config, options)
         if options.seed is not None:
             params["seed"] = options.seed
         if options.ignore_eos:
@@ -508,7 +508,12 @@ class ChatService:
         return messages
 
     async def _fit(
-        self, lease: Lease, prepared: Prepared, sink: _ReplySink, history: list[Message]
+        self,
+        lease: Lease,
+        prepared: Prepared,
+        sink: _ReplySink,
+        system: str | None,
+        history: list[Message],
     ) -> list[Message]:
         """Leave out the oldest turns when the history does not fit the context."""
         client: httpx.AsyncClient = lease.client
@@ -524,7 +529,7 @@ class ChatService:
         # history a place (llama-server stops at the context's end anyway).
         reserve = min(max_tokens if max_tokens is not None else n_ctx // 8, n_ctx // 2)
         budget = n_ctx - reserve
-        system = prepared.system_prompt or ""
+        system = system or ""
         texts = [system, *(m.text for m in history)] if system else [m.text for m in history]
         # A token covers at least one byte of text, so bytes bound tokens from
         # above: when they fit, no tokenizer round trip is needed.

@@ -24,9 +24,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
-from llamad.config import Config
+from llamad.config import Config, ModelConfig
 from llamad.errors import BadRequest
 from llamad.protocol import ModelStatus, one_line
+from llamad.sampling import request_defaults, with_system_prompt
 
 # Relayed to the model named in the body; the value is the endpoint label in metrics.
 # llama-server 11434 serves each of these itself (read from its routes and tried).
@@ -120,6 +121,31 @@ def parse_relay_body(raw: bytes) -> RelayRequest:
         del payload["keep_alive"]
         body = _dumps(payload)
     return RelayRequest(model, keep_alive, payload.get("stream") is True, body, payload)
+
+
+def with_model_defaults(request: RelayRequest, model: ModelConfig, path: str) -> bytes:
+    """The body for llama-server with ``model``'s generation defaults where the request has none.
+
+    Chat and text completions get the sampling fields and the reply-length cap
+    (``llamad.sampling``), chat completions the model's system prompt when the
+    conversation has none; Anthropic messages the sampling fields and
+    ``system``. Other endpoints (embeddings, responses) pass as they came.
+    """
+    payload = dict(request.payload)
+    if path in ("/v1/chat/completions", "/v1/completions"):
+        payload.update(request_defaults(model, payload))
+        if path == "/v1/chat/completions" and isinstance(payload.get("messages"), list):
+            payload["messages"] = with_system_prompt(model, payload["messages"])
+    elif path == "/v1/messages":
+        # Anthropic's API makes max_tokens the client's to give.
+        defaults = request_defaults(model, payload)
+        defaults.pop("max_tokens", None)
+        payload.update(defaults)
+        if "system" not in payload and model.sampling.system_prompt is not None:
+            payload["system"] = model.sampling.system_prompt
+    else:
+        return request.body
+    return request.body if payload == request.payload else _dumps(payload)
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llamad.config import parse_config
+from llamad.config import ModelConfig, parse_config
 from llamad.errors import BadRequest
 from llamad.openai_api import (
     StreamRewriter,
@@ -21,6 +21,7 @@ from llamad.openai_api import (
     rewrite_model,
     sse_error_event,
     usage_of_body,
+    with_model_defaults,
 )
 from llamad.protocol import ModelStatus
 
@@ -180,3 +181,33 @@ def test_model_list_has_aliases_state_and_respects_the_key(tmp_path: Path) -> No
     assert anthropic["first_id"] == "a" and anthropic["last_id"] == "b"
     assert anthropic["data"][0]["type"] == "model"
     assert model_entry(listing, "x") is not None and model_entry(listing, "nope") is None
+
+
+def _defaults_model() -> ModelConfig:
+    text = (
+        '[models.m]\npath = "/m.gguf"\ntemperature = 0.2\nmax_tokens = 300\n'
+        'system_prompt = "Be brief."\n'
+    )
+    return parse_config(text, source=Path("/etc/llamad/models.toml"), env={}).models["m"]
+
+
+def test_model_defaults_fill_what_a_request_leaves_out() -> None:
+    model = _defaults_model()
+    chat = parse_relay_body(b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}')
+    body = json.loads(with_model_defaults(chat, model, "/v1/chat/completions"))
+    assert (body["temperature"], body["max_tokens"]) == (0.2, 300)
+    assert body["messages"][0] == {"role": "system", "content": "Be brief."}
+    # What the request sets wins, its own system message included.
+    own = parse_relay_body(
+        b'{"model": "m", "temperature": 1.0, "max_completion_tokens": 5, '
+        b'"messages": [{"role": "system", "content": "Mine."}]}'
+    )
+    body = json.loads(with_model_defaults(own, model, "/v1/chat/completions"))
+    assert body["temperature"] == 1.0 and "max_tokens" not in body
+    assert body["messages"] == [{"role": "system", "content": "Mine."}]
+    # Anthropic's max_tokens is the client's; its system prompt is a field.
+    anthropic = parse_relay_body(b'{"model": "m", "max_tokens": 9, "messages": []}')
+    body = json.loads(with_model_defaults(anthropic, model, "/v1/messages"))
+    assert (body["max_tokens"], body["temperature"], body["system"]) == (9, 0.2, "Be brief.")
+    embeddings = parse_relay_body(b'{"model": "m", "input": "x"}')
+    assert with_model_defaults(embeddings, model, "/v1/embeddings") == embeddings.body

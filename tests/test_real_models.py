@@ -26,7 +26,9 @@ QUESTION = "What is the capital of France?"
 SYSTEM = "You are a helpful assistant."  # SmolLM2's defaults in the repository's models.toml
 
 
-def _real_daemon(make_llamad: MakeLlamad, real_models: dict[str, Path], **smol: object) -> Llamad:
+def _real_daemon(
+    make_llamad: MakeLlamad, real_models: dict[str, Path], daemon_extra: str = "", **smol: object
+) -> Llamad:
     extra = "".join(f"{key} = {json.dumps(value)}\n" for key, value in smol.items())
     daemon = make_llamad(
         textwrap.dedent(
@@ -46,7 +48,7 @@ def _real_daemon(make_llamad: MakeLlamad, real_models: dict[str, Path], **smol: 
             args = ["--threads", "2"]
             """
         ),
-        'default_model = "smol"\n',
+        'default_model = "smol"\n' + daemon_extra,
     )
     daemon.start()
     daemon.wait_for("smol", lambda s: s.state == "ready", timeout=60)
@@ -112,7 +114,8 @@ async def test_smollm2_answers_paris_through_the_websocket(
 def test_switch_smollm2_and_gemma_both_answer(
     make_llamad: MakeLlamad, real_models: dict[str, Path]
 ) -> None:
-    daemon = _real_daemon(make_llamad, real_models)
+    # Room for one model: each chat naming the other model swaps them.
+    daemon = _real_daemon(make_llamad, real_models, "max_models = 1\n")
     base = daemon.ctl("chat", "-v", "-m", "gemma", "-t", "0", "--max-tokens", "24", QUESTION)
     assert base.returncode == 0, base.stderr
     assert base.stdout.strip()  # a base model rambles, but it answers
@@ -186,16 +189,9 @@ def test_context_fitting_with_the_real_tokenizer_drops_just_the_oldest_turn(
     assert prompt_tokens > medium_tokens + 20
 
 
-# Per-model generation defaults (models.toml) reach a chat once the chat engine
-# calls llamad.sampling (the lead wires it into llamad/chat.py; see
-# llamad/sampling.py). strict: these fail loudly the moment they pass, so the
-# marker is removed with the wiring.
-_WIRING = pytest.mark.xfail(
-    strict=True, reason="llamad.sampling.request_defaults not yet called by llamad/chat.py"
-)
+# Per-model generation defaults (models.toml) reach a chat (llamad.sampling).
 
 
-@_WIRING
 def test_models_toml_defaults_answer_paris(
     make_llamad: MakeLlamad, real_models: dict[str, Path]
 ) -> None:
@@ -207,7 +203,6 @@ def test_models_toml_defaults_answer_paris(
     assert result.stdout.strip() == "The capital of France is Paris."
 
 
-@_WIRING
 def test_the_reply_cap_stops_a_runaway_model(
     make_llamad: MakeLlamad, real_models: dict[str, Path]
 ) -> None:

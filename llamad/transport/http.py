@@ -71,6 +71,7 @@ from llamad.openai_api import (
     rewrite_model,
     sse_error_event,
     usage_of_body,
+    with_model_defaults,
 )
 from llamad.protocol import ModelStatus
 from llamad.transport.websocket import check_host_and_origin
@@ -404,7 +405,7 @@ class HttpApi:
         model = self.source.resolve(request.model)
         exchange.metric_model = model.name
         self._check_model_allowed(exchange, model, request.model)
-        body = _with_defaults(request.body, model)
+        body = with_model_defaults(request, model, exchange.path)
         await beside(
             functools.partial(self._relay_to, exchange, request.model, request.keep_alive, body),
             functools.partial(_until_disconnect, exchange),
@@ -555,17 +556,6 @@ class HttpApi:
 def _allow(method: str, allow: str) -> None:
     if method not in (m.strip() for m in allow.split(",")):
         raise MethodNotAllowed(method, allow)
-
-
-def _with_defaults(body: bytes, model: ModelConfig) -> bytes:
-    """Per-model generation defaults for fields the request does not set.
-
-    THE call site for ``llamad.sampling.request_defaults(model_config, options)``
-    (another branch): apply it here once it exists. Until then the body goes
-    upstream as the client wrote it.
-    """
-    del model
-    return body
 
 
 async def _read_upstream(response: httpx.Response, send: trio.MemorySendChannel[bytes]) -> None:
