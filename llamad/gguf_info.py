@@ -948,13 +948,13 @@ def estimate_memory(
 def model_settings(model: ModelConfig) -> dict[str, Any]:
     """``memory_breakdown``'s keywords for a models.toml entry, as llamad starts it.
 
-    llamad passes ``--ctx-size`` and ``--n-gpu-layers``, ``--parallel`` only when
-    above 1 (so ``parallel = 1`` is llama-server's auto: 4 unified slots), then
-    the model's ``args``, which win.
+    llamad passes ``--ctx-size``, ``--n-gpu-layers`` and ``--parallel`` (always:
+    llamad queues for exactly that many slots), then the model's ``args``,
+    which win.
     """
     settings: dict[str, Any] = {
         "ctx_size": model.ctx_size,
-        "parallel": model.parallel if model.parallel > 1 else None,
+        "parallel": model.parallel,
         "n_gpu_layers": model.n_gpu_layers,
     }
     settings.update(settings_from_args(model.args))
