@@ -27,6 +27,7 @@ from bench.common import (
     Figure,
     Goal,
     model_table,
+    real_models,
     running_daemon,
     shared_demo_models,
 )
@@ -119,15 +120,10 @@ def first_token_while_loading(rounds: int, other: tuple[str, Path]) -> dict[str,
 
 
 def _other_model() -> tuple[str, Path]:
-    try:
-        from bench.common import real_models  # type: ignore[attr-defined]
-
-        found = real_models()
-    except ImportError:
-        found = {}
-    for name in ("gemma", "smol"):
+    found = real_models()
+    for name in ("gemma3", "smollm2"):  # the slower to load first: it overlaps more chats
         if name in found:
-            return name, Path(found[name])
+            return name, found[name]
     return "demo-b", shared_demo_models()["demo-b"]
 
 

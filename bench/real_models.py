@@ -45,7 +45,11 @@ def load_figures(rounds: int = 8) -> list[Figure]:
     direct: dict[str, list[float]] = {name: [] for name in paths}
     via: dict[str, list[float]] = {name: [] for name in paths}
     own: dict[str, list[float]] = {name: [] for name in paths}
-    with running_daemon(tables, default_model="smol") as daemon, daemon.client(60) as client:
+    # Room for one model: every load is a switch (the other is unloaded first).
+    with (
+        running_daemon(tables, default_model="smol", daemon_extra="max_models = 1\n") as daemon,
+        daemon.client(60) as client,
+    ):
         daemon.wait_ready("smol", timeout=60)
         for round_no in range(2 * rounds):
             target = "gemma" if round_no % 2 == 0 else "smol"

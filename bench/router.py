@@ -267,7 +267,14 @@ def router(models: dict[str, Path], threads: int) -> Iterator[Contender]:
     """llama-server in router mode, one model at a time, on a loopback port."""
     work = Path(tempfile.mkdtemp(prefix="llamad-bench-router-", dir="/tmp"))
     preset = work / "models.ini"
-    args = {"ctx-size": str(CTX_SIZE), "n-gpu-layers": "0", "threads": str(threads)}
+    # One slot, as llamad runs a model with parallel = 1 (llama-server's own
+    # default is 4 slots, which gives each a quarter of the context).
+    args = {
+        "ctx-size": str(CTX_SIZE),
+        "n-gpu-layers": "0",
+        "threads": str(threads),
+        "parallel": "1",
+    }
     preset.write_text(preset_ini(models, args))
     port = _free_port()
     command = [
@@ -292,13 +299,16 @@ def router(models: dict[str, Path], threads: int) -> Iterator[Contender]:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _wait_http(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+_MODELS_REQUEST = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+
+
+def _wait_http(port: int, process: subprocess.Popen[bytes] | None, log: Path) -> None:
     deadline = time.monotonic() + 30
     while True:
-        if process.poll() is not None:
+        if process is not None and process.poll() is not None:
             raise RuntimeError(f"the router exited:\n{log.read_text(errors='replace')[-2000:]}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)) as probe:
-            probe.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            probe.sendall(_MODELS_REQUEST)
             if probe.recv(64).startswith(b"HTTP/1.1 200"):
                 return
         if time.monotonic() > deadline:
@@ -376,6 +386,25 @@ def llamad(
         yield LlamadClient(daemon.socket_path, name)
 
 
+@contextlib.contextmanager
+def llamad_http(models: dict[str, Path], threads: int) -> Iterator[Contender]:
+    """llamad's OpenAI-compatible HTTP API, read by the same raw client as the router.
+
+    ``auth = "none"`` on loopback: the router has no key either, so both do the
+    same work per request.
+    """
+    daemon_extra, tables = llamad_models_toml(models, threads)
+    port = _free_port()
+    with running_daemon(
+        tables,
+        websocket="off",
+        http=f"127.0.0.1:{port}",
+        daemon_extra=daemon_extra + 'auth = "none"\n',
+    ):
+        _wait_http(port, None, Path("/dev/null"))  # running_daemon saw llamad listen
+        yield RouterClient(port, name="llamad-http")
+
+
 def llamad_variant(name: str, tree: Path) -> Starter:
     """One more llamad contender, run from the package in ``tree``."""
 
@@ -389,7 +418,11 @@ def llamad_variant(name: str, tree: Path) -> Starter:
 
 # A contender: a context manager that starts it (from the models and the
 # threads per llama-server) and yields its client. The router is the baseline.
-CONTENDERS: dict[str, Starter] = {"router": router, "llamad": llamad}
+CONTENDERS: dict[str, Starter] = {
+    "router": router,
+    "llamad": llamad,
+    "llamad-http": llamad_http,
+}
 BASELINE = "router"
 
 
