@@ -265,7 +265,8 @@ def test_estimate_for_a_models_toml_entry(demo: GGUFInfo, demo_models: dict[str,
         source=Path("models.toml"),
     )
     one = estimate_for_model(demo, config.models["one"])
-    assert one == estimate_memory(demo, ctx_size=4096, parallel=None, n_gpu_layers=0)
+    # llamad always passes --parallel (default 1): the estimate assumes what it passes.
+    assert one == estimate_memory(demo, ctx_size=4096, parallel=1, n_gpu_layers=0)
     two = estimate_for_model(demo, config.models["two"])
     assert two == estimate_memory(
         demo, ctx_size=4096, parallel=2, n_gpu_layers=0, cache_ram_mib=100

@@ -73,7 +73,7 @@ def test_show_a_configured_model(daemon: Llamad, real_models: dict[str, Path]) -
     ):
         assert expected in text
     estimate = estimate_memory(
-        read_gguf(real_models["smol"]), ctx_size=4096, parallel=None, n_gpu_layers=0
+        read_gguf(real_models["smol"]), ctx_size=4096, parallel=1, n_gpu_layers=0
     )
     assert (
         f"memory         about {estimate.host / MiB:.0f} MiB host (estimated for ctx 4,096)" in text
