@@ -107,6 +107,8 @@ def _row(model: ModelStatus, width: int = 16) -> str:
         context = f"{_context(model.ctx_size)}/{context}"
     aliases = f" (aliases: {', '.join(model.aliases)})" if model.aliases else ""
     missing = "" if model.file_exists else "  MISSING FILE"
+    if model.file_exists and any("not a GGUF" in w for w in model.warnings):
+        missing = "  NOT A GGUF FILE"
     extras = [*(["vision"] if model.vision else []), *(f"tool {t}" for t in model.tools)]
     if any(w.startswith("base model") for w in model.warnings):
         extras.append("base model")

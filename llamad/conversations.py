@@ -59,6 +59,7 @@ from llamad.generation import (
 )
 from llamad.history import HistoryStore
 from llamad.images import MAX_IMAGES_PER_MESSAGE, data_uri, inspect_image
+from llamad.llama_server import check_model_file
 from llamad.pool import Lease, ModelPool, PoolEvent
 from llamad.protocol import (
     Chat,
@@ -294,6 +295,9 @@ class ChatService:
         else:
             conversation_id = await in_thread(self.store.new_conversation_id)
         model = self._choose_model(request.model, existing)
+        # A model whose file is missing or not a GGUF cannot answer: say so
+        # now rather than store a chat that can only end in that error.
+        check_model_file(self.pool.resolve(model))
         if images:
             self._check_vision(model)
         kept = [

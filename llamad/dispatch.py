@@ -66,6 +66,7 @@ from llamad.protocol import (
     Unload,
     Watch,
     WorkerChanged,
+    conversation_handle,
     one_line,
 )
 
@@ -251,13 +252,15 @@ class Dispatcher:
             case RenameConversation(id=rid, conversation=prefix, title=title):
                 conversation_id = await self._resolve(prefix)
                 await in_thread(self.store.rename, conversation_id, title)
-                await peer.send(Ok(id=rid, message=f"renamed {conversation_id[:13]}"))
+                handle = conversation_handle(conversation_id)
+                await peer.send(Ok(id=rid, message=f"renamed {handle}"))
             case DeleteConversation(id=rid, conversation=prefix):
                 conversation_id = await self._resolve(prefix)
                 if self.chat.is_generating(conversation_id):
                     raise ConversationBusy(conversation_id)
                 await in_thread(self.store.delete, conversation_id)
-                await peer.send(Ok(id=rid, message=f"deleted {conversation_id[:13]}"))
+                handle = conversation_handle(conversation_id)
+                await peer.send(Ok(id=rid, message=f"deleted {handle}"))
             case SearchHistory(id=rid, text=text, limit=limit):
                 hits = await in_thread(self.store.search, text, _page_limit(limit))
                 await peer.send(SearchResults(id=rid, hits=hits))

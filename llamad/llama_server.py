@@ -140,8 +140,8 @@ def check_model_file(model: ModelConfig) -> None:
     if head[:4] != GGUF_MAGIC:
         raise ModelFailed(
             model.name,
-            f"{model.path} is not a GGUF model file (it starts with {head[:4]!r}, not b'GGUF'); "
-            "fix its path in models.toml",
+            f"{model.path} is not a GGUF model file (a GGUF file begins with the letters "
+            "GGUF); fix its path in models.toml",
         )
     version = int.from_bytes(head[4:8], "little")
     if version not in (2, 3):

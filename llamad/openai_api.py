@@ -109,7 +109,12 @@ def parse_relay_body(raw: bytes) -> RelayRequest:
     """A relayed request's JSON body; ``BadRequest`` says what is wrong with it."""
     payload = parse_json_object(raw)
     model = payload.get("model")
-    if not isinstance(model, str) or not model:
+    if model is not None and not isinstance(model, str):
+        raise BadRequest(
+            f'"model" must be a string naming a model, not {type(model).__name__} '
+            "(GET /v1/models lists them)"
+        )
+    if not model:
         raise BadRequest(
             'the request names no model: add "model": "NAME" to the JSON body '
             "(GET /v1/models lists them)"
