@@ -83,13 +83,14 @@ def gpu_memory_by_pid() -> dict[int, int]:
 def gpu_free() -> int | None:
     """Free GPU memory in bytes summed over devices, or None without NVIDIA GPUs."""
     rows = _nvidia_smi("--query-gpu=memory.free")
-    free = 0
+    free, read = 0, False
     for row in rows:
         try:
             free += int(row[0]) * MIB
+            read = True
         except (ValueError, IndexError):
-            continue
-    return free if rows else None
+            continue  # "[N/A]" and the like: unknown, not zero
+    return free if read else None
 
 
 def auto_host_budget() -> int:

@@ -62,6 +62,7 @@ from llamad.events import EventHub
 from llamad.gguf_info import GGUFInfo, estimate_for_model, read_gguf_cached
 from llamad.llama_server import Endpoint, ServerBinary, find_server_binary
 from llamad.placement import (
+    HOLDING,
     Admit,
     Budget,
     Evict,
@@ -329,7 +330,6 @@ class ModelPool:
         self._whole: dict[str, Memory] = {}  # a split model's estimate before the split
         self._layers: dict[str, Layers | None] = {}
         self._measured: dict[str, memory.Measured] = {}
-        self._measured_pid: dict[str, int] = {}
         self._queue: dict[int, _Request] = {}
         self._tickets = itertools.count(1)
         self._admitted: dict[str, int] = {}  # requests admitted and not finished, per model
@@ -342,7 +342,6 @@ class ModelPool:
         self._evicted_for: dict[str, list[str]] = {}  # a starting model -> what made room
         self._unloading: set[str] = set()
         self._budget = Budget()
-        self._planned = trio.Event()
         self._dirty = trio.Event()
         self._nursery: trio.Nursery | None = None
 
@@ -368,6 +367,20 @@ class ModelPool:
             daemon.max_models,
         )
 
+    def _reread_budget(self, old: Config) -> Budget:
+        """The budget after a reload: "auto" is not read again where its setting did not change.
+
+        Free memory now excludes the resident models, which placement counts
+        already: reading "auto" again would count them twice.
+        """
+        fresh = self._read_budget()
+        was, now = old.daemon, self.config.daemon
+        return Budget(
+            host=self._budget.host if was.memory_budget == now.memory_budget else fresh.host,
+            gpu=self._budget.gpu if was.gpu_memory_budget == now.gpu_memory_budget else fresh.gpu,
+            max_models=fresh.max_models,
+        )
+
     def _server_for(self, model: ModelConfig) -> ModelServer:
         log_lines = self.config.daemon.log_lines
         if model.remote:
@@ -375,7 +388,7 @@ class ModelPool:
         if self.binary is None:
             self.binary = find_server_binary(self.config.daemon.llama_server)
         addresses = self.config.rpc_addresses(model)
-        preflight = functools.partial(self._workers_problem, model.name) if addresses else None
+        preflight = functools.partial(self._workers_problem, model) if addresses else None
         return ModelSupervisor(
             model,
             self.binary,
@@ -474,7 +487,12 @@ class ModelPool:
         return self.config.resolve(name)
 
     def server(self, name: str) -> ModelServer:
-        return self._servers[self._name(name)]
+        """``name``'s server; a model whose server a reload is replacing says so."""
+        config = self.resolve(name)
+        server = self._servers.get(config.name)
+        if server is None:
+            raise ModelFailed(config.name, "it is being reconfigured (reload); try again")
+        return server
 
     def default_model(self) -> str:
         """The model for a request that names none: the last loaded, else the default."""
@@ -501,7 +519,11 @@ class ModelPool:
 
     def pool_memory(self) -> PoolMemory:
         used = sum(
-            (self._figure(n) for n, s in self._servers.items() if s.state != "stopped"),
+            (
+                self._figure(n)
+                for n, s in self._servers.items()
+                if s.state in HOLDING and not s.model.remote
+            ),
             Memory(),
         )
         return PoolMemory(
@@ -627,7 +649,8 @@ class ModelPool:
         return {
             name: ModelView(
                 name=name,
-                state=supervisor.state,
+                # Being unloaded: on its way out, as far as admitting requests goes.
+                state="stopping" if name in self._unloading else supervisor.state,
                 memory=self._figure(name),
                 last_used=self._last_used.get(name, 0.0),
                 in_flight=self._admitted.get(name, 0),
@@ -662,8 +685,6 @@ class ModelPool:
                         self._refuse(ticket, kind, message)
                     case WakeAt(when):
                         wake = min(wake, when)
-            self._planned.set()
-            self._planned = trio.Event()
             with trio.move_on_at(wake):
                 await self._dirty.wait()
 
@@ -728,9 +749,14 @@ class ModelPool:
             and address in self.config.rpc_addresses(server.model)
         ]
 
-    async def _workers_problem(self, name: str) -> str | None:
-        """Why ``name`` cannot start on its workers now, or None (the check before a spawn)."""
-        for address in self.config.rpc_addresses(self.config.models[name]):
+    async def _workers_problem(self, model: ModelConfig) -> str | None:
+        """Why ``model`` cannot start on its workers now, or None (the check before a spawn).
+
+        Takes the server's own settings: during a reload ``self.config`` may
+        already be the new one, without this model.
+        """
+        name = model.name
+        for address in self.config.rpc_addresses(model):
             holders = self._holders(address, excluding=name)
             if holders:
                 return (
@@ -750,7 +776,9 @@ class ModelPool:
         answer; another of our models holding one is stopped if it is idle
         (a worker serves one model at a time), else the load is refused.
         """
-        server = self._servers[config.name]
+        server = self.server(config.name)
+        if server.state in ("starting", "ready"):
+            return  # it runs (its file mmapped, its workers watched): nothing to check per request
         await server.precheck()
         addresses = self.config.rpc_addresses(config)
         if not addresses or server.state in ("starting", "ready", "stopping"):
@@ -818,7 +846,7 @@ class ModelPool:
                     log.warning("%s: %s", name, problem)
                     server.block(problem)
             elif server.state == "backoff" and server.blocked:
-                problem = await self._workers_problem(name)
+                problem = await self._workers_problem(server.model)
                 if problem is None:
                     server.unblock()
                 elif server.state == "backoff":
@@ -857,7 +885,7 @@ class ModelPool:
         await self._precheck(config)
         slots = self._slot_queue(config)
         busy = self._admitted.get(name, 0) + sum(1 for r in self._queue.values() if r.model == name)
-        if busy >= config.max_concurrent:
+        if slot and busy >= config.max_concurrent:
             raise QueueFull(name, config.max_concurrent)
         now = trio.current_time()
         request = _Request(
@@ -867,7 +895,12 @@ class ModelPool:
             deadline=now + self.config.daemon.load_timeout_sec,
             starts_seen=self._starts.get(name, 0),
         )
-        if self._servers[name].state == "ready" and not self._queue and not self._leaving(name):
+        if (
+            self.server(name).state == "ready"
+            and not self._queue
+            and not self._leaving(name)
+            and name not in self._unloading
+        ):
             # What the planner would decide at once (nothing waits, nothing is
             # being made room for), without a round trip through its task.
             self._admit_now(request)
@@ -884,8 +917,8 @@ class ModelPool:
                 raise
         if request.error is not None:
             raise request.error
-        supervisor = self._servers[name]
         try:
+            supervisor = self.server(name)
             if not slot:
                 with supervisor.hold() as scope:
                     yield Lease(name, config, supervisor.client, scope, supervisor)
@@ -960,15 +993,15 @@ class ModelPool:
         await self._precheck(config)  # before --only stops anything
         if only:
             await self.unload([n for n in self._servers if n != name], "unloaded by load --only")
-        if remember:
-            self.last_loaded = name
-        supervisor = self._servers[name]
+        supervisor = self.server(name)
         if restart and supervisor.state in ("starting", "ready", "backoff"):
             self._expected.setdefault(name, trio.current_time())
             supervisor.restart()
         self._unloading.discard(name)
         async with self.acquire(name, slot=False, on_event=on_event):
             pass
+        if remember:  # only a load that worked makes the model new chats' default
+            self.last_loaded = name
         self._expected.setdefault(name, trio.current_time())
         self._save_state()
         return supervisor
@@ -989,9 +1022,17 @@ class ModelPool:
         if self.last_loaded in chosen:
             self.last_loaded = None
         self._save_state()
-        async with trio.open_nursery() as nursery:
-            for name in chosen:
-                nursery.start_soon(self._stop, self._servers[name], why)
+        # Requests already in flight get the drain; new ones are not let in
+        # meanwhile only to be cut when it ends (they wait, and load it again).
+        self._unloading.update(chosen)
+        self._poke()
+        try:
+            async with trio.open_nursery() as nursery:
+                for name in chosen:
+                    nursery.start_soon(self._stop, self._servers[name], why)
+        finally:
+            self._unloading.difference_update(chosen)
+            self._poke()
         return stopped
 
     async def _stop(self, supervisor: ModelServer, why: str) -> None:
@@ -1041,7 +1082,7 @@ class ModelPool:
                 changes.append(f"added {name}")
         budget_keys = ("memory_budget", "gpu_memory_budget", "max_models")
         if any(getattr(old.daemon, k) != getattr(new.daemon, k) for k in budget_keys):
-            self._budget = await trio.to_thread.run_sync(self._read_budget)
+            self._budget = await trio.to_thread.run_sync(self._reread_budget, old)
             changes.append(f"memory budget {_budget_text(self._budget)}")
         self._poke()
         return changes
@@ -1050,18 +1091,19 @@ class ModelPool:
 
     async def _measure_forever(self) -> None:
         while True:
-            pids = {
+            running = {
                 name: s.status().pid
                 for name, s in self._servers.items()
-                if s.state in ("ready", "starting") and s.status().pid is not None
+                if s.state in ("ready", "starting")
             }
-            found = await trio.to_thread.run_sync(
-                self._measure, [p for p in pids.values() if p is not None]
+            pids = {name: pid for name, pid in running.items() if pid is not None}
+            # Nothing running: not even nvidia-smi is asked.
+            found = (
+                await trio.to_thread.run_sync(self._measure, list(pids.values())) if pids else {}
             )
             for name, pid in pids.items():
                 if pid in found:
                     self._measured[name] = found[pid]
-                    self._measured_pid[name] = pid
             for name in list(self._measured):
                 if name not in pids:
                     del self._measured[name]
