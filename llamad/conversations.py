@@ -43,7 +43,6 @@ from llamad.errors import (
     BadRequest,
     ConversationBusy,
     EmptyMessage,
-    HistoryWriteError,
     ImageError,
     LlamadError,
     UnknownTool,
@@ -227,8 +226,8 @@ class _ReplySink:
                     tool_calls=list(self.calls),
                 )
             )
-        except HistoryWriteError as exc:
-            log.error("%s", exc)  # noqa: TRY400 - a disk problem, not a bug; the final commit reports it
+        except LlamadError as exc:  # a disk problem, not a bug; the final commit reports it
+            log.error("%s", exc)  # noqa: TRY400
 
 
 class ChatService:
@@ -440,9 +439,15 @@ class ChatService:
                         new_id=prepared.conversation_id,
                     )
                 )
-            except LlamadError as exc:
+            except Exception as exc:
                 # Nothing was stored: the reply is dropped and the error is the answer.
-                prepared.commit_error = exc
+                if isinstance(exc, LlamadError):
+                    prepared.commit_error = exc
+                else:
+                    log.exception("internal error storing a chat")
+                    prepared.commit_error = LlamadError(
+                        "internal error in llamad while storing the chat; see its log"
+                    )
                 running.scope.cancel()
                 return
             prepared.conversation, prepared.user, prepared.reply = conversation, user, reply
@@ -591,8 +596,8 @@ class ChatService:
                     tool_calls=calls,
                 )
             )
-        except HistoryWriteError as exc:
-            log.error("%s", exc)  # noqa: TRY400 - a disk problem, not a bug
+        except LlamadError as exc:  # a disk problem, or the conversation went: not a bug
+            log.error("%s", exc)  # noqa: TRY400
             return Message(
                 conversation=conversation,
                 seq=seq,

@@ -149,6 +149,7 @@ class Daemon:
         self._key_path = config.daemon.data_dir / "api_key"
         self._key: str | None = None
         self._key_failed = False
+        self._reload_lock = trio.Lock()
         # Where local clients find the WebSocket (next to the token, 0600).
         self._address_path = config.daemon.runtime_dir / WEBSOCKET_ADDRESS_NAME
 
@@ -369,23 +370,6 @@ class Daemon:
         log.info("HTTP API on http://%s (%s)", address, auth)
         return address
 
-    async def reload_config(self) -> Config:
-        """Re-read models.toml; on error the old configuration stays in force."""
-        source = self.config.source
-        if source is None:
-            raise LlamadError("llamad was started without a models.toml; nothing to reload")
-        self.notifier.reloading()
-        try:
-            config = load_config(source, self.environ)
-            if self._http_api is not None:
-                # A bad keys file rejects the whole reload, like a bad models.toml.
-                self._http_api.settings = self._http_settings(config)
-            self.config = config
-            self._show_key_file(config)
-        finally:
-            self.notifier.ready()
-        return self.config
-
     async def reload(self) -> str:
         """Re-read models.toml and apply it; returns the one-line summary for the user.
 
@@ -393,20 +377,33 @@ class Daemon:
         decides), the memory budget, the HTTP API's keys, the WebSocket (on,
         off, address, allowed origins and hosts), the llama-server binary and
         how many log lines are kept. Keys that only a restart can apply are
-        named as such.
+        named as such. Everything is checked before anything is applied: a
+        bad models.toml, keys file or binary leaves the old configuration
+        whole. Reloads run one at a time (SIGHUP and a client can overlap).
         """
+        async with self._reload_lock:
+            return await self._reload()
+
+    async def _reload(self) -> str:
         pool = self._pool
         assert pool is not None
-        previous = self.config
-        config = await self.reload_config()
-        old, new = previous.daemon, config.daemon
-        binary = pool.binary
-        if old.llama_server != new.llama_server:
-            try:
+        source = self.config.source
+        if source is None:
+            raise LlamadError("llamad was started without a models.toml; nothing to reload")
+        self.notifier.reloading()
+        try:
+            config = load_config(source, self.environ)
+            old, new = self.config.daemon, config.daemon
+            settings = self._http_settings(config) if self._http_api is not None else None
+            binary = pool.binary
+            if old.llama_server != new.llama_server:
                 binary = find_server_binary(new.llama_server)
-            except LlamadError:
-                self.config = previous  # rejected whole: nothing was applied
-                raise
+        finally:
+            self.notifier.ready()
+        if self._http_api is not None and settings is not None:
+            self._http_api.settings = settings
+        self.config = config
+        self._show_key_file(config)
         notes = await self._apply_daemon_changes(old, new)
         pool.binary = binary  # the pool restarts the running models with it
         changes = await pool.reload(config)
@@ -480,6 +477,10 @@ class Daemon:
         except LlamadError as exc:
             # A user mistake, not a bug: the message says it all, no traceback.
             log.error("reload rejected, keeping the old configuration:\n%s", exc)  # noqa: TRY400
+            return
+        except Exception:
+            # A bug must not take the daemon down with the signal that found it.
+            log.exception("internal error while reloading")
             return
         log.info("%s", summary)
 

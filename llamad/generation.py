@@ -1,19 +1,21 @@
 """One reply from a model: the request, the stream, the tool loop.
 
 Knows nothing of conversations or LMDB: it gets the messages to send (already
-fitted to the context), streams ``/v1/chat/completions`` from the lease's
-client, and tells a ``GenerationSink`` about every piece of text and every
-change of a tool call. When the model asks for tools instead of answering,
-each call runs (after the sink's approval where the tool wants it, in a worker
-thread with a timeout) and the model is asked again with the results, up to
-``max_tool_rounds``; the round after the last allowed one must answer in words.
+fitted to the context), streams ``/v1/chat/completions`` through the
+``StreamChat`` it is handed (a lease's), and tells a ``GenerationSink`` about
+every piece of text and every change of a tool call. When the model asks for
+tools instead of answering, each call runs (after the sink's approval where
+the tool wants it, in a worker thread with a timeout) and the model is asked
+again with the results, up to ``max_tool_rounds``; the round after the last
+allowed one must answer in words.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -55,7 +57,7 @@ class GenerationRequest:
     max_tool_rounds: int = 5
 
 
-StreamChat = Callable[[dict[str, Any]], AsyncIterator[Chunk]]
+StreamChat = Callable[[dict[str, Any]], AsyncGenerator[Chunk]]
 
 
 async def generate(
@@ -84,20 +86,22 @@ async def generate(
             payload["tool_choice"] = "none"
         assembler = ToolCallAssembler()
         timings, usage = {}, {}
-        async for chunk in stream_chat(payload):
-            if chunk.text:
-                if first_token is None:
-                    first_token = time.monotonic()
-                await sink.text(chunk.text)
-            assembler.feed(chunk.tool_calls)
-            chunks += 1
-            if chunks % YIELD_EVERY_CHUNKS == 0:
-                # A reader that finds data at once does not yield; let the
-                # connections forward what is queued.
-                await trio.lowlevel.checkpoint()
-            finish_reason = chunk.finish_reason or finish_reason
-            timings = chunk.timings or timings
-            usage = chunk.usage or usage
+        # aclosing: a cancel or a failing sink closes the upstream socket now, not at GC.
+        async with aclosing(stream_chat(payload)) as stream:
+            async for chunk in stream:
+                if chunk.text:
+                    if first_token is None:
+                        first_token = time.monotonic()
+                    await sink.text(chunk.text)
+                assembler.feed(chunk.tool_calls)
+                chunks += 1
+                if chunks % YIELD_EVERY_CHUNKS == 0:
+                    # A reader that finds data at once does not yield; let the
+                    # connections forward what is queued.
+                    await trio.lowlevel.checkpoint()
+                finish_reason = chunk.finish_reason or finish_reason
+                timings = chunk.timings or timings
+                usage = chunk.usage or usage
         completion_tokens += timings.get("predicted_n") or usage.get("completion_tokens") or 0
         wanted = assembler.calls()
         if not tools or not wanted or last_round:

@@ -134,9 +134,7 @@ def check_model_file(model: ModelConfig) -> None:
     except FileNotFoundError:
         raise ModelFileMissing(model.name, str(model.path)) from None
     except OSError as exc:
-        raise ModelFailed(
-            model.name, f"cannot read {model.path}: {exc.strerror or exc}"
-        ) from None
+        raise ModelFailed(model.name, f"cannot read {model.path}: {exc.strerror or exc}") from None
     if head[:4] != GGUF_MAGIC:
         raise ModelFailed(
             model.name,
@@ -205,12 +203,22 @@ def write_pidfile(path: Path, process: subprocess.Popen[bytes]) -> None:
     except psutil.NoSuchProcess:
         return
     tmp = path.with_suffix(".tmp")
-    tmp.unlink(missing_ok=True)
-    # O_NOFOLLOW | O_EXCL: nothing planted at the name is written through.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(json.dumps(record))
-    tmp.replace(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        tmp.unlink(missing_ok=True)
+        # O_NOFOLLOW | O_EXCL: nothing planted at the name is written through.
+        fd = os.open(tmp, flags, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(record))
+        tmp.replace(path)
+    except OSError as exc:
+        # Only a SIGKILLed llamad's next start needs it: a full disk must not stop the model.
+        log.warning(
+            "could not write %s (%s); a crash of llamad would leave pid %d running",
+            path,
+            exc.strerror or exc,
+            process.pid,
+        )
 
 
 def _wait_dead(process: psutil.Process, timeout: float) -> None:

@@ -35,7 +35,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,7 +111,7 @@ class Lease:
     scope: trio.CancelScope
     server: ModelServer
 
-    def stream_chat(self, payload: dict[str, Any]) -> AsyncIterator[Chunk]:
+    def stream_chat(self, payload: dict[str, Any]) -> AsyncGenerator[Chunk]:
         """A streamed chat completion from this model's server.
 
         Straight off a socket of its own, without httpx's layers: the per-token
@@ -469,6 +469,9 @@ class ModelPool:
                 server.start()
         except LlamadError as exc:
             log.warning("could not bring back %s: %s", name, exc)
+        except Exception:
+            # A background load has nobody to answer: log the bug, keep the pool up.
+            log.exception("internal error bringing back %s", name)
 
     # ------------------------------------------------------------- queries
 

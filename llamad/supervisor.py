@@ -133,7 +133,7 @@ class ServerKind(Protocol):
         """Why what answered may not be process ``pid`` (another user's), or None."""
 
     def keep_line(self, line: str) -> bool:
-        """Whether an output line goes into the ring buffer (and llamad's log at INFO)."""
+        """Whether an output line goes into the ring buffer and ``llamactl logs``."""
 
 
 class MachineShell:
@@ -310,13 +310,11 @@ class MachineShell:
             self.output = deque(self.output, maxlen=count)
 
     def _record_line(self, line: str, *, keep: bool = True) -> None:
-        if not keep:
-            log.debug("[%s] %s", self.name, line)
-            return
-        self.output.append(line)
         # DEBUG: its chatter would drown llamad's own lines; `llamactl logs` keeps them.
         log.debug("[%s] %s", self.name, line)
-        self.hub.publish(LogEvent(self.name, line))
+        if keep:
+            self.output.append(line)
+            self.hub.publish(LogEvent(self.name, line))
 
 
 # Checks before a spawn: a problem (e.g. a worker that does not answer), or None.

@@ -19,7 +19,7 @@ read instead of one per token.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -528,7 +528,7 @@ def read_chunks(events: Sequence[bytes]) -> tuple[Chunk | None, bool, UpstreamEr
     return (merge_chunks(chunks) if chunks else None), False, None
 
 
-async def stream_chat(client: httpx.AsyncClient, payload: dict[str, Any]) -> AsyncIterator[Chunk]:
+async def stream_chat(client: httpx.AsyncClient, payload: dict[str, Any]) -> AsyncGenerator[Chunk]:
     """POST a streaming chat completion through httpx; yield chunks until [DONE].
 
     One chunk per read from the socket: what arrived together is merged.
@@ -623,7 +623,7 @@ async def stream_chat_direct(
     *,
     connect_timeout: float = CONNECT_TIMEOUT_SEC,
     batch_window: float = 0.0,
-) -> AsyncIterator[Chunk]:
+) -> AsyncGenerator[Chunk]:
     """``stream_chat`` on a socket of its own, without httpx; same chunks, same errors.
 
     ``batch_window`` (seconds): once text has come, read at most once per
