@@ -325,8 +325,17 @@ def test_who_may_use_it(
     # The daemon carried on.
     reply = limited.chat.completions.create(model="demo", messages=HELLO, max_tokens=2)
     assert reply.model == "demo"
-    # A reload re-reads the keys file: the limited key now may use demo-b too.
+    # A reload re-reads the keys file: the limited key now may use demo-b too,
+    # but not from a reload that is rejected for something else (the binary).
     keys.write_text(f'[[keys]]\nname = "both"\nkey = "{LIMITED_KEY}"\n')
+    config = handle.config_path.read_text()
+    binary = config.split('llama_server = "', 1)[1].split('"', 1)[0]
+    handle.config_path.write_text(config.replace(binary, "/nonexistent/llama-server"))
+    rejected = handle.ctl("reload")
+    assert rejected.returncode == 1 and "is not an executable file" in rejected.stderr
+    with pytest.raises(openai.PermissionDeniedError):
+        limited.chat.completions.create(model="demo-b", messages=HELLO, max_tokens=2)
+    handle.config_path.write_text(config)
     reloaded = handle.ctl("reload")
     assert reloaded.returncode == 0, reloaded.stderr
     reply = limited.chat.completions.create(model="demo-b", messages=HELLO, max_tokens=2)

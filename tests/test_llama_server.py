@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from llamad.config import ModelConfig, load_config
-from llamad.llama_server import Endpoint, build_command, reap_stale
+from llamad.llama_server import Endpoint, build_command, reap_stale, write_pidfile
 from tests.conftest import Llamad, ready_daemon
 from tests.faults.other_user import AS_NOBODY, NOBODY, require_root
 
@@ -76,6 +76,25 @@ def test_a_matching_process_of_ours_is_killed(tmp_path: Path) -> None:
         record(pidfile, process.pid)
         assert reap_stale(pidfile) == process.pid
         assert process.wait(timeout=5) == -signal.SIGKILL
+    assert not pidfile.exists()
+
+
+def test_the_pid_file_written_is_the_one_read_back(tmp_path: Path) -> None:
+    pidfile = tmp_path / "demo.pid"
+    with sleeper() as process:
+        write_pidfile(pidfile, process)
+        assert pidfile.stat().st_mode & 0o777 == 0o600
+        assert reap_stale(pidfile) == process.pid
+
+
+def test_a_pid_file_that_cannot_be_written_is_a_warning_not_a_crash(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pidfile = tmp_path / "gone" / "demo.pid"  # its directory is missing
+    with sleeper() as process:
+        write_pidfile(pidfile, process)
+        assert process.poll() is None
+    assert f"could not write {pidfile}" in caplog.text
     assert not pidfile.exists()
 
 
