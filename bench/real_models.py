@@ -23,10 +23,9 @@ from __future__ import annotations
 import statistics
 import time
 
-from bench.common import Figure, Goal, interleave, model_table, running_daemon, server_binary
+from bench.common import Figure, Goal, model_table, running_daemon, server_binary
 from bench.memory_estimate import REAL
-from bench.relay import SEED, _endpoint, _ws_stream
-from bench.streams import Stream, direct_stream, llamad_stream, read_streams
+from bench.relay import relay_runs
 from bench.switch import direct_load
 from llamad.protocol import Load, Loaded
 
@@ -87,31 +86,7 @@ def load_figures(rounds: int = 8) -> list[Figure]:
 
 def relay_figures(rounds: int = 9, max_tokens: int = 200) -> list[Figure]:
     _models()
-    table = model_table("smol", REAL["smol"], ctx_size=2048)
-    with running_daemon(table, default_model="smol") as daemon:
-        endpoint = _endpoint(daemon, "smol")
-        status = daemon.status()
-        assert status.websocket is not None
-        address, token = status.websocket, daemon.token()
-        runs: dict[str, list[Stream]] = {"direct": [], "unix": [], "websocket": []}
-
-        def direct() -> None:
-            stream = direct_stream(endpoint, max_tokens, seed=SEED)
-            read_streams([stream])
-            runs["direct"].append(stream)
-
-        def unix() -> None:
-            stream = llamad_stream(daemon.socket_path, max_tokens, seed=SEED)
-            read_streams([stream])
-            runs["unix"].append(stream)
-
-        def websocket() -> None:
-            runs["websocket"].append(_ws_stream(address, token, max_tokens))
-
-        interleave(1, direct, unix, websocket)  # warm-up
-        runs = {key: [] for key in runs}
-        interleave(rounds, direct, unix, websocket)
-
+    runs = relay_runs("smol", REAL["smol"], ctx_size=2048, rounds=rounds, max_tokens=max_tokens)
     direct_rate = [s.rate for s in runs["direct"]]
     direct_ttft = [s.ttft * 1000 for s in runs["direct"]]
     figures = []

@@ -108,10 +108,13 @@ def _endpoint(daemon: Daemon, model: str) -> Path:
     return Path(status.endpoint)
 
 
-def overhead(rounds: int = 7, max_tokens: int = 2000) -> list[Figure]:
-    table = model_table("demo", shared_demo_models()["demo"], ctx_size=4096)
-    with running_daemon(table, default_model="demo") as daemon:
-        endpoint = _endpoint(daemon, "demo")
+def relay_runs(
+    name: str, path: Path, *, ctx_size: int, rounds: int, max_tokens: int
+) -> dict[str, list[Stream]]:
+    """Interleaved rounds of one stream each: direct, via the Unix socket, via the WebSocket."""
+    table = model_table(name, path, ctx_size=ctx_size)
+    with running_daemon(table, default_model=name) as daemon:
+        endpoint = _endpoint(daemon, name)
         status = daemon.status()
         assert status.websocket is not None
         address, token = status.websocket, daemon.token()
@@ -133,7 +136,13 @@ def overhead(rounds: int = 7, max_tokens: int = 2000) -> list[Figure]:
         interleave(1, direct, unix, websocket)  # warm-up: caches, first-use measurements
         runs = {key: [] for key in runs}
         interleave(rounds, direct, unix, websocket)
+    return runs
 
+
+def overhead(rounds: int = 7, max_tokens: int = 2000) -> list[Figure]:
+    runs = relay_runs(
+        "demo", shared_demo_models()["demo"], ctx_size=4096, rounds=rounds, max_tokens=max_tokens
+    )
     counts = {key: {s.tokens for s in streams} for key, streams in runs.items()}
     note = f"{max_tokens} tokens/stream, demo model; tokens seen {counts}"
     direct_rate = [s.rate for s in runs["direct"]]
