@@ -57,6 +57,14 @@ def _drop_box() -> Path:
     return path
 
 
+def _under_tmp(*paths: Path) -> list[str]:
+    """The folders in /tmp this checkout and its Python live in (a CI clone may be
+    there): brought back into the drill's fresh /tmp, or nothing could run."""
+    needed = (Path(__file__).resolve(), Path(sys.executable), Path(sys.prefix), *paths)
+    tmp = Path("/tmp")
+    return sorted({path.relative_to(tmp).parts[0] for path in needed if path.is_relative_to(tmp)})
+
+
 def test_runtime_dir_created_first_by_another_user_is_refused(
     llama_server_binary: Path,
 ) -> None:
@@ -87,7 +95,12 @@ def test_runtime_dir_created_first_by_another_user_is_refused(
         script = textwrap.dedent(
             f"""\
             set -u
+            mkdir {drop}/old-tmp
+            mount --bind /tmp {drop}/old-tmp
             mount -t tmpfs -o mode=1777 tmpfs /tmp
+            for kept in {" ".join(_under_tmp(llama_server_binary))}; do
+                mkdir /tmp/$kept && mount --bind {drop}/old-tmp/$kept /tmp/$kept
+            done
             {nobody} mkdir -m 0777 {runtime} {runtime}/models
             {nobody} sh -c 'printf %s "$PIDFILE" > {runtime}/models/demo.pid'
             {nobody} {python} -c "$IMPOSTOR_HTTP" {runtime}/models/demo.sock {drop}/model.txt &
