@@ -25,7 +25,7 @@ import time
 
 from bench.common import Figure, Goal, model_table, running_daemon, server_binary
 from bench.memory_estimate import REAL
-from bench.relay import relay_runs
+from bench.relay import relay_figures, relay_runs
 from bench.switch import direct_load
 from llamad.protocol import Load, Loaded
 
@@ -84,47 +84,14 @@ def load_figures(rounds: int = 8) -> list[Figure]:
     return figures
 
 
-def relay_figures(rounds: int = 9, max_tokens: int = 200) -> list[Figure]:
+def smollm2_relay_figures(rounds: int = 9, max_tokens: int = 200) -> list[Figure]:
     _models()
     runs = relay_runs("smol", REAL["smol"], ctx_size=2048, rounds=rounds, max_tokens=max_tokens)
-    direct_rate = [s.rate for s in runs["direct"]]
-    direct_ttft = [s.ttft * 1000 for s in runs["direct"]]
-    figures = []
-    for key, label in (("unix", "Unix socket"), ("websocket", "WebSocket")):
-        rate = [s.rate for s in runs[key]]
-        ratios = [v / d for v, d in zip(rate, direct_rate, strict=True)]
-        figures.append(
-            Figure(
-                f"SmolLM2 relay tokens/s via {label}",
-                "tok/s",
-                rate,
-                baseline=direct_rate,
-                baseline_name="llama-server direct",
-                ratio=statistics.median(ratios),
-                goal=Goal("ratio", ">=", 0.97),
-                note=f"{max_tokens} tokens/stream; ratio = median of per-round ratios",
-            )
-        )
-        ttft = [s.ttft * 1000 for s in runs[key]]
-        added = [v - d for v, d in zip(ttft, direct_ttft, strict=True)]
-        figures.append(
-            Figure(
-                f"SmolLM2 relay added first-token time via {label}",
-                "ms",
-                added,
-                baseline=direct_ttft,
-                baseline_name="direct TTFT",
-                ratio=statistics.median(ttft) / statistics.median(direct_ttft),
-                goal=Goal("value", "<=", 5.0),
-                note=f"per round: via TTFT - direct TTFT; via TTFT median "
-                f"{statistics.median(ttft):.1f} ms",
-            )
-        )
-    return figures
+    return relay_figures(runs, "SmolLM2 relay", f"{max_tokens} tokens/stream")
 
 
 def figures(quick: bool = False) -> list[Figure]:
-    return load_figures(3 if quick else 8) + relay_figures(3 if quick else 9)
+    return load_figures(3 if quick else 8) + smollm2_relay_figures(3 if quick else 9)
 
 
 def main() -> None:

@@ -144,7 +144,13 @@ def overhead(rounds: int = 7, max_tokens: int = 2000) -> list[Figure]:
         "demo", shared_demo_models()["demo"], ctx_size=4096, rounds=rounds, max_tokens=max_tokens
     )
     counts = {key: {s.tokens for s in streams} for key, streams in runs.items()}
-    note = f"{max_tokens} tokens/stream, demo model; tokens seen {counts}"
+    return relay_figures(
+        runs, "relay", f"{max_tokens} tokens/stream, demo model; tokens seen {counts}"
+    )
+
+
+def relay_figures(runs: dict[str, list[Stream]], prefix: str, note: str) -> list[Figure]:
+    """Tokens/s (ratio to direct) and added first-token time, per transport."""
     direct_rate = [s.rate for s in runs["direct"]]
     direct_ttft = [s.ttft * 1000 for s in runs["direct"]]
     figures = []
@@ -158,7 +164,7 @@ def overhead(rounds: int = 7, max_tokens: int = 2000) -> list[Figure]:
         ratios = [v / d for v, d in zip(rate, direct_rate, strict=True)]
         figures.append(
             Figure(
-                f"relay tokens/s via {label}",
+                f"{prefix} tokens/s via {label}",
                 "tok/s",
                 rate,
                 baseline=direct_rate,
@@ -180,7 +186,7 @@ def overhead(rounds: int = 7, max_tokens: int = 2000) -> list[Figure]:
         ]
         figures.append(
             Figure(
-                f"relay added first-token time via {label}",
+                f"{prefix} added first-token time via {label}",
                 "ms",
                 added,
                 baseline=direct_ttft,
