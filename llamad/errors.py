@@ -9,7 +9,7 @@ hand::
     class                        code                 HTTP  when
     LlamadError                  internal             500
     ├── ConfigError              config_error         400  models.toml is unreadable or invalid
-    ├── ServerBinaryNotFound     internal             500  no llama-server to run
+    ├── ServerBinaryNotFound     config_error         400  llama_server is no executable
     ├── StartupError             internal             500  the daemon cannot start
     ├── BadRequest               bad_request          400  a request that cannot be served as sent
     │   ├── EmptyMessage                                   a chat with nothing in it
@@ -75,7 +75,10 @@ class ConfigError(LlamadError):
 
 
 class ServerBinaryNotFound(LlamadError):
-    pass
+    """``[daemon] llama_server`` names no executable: a configuration mistake."""
+
+    code: ClassVar[ErrorCode] = "config_error"
+    http_status: ClassVar[int] = 400
 
 
 class StartupError(LlamadError):

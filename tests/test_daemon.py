@@ -18,6 +18,7 @@ import msgspec
 import psutil
 import pytest
 
+from llamactl.client import RequestFailed
 from llamad.daemon import open_history
 from llamad.history import HistoryStore
 from llamad.ownership import UntrustedPath
@@ -25,6 +26,7 @@ from llamad.protocol import (
     MAX_FRAME_BYTES,
     Error,
     FrameDecoder,
+    Reload,
     StateChanged,
     Status,
     StatusReply,
@@ -483,6 +485,9 @@ def test_reload_applies_daemon_keys_live_and_names_those_that_need_a_restart(
     rejected = daemon.ctl("reload")
     assert rejected.returncode == 1
     assert "is not an executable file" in rejected.stderr
+    with daemon.client() as client, pytest.raises(RequestFailed) as refused:
+        client.call(lambda i: Reload(id=i))
+    assert refused.value.error.code == "config_error"  # as protocol.md says
     with daemon.client() as client:
         assert client.call(lambda i: Status(id=i)).websocket == address  # type: ignore[union-attr]
     daemon.config_path.write_text(changed)
