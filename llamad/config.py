@@ -324,7 +324,15 @@ _WORKER_KEYS = tuple(
 _TOP_KEYS = ("daemon", "models", "tools", "workers")
 # Keys of a model llamad runs itself; a remote model (url) has none of them.
 _LOCAL_ONLY = (
-    "path", "port", "args", "env", "mmproj", "n_gpu_layers", "workers", "rpc", "tensor_split",
+    "path",
+    "port",
+    "args",
+    "env",
+    "mmproj",
+    "n_gpu_layers",
+    "workers",
+    "rpc",
+    "tensor_split",
     "devices",
 )
 _REMOTE_ONLY = ("api_key", "api_key_file", "remote_model", "ca_file")
@@ -947,8 +955,7 @@ def _check_model_workers(
             )
         uses_workers = bool(named) or bool(addresses)
         layers_given = "n_gpu_layers" in table or any(
-            flag in (table.get("args") or ())
-            for flag in ("-ngl", "--n-gpu-layers", "--gpu-layers")
+            flag in (table.get("args") or ()) for flag in ("-ngl", "--n-gpu-layers", "--gpu-layers")
         )
         if uses_workers and (not layers_given or table.get("n_gpu_layers") == 0):
             problems.add(

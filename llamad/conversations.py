@@ -307,9 +307,7 @@ class ChatService:
             and (m.text or m.images or m.tool_calls)
         ]
         if parts:  # the new message as it will be stored (images with their bytes)
-            kept.append(
-                Message(conversation=conversation_id, seq=0, role="user", parts=parts)
-            )
+            kept.append(Message(conversation=conversation_id, seq=0, role="user", parts=parts))
         return Prepared(
             request=request,
             model=model,
@@ -482,9 +480,7 @@ class ChatService:
             tools=tools,
             max_tool_rounds=lease.config.max_tool_rounds,
         )
-        return await generate(
-            lease.stream_chat, request, sink, tool_settings=self.pool.config.tool
-        )
+        return await generate(lease.stream_chat, request, sink, tool_settings=self.pool.config.tool)
 
     async def _upstream_messages(self, history: list[Message]) -> list[dict[str, Any]]:
         """Stored messages as OpenAI chat messages: tool rounds unfolded, images inlined."""

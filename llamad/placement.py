@@ -263,9 +263,7 @@ def _make_room(state: _Plan, request: Waiting, queue: Sequence[Waiting]) -> None
     idle = sorted(
         (m for m in others if not _busy(m, queue, request.ticket)), key=lambda m: m.last_used
     )
-    busy = sorted(
-        (m for m in others if _busy(m, queue, request.ticket)), key=lambda m: m.last_used
-    )
+    busy = sorted((m for m in others if _busy(m, queue, request.ticket)), key=lambda m: m.last_used)
     to_evict: list[ModelView] = []
     to_reserve: list[ModelView] = []
     for m in idle:

@@ -463,9 +463,7 @@ class ModelMachine:
                 # Gone before it served at all is a failure whatever the code (rpc-server
                 # exits 0 when its port is taken).
                 failed = (
-                    exit_info.signal is not None
-                    or exit_info.code != 0
-                    or self.state == "starting"
+                    exit_info.signal is not None or exit_info.code != 0 or self.state == "starting"
                 )
                 if self.state == "starting":
                     what = f"{what} before it was ready"

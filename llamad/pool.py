@@ -36,6 +36,7 @@ import math
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,14 @@ from llamad.protocol import HealthLevel, ModelMemory, ModelStatus, PoolMemory, W
 from llamad.remote import RemoteServer
 from llamad.server import ModelServer
 from llamad.supervisor import ModelSupervisor
-from llamad.upstream import Chunk, stream_chat, stream_chat_direct
+from llamad.upstream import (
+    Chunk,
+    UpstreamResponse,
+    exchange_direct,
+    exchange_httpx,
+    stream_chat,
+    stream_chat_direct,
+)
 from llamad.workers import Layers, Workers, local_share, read_layers, remote_weight
 
 log = logging.getLogger(__name__)
@@ -123,6 +131,17 @@ class Lease:
         # Served elsewhere: through its client, which carries the key, the remote
         # model's name and TLS.
         return stream_chat(self.client, payload)
+
+    def exchange(
+        self, method: str, target: str, body: bytes, headers: Mapping[str, str]
+    ) -> AbstractAsyncContextManager[UpstreamResponse]:
+        """Any request to this model's server (the HTTP API's relay), the same two ways."""
+        endpoint = self.server.endpoint
+        if isinstance(endpoint, Endpoint):
+            return exchange_direct(
+                endpoint, method, target, body, headers, batch_window=BATCH_WINDOW_SEC
+            )
+        return exchange_httpx(self.client, method, target, body, headers)
 
 
 @dataclass(eq=False)
@@ -941,7 +960,6 @@ class ModelPool:
             return
         with self.hub.subscribe(frozenset({"state"}), key=request.model) as states:
             async with trio.open_nursery() as nursery:
-
                 # Changes of state only: a request waiting for a model that is
                 # loading wants to see it load, not every change of its counts.
                 # (Read now: the planner may start the model before forward runs.)

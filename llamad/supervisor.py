@@ -477,7 +477,6 @@ class Supervisor(MachineShell):
         self._record_line(line, keep=self.kind.keep_line(line))
 
 
-
 @dataclass
 class LlamaServerKind:
     """llama-server: its command line, and ``/health`` for readiness and the watchdog."""

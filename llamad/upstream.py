@@ -18,10 +18,12 @@ read instead of one per token.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import AsyncGenerator, Sequence
+import urllib.parse
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, cast
 
 import httpx
 import msgspec
@@ -72,10 +74,11 @@ class ResponseReader:
     MAX_HEAD_BYTES = 65536
     MAX_SIZE_LINE_BYTES = 1024
 
-    def __init__(self) -> None:
+    def __init__(self, *, no_body: bool = False) -> None:
         self.status: int | None = None
         self.headers: dict[str, str] = {}
         self.complete = False
+        self._no_body = no_body  # the answer to HEAD: a head, whatever it says of a body
         self._buffer = b""
         self._framing = ""  # "chunked", "length" or "close", once the head is in
         self._left = 0  # bytes left of the current chunk, or of a Content-Length body
@@ -125,7 +128,10 @@ class ResponseReader:
             if not colon:
                 raise UpstreamError(f"llama-server sent a bad HTTP header line: {line[:80]!r}")
             self.headers[name.strip().lower()] = value.strip()
-        if "chunked" in self.headers.get("transfer-encoding", "").lower():
+        if self._no_body or self.status in (204, 304):
+            self._framing = "length"
+            self.complete = True
+        elif "chunked" in self.headers.get("transfer-encoding", "").lower():
             self._framing = "chunked"
         elif "content-length" in self.headers:
             length = self.headers["content-length"]
@@ -673,3 +679,217 @@ async def stream_chat_direct(
             raise UpstreamError(
                 f"lost the connection to llama-server while replying: {in_words(exc)}"
             ) from None
+
+
+# ------------------------------------------------------- relaying any request
+
+# Hop-by-hop and credential headers are not passed on: the relay frames the
+# request itself, and the client's key for llamad is not llama-server's.
+_NOT_RELAYED = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "content-length",
+        "te",
+        "trailer",
+        "upgrade",
+        "host",
+        "authorization",
+        "x-api-key",
+        "origin",
+        "cookie",
+        "proxy-authorization",
+        "expect",
+    }
+)
+# What may stand in a request target as it is; anything else is percent-encoded.
+_TARGET_SAFE = "/:@!$&'()*+,;=-._~%?"
+
+
+class UpstreamResponse(Protocol):
+    """An answer from a model's server being read: its head, then its body as it arrives."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """Names in lower case."""
+        ...
+
+    async def read(self, *, batch: bool = False) -> bytes:
+        """The next piece of the body as it arrives (transfer coding removed); b"" at its end.
+
+        ``batch``: a piece may wait for the batch window (see ``exchange_direct``),
+        so a fast stream comes in fewer, larger pieces.
+        """
+        ...
+
+
+async def read_all(response: UpstreamResponse) -> bytes:
+    pieces: list[bytes] = []
+    while piece := await response.read():
+        pieces.append(piece)
+    return b"".join(pieces)
+
+
+def relay_request(
+    endpoint: Endpoint, method: str, target: str, body: bytes, headers: Mapping[str, str]
+) -> bytes:
+    """The bytes of one HTTP/1.1 request to llama-server, closing the connection after it.
+
+    ``target`` is percent-encoded where needed; ``headers`` lose the hop-by-hop
+    and credential ones.
+    """
+    host = "llama-server" if endpoint.port is None else f"127.0.0.1:{endpoint.port}"
+    lines = [f"{method} {urllib.parse.quote(target, safe=_TARGET_SAFE)} HTTP/1.1", f"Host: {host}"]
+    lines.extend(
+        f"{name}: {value}"
+        for name, value in headers.items()
+        if name.lower() not in _NOT_RELAYED and "\r" not in value and "\n" not in value
+    )
+    if body or method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
+        lines.append(f"Content-Length: {len(body)}")
+    lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+class _DirectResponse:
+    """``UpstreamResponse`` read straight off the socket (``ResponseReader``, ``_FdReader``)."""
+
+    def __init__(
+        self, reader: ResponseReader, fd: _FdReader, first: bytes, batch_window: float
+    ) -> None:
+        assert reader.status is not None
+        self.status: int = reader.status
+        self.headers: Mapping[str, str] = reader.headers
+        self._reader = reader
+        self._fd = fd
+        self._pending = first
+        self._batch_window = batch_window
+        self._last_read = -1.0
+
+    async def read(self, *, batch: bool = False) -> bytes:
+        if self._pending:
+            piece, self._pending = self._pending, b""
+            return piece
+        reader = self._reader
+        while not reader.complete:
+            if batch and self._batch_window > 0 and self._last_read >= 0:
+                wake = self._last_read + self._batch_window
+                if wake > trio.current_time():
+                    await trio.sleep_until(wake)
+            try:
+                data = await self._fd.receive()
+            except OSError as exc:
+                raise _lost(exc) from None
+            if self._batch_window > 0:
+                self._last_read = trio.current_time()
+            if not data:
+                reader.closed()
+                return b""
+            piece = reader.feed(data)
+            if piece:
+                return piece
+        return b""
+
+
+def _lost(exc: BaseException) -> UpstreamError:
+    return UpstreamError(f"lost the connection to llama-server while replying: {in_words(exc)}")
+
+
+@contextlib.asynccontextmanager
+async def exchange_direct(
+    endpoint: Endpoint,
+    method: str,
+    target: str,
+    body: bytes = b"",
+    headers: Mapping[str, str] | None = None,
+    *,
+    connect_timeout: float = CONNECT_TIMEOUT_SEC,
+    batch_window: float = 0.0,
+) -> AsyncIterator[UpstreamResponse]:
+    """One request on a socket of its own, without httpx; the response once its head is in.
+
+    Leaving the block closes the socket, which is what tells llama-server to
+    stop generating: a relay that is cancelled frees the slot at once.
+    ``batch_window`` (seconds): a ``read(batch=True)`` comes at most once per
+    window after the last read, as in ``stream_chat_direct``.
+    """
+    stream = await _connect(endpoint, connect_timeout)
+    async with stream:
+        reader = ResponseReader(no_body=method == "HEAD")
+        fd = _FdReader(stream.socket.fileno())
+        try:
+            await stream.send_all(relay_request(endpoint, method, target, body, headers or {}))
+            first = b""
+            while reader.status is None:
+                data = await fd.receive()
+                if not data:
+                    reader.closed()
+                first += reader.feed(data)
+        except (OSError, trio.BrokenResourceError) as exc:
+            raise _lost(exc) from None
+        yield _DirectResponse(reader, fd, first, batch_window)
+
+
+class _HttpxResponse:
+    """``UpstreamResponse`` through an httpx client (a model served elsewhere)."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.status: int = response.status_code
+        self.headers: Mapping[str, str] = response.headers
+        self._pieces = cast(AsyncGenerator[bytes, None], response.aiter_raw())
+        # A transport may hand over a body it has already read (httpx's MockTransport does).
+        self._whole = response.content if response.is_stream_consumed else None
+
+    async def read(self, *, batch: bool = False) -> bytes:
+        del batch  # httpx reads as it reads
+        if self._whole is not None:
+            whole, self._whole = self._whole, b""
+            return whole  # then b"": the end
+        try:
+            async for piece in self._pieces:
+                if piece:
+                    return piece
+        except httpx.HTTPError as exc:
+            raise _lost(exc) from None
+        return b""
+
+    async def aclose(self) -> None:
+        await self._pieces.aclose()
+
+
+@contextlib.asynccontextmanager
+async def exchange_httpx(
+    client: httpx.AsyncClient,
+    method: str,
+    target: str,
+    body: bytes = b"",
+    headers: Mapping[str, str] | None = None,
+    *,
+    connect_timeout: float = CONNECT_TIMEOUT_SEC,
+) -> AsyncIterator[UpstreamResponse]:
+    """``exchange_direct`` through ``client`` (a remote server: its base URL, key and TLS)."""
+    relayed = {k: v for k, v in (headers or {}).items() if k.lower() not in _NOT_RELAYED}
+    request = client.build_request(
+        method,
+        target,
+        content=body or None,
+        headers=relayed,
+        timeout=httpx.Timeout(None, connect=connect_timeout),
+    )
+    try:
+        response = await client.send(request, stream=True)
+    except httpx.HTTPError as exc:
+        raise UpstreamError(f"llama-server did not answer {target}: {in_words(exc)}") from None
+    wrapped = _HttpxResponse(response)
+    try:
+        yield wrapped
+    finally:
+        # Closing the connection is what tells the server to stop generating;
+        # done even when the relay is cancelled.
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + connect_timeout):
+            await wrapped.aclose()
+            await response.aclose()

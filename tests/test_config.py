@@ -678,7 +678,7 @@ def test_tool_mistakes_are_one_line_each() -> None:
         'did you mean "calculator"?',
         "/etc/llamad/models.toml: tools.calculator.roots: only file_search takes roots",
         '/etc/llamad/models.toml: tools.calculator.confirm: expected true or false, got "yes"',
-        '/etc/llamad/models.toml: tools.file_search.timeot_sec: unknown key; '
+        "/etc/llamad/models.toml: tools.file_search.timeot_sec: unknown key; "
         'did you mean "timeout_sec"?',
         '/etc/llamad/models.toml: tools.shell: no tool named "shell"; '
         "built-in tools: calculator, file_search",
@@ -713,12 +713,13 @@ def test_bad_pool_keys_are_one_line_each() -> None:
             'ttl_sec = -1\n[models.m]\npath = "/m.gguf"\n'
         )
     assert caught.value.problems == [
-        f'{SOURCE}: daemon.max_models: must be greater than 0, got 0',
-        f'{SOURCE}: daemon.ttl_sec: must not be negative, got -1',
+        f"{SOURCE}: daemon.max_models: must be greater than 0, got 0",
+        f"{SOURCE}: daemon.ttl_sec: must not be negative, got -1",
         f'{SOURCE}: daemon.memory_budget: expected "auto" or a size such as "12GiB" or '
         '"512MiB", got "lots"',
         f'{SOURCE}: daemon.preload[0]: no model or alias named "nope"; configured models: m',
     ]
+
 
 def test_the_http_api_is_on_with_keys_by_default_and_none_is_fine_on_loopback() -> None:
     default = parse_config("", source=Path("models.toml"), env={"HOME": "/home/u"}).daemon
@@ -733,9 +734,9 @@ def test_the_http_api_is_on_with_keys_by_default_and_none_is_fine_on_loopback() 
 
 def test_workers_and_a_model_split_over_them() -> None:
     config = parse(
-        "[workers.gpu0]\nport = 50052\ndevices = [\"CUDA0\"]\nthreads = 4\ncache = true\n"
+        '[workers.gpu0]\nport = 50052\ndevices = ["CUDA0"]\nthreads = 4\ncache = true\n'
         "restart_sec = 1\n"
-        "[workers.any]\nhost = \"0.0.0.0\"\nport = 50053\nallow_network = true\n"
+        '[workers.any]\nhost = "0.0.0.0"\nport = 50053\nallow_network = true\n'
         '[models.big]\npath = "big.gguf"\nworkers = ["gpu0", "any"]\n'
         'rpc = ["gpu-box:50052", "[fd00::2]:50052"]\nn_gpu_layers = 99\n'
         "tensor_split = [3, 1, 1, 1]\n"
@@ -770,8 +771,7 @@ def test_a_worker_off_loopback_needs_allow_network() -> None:
     ("text", "expected"),
     [
         (
-            '[models.m]\npath = "m"\nworkers = ["gpu1"]\nn_gpu_layers = 99\n'
-            "[workers.gpu0]\n",
+            '[models.m]\npath = "m"\nworkers = ["gpu1"]\nn_gpu_layers = 99\n[workers.gpu0]\n',
             'models.m.workers[0]: no [workers.gpu1] table; did you mean "gpu0"?',
         ),
         (
@@ -858,9 +858,12 @@ def test_sampling_defaults_merge_like_supervision() -> None:
     a, b = config.models["a"].sampling, config.models["b"].sampling
     assert (a.temperature, a.top_k, a.max_tokens, a.system_prompt) == (0.0, 40, 1000, "Be brief.")
     assert (b.temperature, b.top_k, b.top_p, b.max_tokens) == (0.7, None, None, 1000)
-    assert parse_config('[models.c]\npath = "c.gguf"\n', source=SOURCE, env=ENV).models[
-        "c"
-    ].sampling.max_tokens == 4096
+    assert (
+        parse_config('[models.c]\npath = "c.gguf"\n', source=SOURCE, env=ENV)
+        .models["c"]
+        .sampling.max_tokens
+        == 4096
+    )
 
 
 def test_sampling_mistakes() -> None:

@@ -46,9 +46,7 @@ def test_name_pattern_is_case_insensitive_and_combines_with_text(tree: Path) -> 
         f"{tree}/notes/todo.md",
         f"{tree}/readme.MD",
     ]
-    assert paths(search_files([tree], name="*.md", text="milk").text()) == [
-        f"{tree}/notes/todo.md"
-    ]
+    assert paths(search_files([tree], name="*.md", text="milk").text()) == [f"{tree}/notes/todo.md"]
     assert search_files([tree], name="*.rs").text() == "no matches"
 
 

@@ -857,8 +857,9 @@ def run_unix_case(daemon: Llamad, case: UnixCase) -> None:
                 message = connection.recv()
                 check_reply(message)
                 messages.append(message)
-                if isinstance(message, Error) and refused[(message.code, message.id)] < (
-                    refusals[(message.code, message.id)]
+                if (
+                    isinstance(message, Error)
+                    and refused[(message.code, message.id)] < (refusals[(message.code, message.id)])
                 ):
                     refused[(message.code, message.id)] += 1
                     continue

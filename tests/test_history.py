@@ -759,9 +759,8 @@ def test_an_io_error_on_a_full_disk_is_called_a_full_disk(tmp_path: Path) -> Non
     roomy = history._reason(eio, tmp_path, free_bytes=lambda _: 10 * 2**30)
     assert roomy == "mdb_txn_commit: Input/output error"
     enospc = OSError(28, "No space left on device")
-    assert history._reason(enospc, tmp_path, free_bytes=lambda _: 0).startswith(
-        "the disk is full"
-    )
+    assert history._reason(enospc, tmp_path, free_bytes=lambda _: 0).startswith("the disk is full")
+
     # Other errors are left as they are; free space is not even looked at.
     def never(_: Path) -> int:
         raise AssertionError("looked at free space")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from llamad.errors import LlamadError, ModelFailed, QueueFull, RequestCancelled
 from llamad.metrics import Metrics
 from llamad.protocol import ModelStatus
 from llamad.transport.http import HttpApi, HttpSettings, serve
+from llamad.upstream import UpstreamResponse, exchange_httpx
 
 KEY = "sk-test-key-0123456789abcdef"
 DEMO_ONLY = "sk-demo-only-0123456789abcdef"
@@ -46,6 +47,11 @@ Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
 class FakeLease:
     name: str
     client: httpx.AsyncClient
+
+    def exchange(
+        self, method: str, target: str, body: bytes, headers: Mapping[str, str]
+    ) -> contextlib.AbstractAsyncContextManager[UpstreamResponse]:
+        return exchange_httpx(self.client, method, target, body, headers)
 
 
 @dataclass

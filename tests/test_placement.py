@@ -246,9 +246,7 @@ def test_max_models_counts_resident_models() -> None:
 
 
 def test_gpu_memory_is_a_budget_of_its_own() -> None:
-    models = pool(
-        model("a", "ready", 1, gpu_gib=20, last_used=1), model("b", gib=1, gpu_gib=20)
-    )
+    models = pool(model("a", "ready", 1, gpu_gib=20, last_used=1), model("b", gib=1, gpu_gib=20))
     budget = Budget(host=64 * G, gpu=30 * G)
     assert act(models, [wait(1, "b")], budget, now=2) == [Evict("a", "evicted for b")]
 
@@ -283,9 +281,7 @@ def test_idle_models_unload_after_their_ttl() -> None:
     assert plan(models, [], Budget(), now=160) == [Evict("a", "idle for 60 s")]
     # In use, waited for, pinned or without a ttl: kept.
     assert plan(pool(model("a", "ready", 1, idle=60, in_flight=1)), [], Budget(), 999) == []
-    assert plan(pool(model("a", "ready", 1, idle=60)), [wait(1, "a")], Budget(), 999) == [
-        Admit(1)
-    ]
+    assert plan(pool(model("a", "ready", 1, idle=60)), [wait(1, "a")], Budget(), 999) == [Admit(1)]
     assert plan(pool(model("a", "ready", 1, idle=60, pinned=True)), [], Budget(), 999) == []
     assert plan(pool(model("a", "ready", 1, idle=None)), [], Budget(), 999) == []
 

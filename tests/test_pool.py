@@ -36,8 +36,7 @@ GGUF = b"GGUF\x03\x00\x00\x00"
 
 def _config(tmp: Path, models: dict[str, str], daemon: str = "") -> str:
     text = (
-        f'[daemon]\nruntime_dir = "{tmp}"\nstop_drain_sec = 0.3\nstop_timeout_sec = 2\n'
-        f"{daemon}\n"
+        f'[daemon]\nruntime_dir = "{tmp}"\nstop_drain_sec = 0.3\nstop_timeout_sec = 2\n{daemon}\n'
     )
     for name, extra in models.items():
         path = tmp / f"{name}.gguf"
@@ -353,7 +352,6 @@ def test_health_names_every_model_that_is_not_ok() -> None:
     level, summary = health_verdict(statuses, now=101)
     assert level == "critical"
     assert summary == "a failed: crash loop; b loading for 1.0 s"
-
 
 
 def test_health_without_history_is_at_least_a_warning() -> None:

@@ -379,9 +379,7 @@ def test_reload_changes_tools_without_restarting_the_server(
     daemon, _ = scripted_daemon(make_llamad, tmp_path, [], model_extra="")
     pid = daemon.status("scripted").pid
     text = daemon.config_path.read_text()
-    daemon.config_path.write_text(
-        text.replace('args = ', 'tools = ["calculator"]\nargs = ', 1)
-    )
+    daemon.config_path.write_text(text.replace("args = ", 'tools = ["calculator"]\nargs = ', 1))
     reloaded = daemon.ctl("reload")
     assert "updated scripted (tools), server kept" in reloaded.stdout, reloaded.stderr
     status = daemon.status("scripted")

@@ -27,10 +27,14 @@ from llamad.upstream import (
     Chunk,
     ResponseReader,
     SSEDecoder,
+    exchange_direct,
+    exchange_httpx,
     in_words,
     interpret_chunk,
     merge_chunks,
+    read_all,
     refusal_message,
+    relay_request,
     stream_chat,
     stream_chat_direct,
     turns_to_drop,
@@ -369,6 +373,48 @@ def test_malformed_responses_are_one_line_errors(data: bytes, message: str) -> N
     assert "\n" not in str(caught.value)
 
 
+def test_heads_without_bodies() -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 120\r\n\r\n"
+    reader = ResponseReader(no_body=True)  # the answer to HEAD
+    assert (reader.feed(head), reader.status, reader.complete) == (b"", 200, True)
+    reader = ResponseReader()
+    reader.feed(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert (reader.status, reader.complete) == (204, True)
+    reader.closed()
+
+
+def test_a_relayed_request_is_framed_by_the_relay_and_keeps_no_credentials() -> None:
+    headers = {
+        "Authorization": "Bearer sk-llamad",
+        "x-api-key": "sk-llamad",
+        "Cookie": "a=b",
+        "Host": "evil.example",
+        "Transfer-Encoding": "chunked",
+        "Content-Length": "999",
+        "Connection": "keep-alive",
+        "Accept": "text/event-stream",
+        "X-Custom": "kept",
+    }
+    data = relay_request(
+        Endpoint(socket_path=Path("/x.sock")), "POST", "/slots/0 x?action=save", b"{}", headers
+    )
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "POST /slots/0%20x?action=save HTTP/1.1"
+    assert sorted(lines[1:]) == sorted(
+        [
+            "Host: llama-server",
+            "Accept: text/event-stream",
+            "X-Custom: kept",
+            "Content-Length: 2",
+            "Connection: close",
+        ]
+    )
+    assert body == b"{}"
+    get = relay_request(Endpoint(port=8080), "GET", "/props", b"", {})
+    assert get == b"GET /props HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nConnection: close\r\n\r\n"
+
+
 def test_a_response_cut_short_is_an_error() -> None:
     reader, _ = _feed_in_pieces(CHUNKED_HEAD + b"5\r\nab", 3)
     with pytest.raises(UpstreamError, match="closed the connection in the middle"):
@@ -545,6 +591,58 @@ async def test_a_cancelled_stream_stops_at_once_and_frees_the_server(
         assert "".join(c.text for c in again) == "".join(c.text for c in _read_whole(server, CHAT))
 
 
+@pytest.mark.server
+@pytest.mark.parametrize("port", [False, True], ids=["unix socket", "tcp port"])
+async def test_a_relayed_exchange_reads_what_a_plain_client_reads(
+    llama_server_binary: Path, demo_models: dict[str, Path], port: bool
+) -> None:
+    with real_server(llama_server_binary, demo_models["demo"], port=port) as server:
+        whole = _read_whole(server, CHAT)
+        body = json.dumps(CHAT).encode()
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        async with exchange_direct(
+            server.endpoint, "POST", "/v1/chat/completions", body, headers, batch_window=0.01
+        ) as response:
+            assert response.status == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            pieces = [await response.read()]
+            while piece := await response.read(batch=True):
+                pieces.append(piece)
+        async with exchange_direct(server.endpoint, "GET", "/props") as props:
+            n_ctx = json.loads(await read_all(props))["default_generation_settings"]["n_ctx"]
+        async with exchange_direct(server.endpoint, "HEAD", "/health") as health:
+            assert (health.status, await health.read()) == (200, b"")
+        async with exchange_direct(server.endpoint, "GET", "/no-such-thing") as missing:
+            assert missing.status == 404 and b"error" in await read_all(missing)
+    streamed = [interpret_chunk(e) for e in SSEDecoder().feed(b"".join(pieces))]
+    assert streamed[-1].done
+    assert "".join(c.text for c in streamed) == "".join(c.text for c in whole) != ""
+    # The batch window joined tokens: fewer pieces than events.
+    assert len(pieces) < len(streamed)
+    assert n_ctx == 512
+
+
+@pytest.mark.server
+async def test_a_cancelled_exchange_frees_the_server_at_once(
+    llama_server_binary: Path, demo_models: dict[str, Path]
+) -> None:
+    endless = json.dumps(CHAT | {"max_tokens": 100_000}).encode()
+    with real_server(llama_server_binary, demo_models["demo"], ctx=8192) as server:
+        with trio.CancelScope() as scope:
+            async with exchange_direct(
+                server.endpoint, "POST", "/v1/chat/completions", endless
+            ) as response:
+                for _ in range(20):
+                    assert await response.read()
+                scope.cancel()
+                await trio.sleep(1)
+        assert scope.cancelled_caught
+        # The one slot is free for the next request at once.
+        with trio.fail_after(5):
+            again = await _collect(stream_chat_direct(server.endpoint, CHAT))
+        assert merge_chunks(again).timings is not None
+
+
 async def _scripted_upstream(reply: bytes, nursery: trio.Nursery) -> Endpoint:
     """A socket that answers any request with ``reply`` and closes: faults on cue."""
     path = short_tempdir() / "s.sock"
@@ -595,6 +693,45 @@ async def test_faults_only_a_broken_upstream_shows(reply: bytes, message: str) -
     assert "\n" not in str(caught.value)
     if reply.startswith(CHUNKED_HEAD) and "chunked" not in message:
         assert texts[:1] == ["Hi"]  # the events before the fault were handed on
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        (CHUNKED_HEAD + b"5\r\nhel", "closed the connection in the middle"),
+        (b"HTTP/1.1 200 OK\r\nContent-Le", "closed the connection in the middle"),
+        (b"SSH-2.0-OpenSSH\r\n\r\n", "bad HTTP status line"),
+    ],
+)
+async def test_a_broken_relayed_exchange_is_one_line_error(reply: bytes, message: str) -> None:
+    async with trio.open_nursery() as nursery:
+        endpoint = await _scripted_upstream(reply, nursery)
+        with pytest.raises(UpstreamError, match=message) as caught:
+            async with exchange_direct(endpoint, "GET", "/props") as response:
+                await read_all(response)
+    assert "\n" not in str(caught.value)
+
+
+async def test_the_httpx_exchange_answers_the_same_shape() -> None:
+    seen: list[httpx.Request] = []
+
+    async def upstream(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+
+        async def events() -> AsyncIterator[bytes]:
+            yield b"data: x\n\n"
+            yield b"data: y\n\n"
+
+        return httpx.Response(200, content=events(), headers={"content-type": "text/event-stream"})
+
+    transport = httpx.MockTransport(upstream)
+    async with httpx.AsyncClient(transport=transport, base_url="http://remote") as client:
+        headers = {"Authorization": "Bearer sk-llamad", "X-Custom": "kept"}
+        async with exchange_httpx(client, "POST", "/v1/completions", b"{}", headers) as response:
+            assert response.status == 200
+            assert response.headers["content-type"] == "text/event-stream"
+            assert await read_all(response) == b"data: x\n\ndata: y\n\n"
+    assert "authorization" not in seen[0].headers and seen[0].headers["x-custom"] == "kept"
 
 
 def test_connection_failures_are_told_in_words() -> None:

@@ -197,9 +197,10 @@ def test_a_connection_that_never_handshakes_is_closed_at_the_deadline(
 ) -> None:
     _, address, _token = ws_daemon(make_llamad, demo_models)
     host, port = address.rsplit(":", 1)
-    with socket.create_connection((host, int(port))) as silent, socket.create_connection(
-        (host, int(port))
-    ) as half:
+    with (
+        socket.create_connection((host, int(port))) as silent,
+        socket.create_connection((host, int(port))) as half,
+    ):
         half.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the rest
         took_silent, _ = _seconds_until_closed(silent, 30)
         took_half, _ = _seconds_until_closed(half, 30)

@@ -165,7 +165,7 @@ def _run_file_search(
     return result.text()
 
 
-_RUNNERS: Final[
-    Mapping[str, Callable[[Mapping[str, Any], Sequence[Path], SearchLimits], str]]
-] = {"calculator": _run_calculator, "file_search": _run_file_search}
-
+_RUNNERS: Final[Mapping[str, Callable[[Mapping[str, Any], Sequence[Path], SearchLimits], str]]] = {
+    "calculator": _run_calculator,
+    "file_search": _run_file_search,
+}

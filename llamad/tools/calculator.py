@@ -245,8 +245,7 @@ def _power(base: Number, exponent: Number) -> Number:
             # Estimate the digits before computing: 9**9**9 must fail at once.
             if base not in (0, 1, -1) and abs(exponent) * _log10_size(base) > MAX_DIGITS:
                 raise ToolInputError(
-                    f"the power would have more than {MAX_DIGITS} digits; "
-                    "use a smaller exponent"
+                    f"the power would have more than {MAX_DIGITS} digits; use a smaller exponent"
                 )
             return _checked(base ** int(exponent))
         root = _exact_root(base, exponent)

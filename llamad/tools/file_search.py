@@ -224,9 +224,7 @@ def _starting_points(roots: _Roots, path: str | None) -> list[_Start]:
         starts.append(_Start(fd, candidate))
     if not starts:
         listing = ", ".join(str(root) for root in roots.paths)
-        raise ToolInputError(
-            f"{path!r} is not a folder inside the searchable roots ({listing})"
-        )
+        raise ToolInputError(f"{path!r} is not a folder inside the searchable roots ({listing})")
     return starts
 
 

@@ -21,17 +21,15 @@ body. A client that disconnects cancels its request upstream at once.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
 import math
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
-import httpx
 import hypercorn.trio
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -54,7 +52,6 @@ from llamad.errors import (
     QueueFull,
     TooLarge,
     Unauthorized,
-    UpstreamError,
 )
 from llamad.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from llamad.metrics import Metrics
@@ -75,46 +72,29 @@ from llamad.openai_api import (
 )
 from llamad.protocol import ModelStatus
 from llamad.transport.websocket import check_host_and_origin
+from llamad.upstream import UpstreamResponse, read_all
 
 log = logging.getLogger(__name__)
 
 # The WebSocket's message limit too. A chat's images are at most 10 MiB each
 # (llamad.images), 13.4 MiB as base64: one fits, a runaway upload does not.
 MAX_BODY_BYTES = 16 * 1024 * 1024
-UPSTREAM_CONNECT_SEC = 10.0
-# Upstream chunks (one SSE event each, from llama-server) read ahead of a slow
-# client: enough to batch a fast stream, bounded so a stuck client stalls
-# llama-server rather than growing llamad's memory.
-STREAM_QUEUE_CHUNKS = 1024
 CLIENT_GONE = "499"  # the requests metric's status when the client went away (nginx's code)
 _JSON = b"application/json"
 _SSE = b"text/event-stream"
-_HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "transfer-encoding",
-        "content-length",
-        "te",
-        "trailer",
-        "upgrade",
-        "host",
-        "authorization",
-        "x-api-key",
-        "origin",
-        "cookie",
-    }
-)
 
 
 class Lease(Protocol):
-    """What the HTTP API uses of a lease: the model's name and a client to it."""
+    """What the HTTP API uses of a lease: the model's name and requests to its server."""
 
     @property
     def name(self) -> str: ...
 
-    @property
-    def client(self) -> httpx.AsyncClient: ...
+    def exchange(
+        self, method: str, target: str, body: bytes, headers: Mapping[str, str]
+    ) -> AbstractAsyncContextManager[UpstreamResponse]:
+        """One request to the model's server; ``llamad.upstream.exchange_direct``."""
+        ...
 
 
 class ModelSource(Protocol):
@@ -234,10 +214,6 @@ class HttpApi:
             self._count(exchange, CLIENT_GONE)
         except LlamadError as exc:
             await self._fail(exchange, exc)
-        except httpx.TransportError as exc:  # llama-server went away under the request
-            reason = str(exc) or type(exc).__name__
-            failure = UpstreamError(f"llama-server stopped answering: {reason}")
-            await self._fail(exchange, failure)
         except Exception:
             log.exception("HTTP API: internal error on %s %s", exchange.method, exchange.path)
             await self._fail(exchange, None)
@@ -415,72 +391,57 @@ class HttpApi:
         self, exchange: _Exchange, asked: str, keep_alive: float | None, body: bytes
     ) -> None:
         headers = {
-            "content-type": "application/json",
-            "accept": exchange.headers.get("accept", "*/*"),
+            "Content-Type": "application/json",
+            "Accept": exchange.headers.get("accept", "*/*"),
         }
-        async with self.source.acquire(asked, keep_alive=keep_alive) as lease:
-            upstream = lease.client.build_request(
-                "POST",
-                exchange.path,
-                content=body,
-                headers=headers,
-                timeout=httpx.Timeout(None, connect=UPSTREAM_CONNECT_SEC),
-            )
-            response = await lease.client.send(upstream, stream=True)
-            try:
-                if response.headers.get("content-type", "").startswith("text/event-stream"):
-                    usage, first = await self._relay_stream(exchange, response, asked)
-                else:
-                    usage, first = await self._relay_whole(exchange, response, asked)
-            finally:
-                await _close(response)
+        async with (
+            self.source.acquire(asked, keep_alive=keep_alive) as lease,
+            lease.exchange("POST", exchange.path, body, headers) as response,
+        ):
+            if response.headers.get("content-type", "").startswith("text/event-stream"):
+                usage, first = await self._relay_stream(exchange, response, asked)
+            else:
+                usage, first = await self._relay_whole(exchange, response, asked)
         if self.metrics is not None:
             self.metrics.request_done(
-                lease.name, exchange.endpoint, str(response.status_code), usage, first
+                lease.name, exchange.endpoint, str(response.status), usage, first
             )
 
     async def _relay_stream(
-        self, exchange: _Exchange, response: httpx.Response, asked: str
+        self, exchange: _Exchange, response: UpstreamResponse, asked: str
     ) -> tuple[Usage, float | None]:
         exchange.sse = True
         await exchange.start(
-            response.status_code,
+            response.status,
             _SSE,
             [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")],
         )
         rewriter = StreamRewriter(asked)
         first: float | None = None
-        send, receive = trio.open_memory_channel[bytes](STREAM_QUEUE_CHUNKS)
-
-        async def write() -> None:
-            nonlocal first
-            async with receive:
-                async for data in receive:
-                    # Whatever else arrived while the last write went out goes
-                    # out with this one: one write per turn, not one per token.
-                    out = rewriter.feed(_with_waiting(data, receive))
-                    if first is None and rewriter.saw_token:
-                        first = trio.current_time() - exchange.received
-                    if out:
-                        await exchange.body(out, more=True)
-
-        async def read() -> None:
-            await _read_upstream(response, send)
-            exchange.upstream_done = True
-
-        await beside(write, read)
+        # One task reads and writes: while a write to a slow client waits, what
+        # llama-server sends piles up in the socket and goes out as one piece
+        # next time (its buffer bounds what a stuck client holds back).
+        # Once text flows, reads wait for the batch window: a fast model's
+        # tokens go out several to a write, not one wake-up each.
+        while data := await response.read(batch=first is not None):
+            out = rewriter.feed(data)
+            if first is None and rewriter.saw_token:
+                first = trio.current_time() - exchange.received
+            if out:
+                await exchange.body(out, more=True)
+        exchange.upstream_done = True
         await exchange.body(rewriter.flush(), more=False)
         return rewriter.usage, first
 
     async def _relay_whole(
-        self, exchange: _Exchange, response: httpx.Response, asked: str
+        self, exchange: _Exchange, response: UpstreamResponse, asked: str
     ) -> tuple[Usage, float | None]:
-        data = await response.aread()
+        data = await read_all(response)
         content_type = response.headers.get("content-type", "application/json")
         if content_type.startswith("application/json"):
             data = rewrite_model(data, model_replacement(asked))
         usage = usage_of_body(data)
-        await exchange.answer(response.status_code, data, content_type.encode("latin-1"))
+        await exchange.answer(response.status, data, content_type.encode("latin-1"))
         return usage, usage.prompt_seconds
 
     async def _upstream(self, exchange: _Exchange) -> None:
@@ -494,7 +455,7 @@ class HttpApi:
         body = await self._read_body(exchange)
         query = exchange.scope["query_string"]
         target = "/" + rest + ("?" + query.decode("latin-1") if query else "")
-        headers = {k: v for k, v in exchange.headers.items() if k not in _HOP_BY_HOP}
+        headers = dict(exchange.headers)  # the relay drops hop-by-hop and credential fields
         await beside(
             functools.partial(self._pass_through, exchange, name, target, headers, body),
             functools.partial(_until_disconnect, exchange),
@@ -504,27 +465,19 @@ class HttpApi:
         self, exchange: _Exchange, name: str, target: str, headers: dict[str, str], body: bytes
     ) -> None:
         # No slot: /slots or /metrics must answer while every slot is generating.
-        async with self.source.acquire(name, slot=False) as lease:
-            upstream = lease.client.build_request(
-                exchange.method,
-                target,
-                content=body or None,
-                headers=headers,
-                timeout=httpx.Timeout(None, connect=UPSTREAM_CONNECT_SEC),
-            )
-            response = await lease.client.send(upstream, stream=True)
-            try:
-                content_type = response.headers.get("content-type", "application/octet-stream")
-                exchange.sse = content_type.startswith("text/event-stream")
-                await exchange.start(response.status_code, content_type.encode("latin-1"))
-                async with _chunks(response) as chunks:
-                    async for data in chunks:
-                        await exchange.body(data, more=True)
-                await exchange.body(b"", more=False)
-            finally:
-                await _close(response)
+        async with (
+            self.source.acquire(name, slot=False) as lease,
+            lease.exchange(exchange.method, target, body, headers) as response,
+        ):
+            content_type = response.headers.get("content-type", "application/octet-stream")
+            exchange.sse = content_type.startswith("text/event-stream")
+            await exchange.start(response.status, content_type.encode("latin-1"))
+            while data := await response.read():
+                await exchange.body(data, more=True)
+            exchange.upstream_done = True
+            await exchange.body(b"", more=False)
         if self.metrics is not None:
-            self.metrics.request_done(lease.name, exchange.endpoint, str(response.status_code))
+            self.metrics.request_done(lease.name, exchange.endpoint, str(response.status))
 
     async def _read_body(self, exchange: _Exchange) -> bytes:
         """The whole request body, refused (413) past the limit before it is all read."""
@@ -556,43 +509,6 @@ class HttpApi:
 def _allow(method: str, allow: str) -> None:
     if method not in (m.strip() for m in allow.split(",")):
         raise MethodNotAllowed(method, allow)
-
-
-async def _read_upstream(response: httpx.Response, send: trio.MemorySendChannel[bytes]) -> None:
-    async with send, _chunks(response) as chunks:
-        async for data in chunks:
-            # No checkpoint while httpx has parsed chunks in hand: all of one
-            # socket read is queued before the writer runs again.
-            try:
-                send.send_nowait(data)
-            except trio.WouldBlock:
-                await send.send(data)
-
-
-def _with_waiting(data: bytes, receive: trio.MemoryReceiveChannel[bytes]) -> bytes:
-    """``data`` and every chunk already queued behind it, joined."""
-    parts = [data]
-    while True:
-        try:
-            parts.append(receive.receive_nowait())
-        except (trio.WouldBlock, trio.EndOfChannel):
-            break
-    return data if len(parts) == 1 else b"".join(parts)
-
-
-def _chunks(response: httpx.Response) -> contextlib.aclosing[AsyncGenerator[bytes, None]]:
-    """The body's bytes as they arrive, closed even when the relay is cancelled."""
-    return contextlib.aclosing(cast(AsyncGenerator[bytes, None], response.aiter_raw()))
-
-
-async def _close(response: httpx.Response) -> None:
-    """Close the upstream response even under cancellation.
-
-    Closing the connection is what tells llama-server to stop generating and
-    free the slot: a client that went away must not leave it running.
-    """
-    with trio.CancelScope(shield=True, deadline=trio.current_time() + UPSTREAM_CONNECT_SEC):
-        await response.aclose()
 
 
 async def _until_disconnect(exchange: _Exchange) -> None:
@@ -657,7 +573,5 @@ async def serve(
             host,
         )
     async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(
-            functools.partial(hypercorn.trio.serve, app, config)
-        )
+        binds: list[str] = await nursery.start(functools.partial(hypercorn.trio.serve, app, config))
         task_status.started(int(binds[0].rpartition(":")[2]))

@@ -132,6 +132,7 @@ def test_a_flood_from_another_user_does_not_lock_the_owner_out(
             )
         assert isinstance(messages[-1], ChatDone)
         assert messages[-1].message.status == "complete"
+
         # ...and so does the owner's own WebSocket: another user's connections are
         # capped, the owner's never are.
         async def owner_websocket() -> str:
