@@ -19,6 +19,7 @@ read instead of one per token.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import urllib.parse
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
@@ -589,25 +590,43 @@ _EAGER_READS = 16
 
 
 class _FdReader:
-    """Reads a socket's file descriptor the cheap way (see above)."""
+    """Reads a socket's file descriptor the cheap way (see above), batching a fast stream.
+
+    ``receive(batch_window=W)``: read at most once per W, so a model faster
+    than one token per W gives several tokens to one wake-up. A model slower
+    than that (the last read waited W or more for data) is read at once:
+    sleeping would cost it a timer wake-up per token and hold back its reply's end.
+    """
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._eager = 0  # reads in a row that found data at once
+        self._last_read = -math.inf
+        self._waited = 0.0  # how long the last read waited for data
 
-    async def receive(self) -> bytes:
+    async def receive(self, *, batch_window: float = 0.0) -> bytes:
         await trio.lowlevel.checkpoint_if_cancelled()
+        if batch_window > self._waited:
+            wake = self._last_read + batch_window
+            if wake > trio.current_time():
+                self._eager = 0
+                await trio.sleep_until(wake)
         if self._eager >= _EAGER_READS:
             self._eager = 0
             await trio.lowlevel.checkpoint()
+        waiting_since: float | None = None
         while True:
             try:
                 data = os.read(self._fd, _READ_BYTES)
             except BlockingIOError:
                 self._eager = 0
+                if waiting_since is None:
+                    waiting_since = trio.current_time()
                 await trio.lowlevel.wait_readable(self._fd)
                 continue
             self._eager += 1
+            self._last_read = trio.current_time()
+            self._waited = 0.0 if waiting_since is None else self._last_read - waiting_since
             return data
 
 
@@ -632,10 +651,12 @@ async def stream_chat_direct(
 ) -> AsyncGenerator[Chunk]:
     """``stream_chat`` on a socket of its own, without httpx; same chunks, same errors.
 
-    ``batch_window`` (seconds): once text has come, read at most once per
-    window, so a fast model's tokens come out of one read together instead
-    of waking llamad once per token; each token is then held back at most
-    that long. 0 reads as soon as anything arrives.
+    ``batch_window`` (seconds): once text has come and while the model is
+    faster than one token per window, read at most once per window, so its
+    tokens come out of one read together instead of waking llamad once per
+    token; each token is then held back at most that long. A slower model's
+    tokens, and the end of a reply once ``finish_reason`` came, are read as
+    soon as they arrive. 0 always reads at once.
     """
     stream = await _connect(endpoint, connect_timeout)
     async with stream:
@@ -644,17 +665,10 @@ async def stream_chat_direct(
             response = ResponseReader()
             decoder = SSEDecoder()
             refused: list[bytes] = []
-            text_came = False
-            last_read = 0.0
+            window = 0.0  # batching starts with the first text, ends with the reply
             reader = _FdReader(stream.socket.fileno())
             while True:
-                if text_came and batch_window > 0:
-                    wake = last_read + batch_window
-                    if wake > trio.current_time():
-                        await trio.sleep_until(wake)
-                data = await reader.receive()
-                if batch_window > 0:
-                    last_read = trio.current_time()
+                data = await reader.receive(batch_window=window)
                 if not data:
                     response.closed()
                 body = response.feed(data)
@@ -667,7 +681,10 @@ async def stream_chat_direct(
                     continue
                 chunk, done, error = read_chunks(decoder.feed(body))
                 if chunk is not None:
-                    text_came = text_came or bool(chunk.text)
+                    if chunk.finish_reason is not None:
+                        window = 0.0  # the rest (timings, [DONE]) is on its way: no waiting
+                    elif chunk.text:
+                        window = batch_window
                     yield chunk
                 if error is not None:
                     raise error
@@ -768,7 +785,6 @@ class _DirectResponse:
         self._fd = fd
         self._pending = first
         self._batch_window = batch_window
-        self._last_read = -1.0
 
     async def read(self, *, batch: bool = False) -> bytes:
         if self._pending:
@@ -776,16 +792,10 @@ class _DirectResponse:
             return piece
         reader = self._reader
         while not reader.complete:
-            if batch and self._batch_window > 0 and self._last_read >= 0:
-                wake = self._last_read + self._batch_window
-                if wake > trio.current_time():
-                    await trio.sleep_until(wake)
             try:
-                data = await self._fd.receive()
+                data = await self._fd.receive(batch_window=self._batch_window if batch else 0.0)
             except OSError as exc:
                 raise _lost(exc) from None
-            if self._batch_window > 0:
-                self._last_read = trio.current_time()
             if not data:
                 reader.closed()
                 return b""

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -693,6 +694,66 @@ async def test_faults_only_a_broken_upstream_shows(reply: bytes, message: str) -
     assert "\n" not in str(caught.value)
     if reply.startswith(CHUNKED_HEAD) and "chunked" not in message:
         assert texts[:1] == ["Hi"]  # the events before the fault were handed on
+
+
+async def _paced_upstream(
+    gaps: list[float], nursery: trio.Nursery, *, end_gap: float = 0.001
+) -> Endpoint:
+    """A llama-server stand-in that sends one token after each gap, then the end of the reply."""
+    path = short_tempdir() / "s.sock"
+    listener = trio.socket.socket(trio.socket.AF_UNIX)
+    await listener.bind(str(path))
+    listener.listen()
+
+    def chunk(event: bytes) -> bytes:
+        return b"%x\r\n%s\r\n" % (len(event), event)
+
+    async def serve() -> None:
+        with listener:
+            connection, _ = await listener.accept()
+            with connection:
+                await connection.recv(65536)
+                await connection.send(CHUNKED_HEAD)
+                for gap in gaps:
+                    await trio.sleep(gap)
+                    await connection.send(
+                        chunk(b'data: {"choices":[{"delta":{"content":"t"}}]}\n\n')
+                    )
+                await trio.sleep(end_gap)
+                finish = b'data: {"choices":[{"delta":{},"finish_reason":"length"}]}\n\n'
+                await connection.send(chunk(finish))
+                await trio.sleep(end_gap)
+                await connection.send(chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+
+    nursery.start_soon(serve)
+    return Endpoint(socket_path=path)
+
+
+async def _timed_stream(endpoint: Endpoint, window: float) -> list[tuple[float, Chunk]]:
+    return [
+        (trio.current_time(), chunk)
+        async for chunk in stream_chat_direct(endpoint, CHAT, batch_window=window)
+    ]
+
+
+async def test_the_batch_window_joins_a_fast_model_and_leaves_a_slow_one_alone(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        fast = await _paced_upstream([0.0005] * 40, nursery)
+        joined = await _timed_stream(fast, 0.01)
+        slow = await _paced_upstream([0.05] * 5, nursery)
+        began = trio.current_time()
+        each = await _timed_stream(slow, 0.01)
+    # A token every 0.5 ms read every 10 ms: 40 tokens in a handful of reads.
+    assert "".join(c.text for _, c in joined) == "t" * 40
+    assert len([c for _, c in joined if c.text]) <= 4
+    # A token every 50 ms: each read as it comes, none held back by the window...
+    assert [round(at - began, 3) for at, c in each if c.text] == [0.05, 0.1, 0.15, 0.2, 0.25]
+    # ...and the end of the reply (finish_reason, then [DONE]) is not waited for either.
+    last_text = max(at for at, c in each if c.text)
+    assert each[-1][0] - last_text < 0.005
+    assert each[-1][1].finish_reason == "length"
 
 
 @pytest.mark.parametrize(
