@@ -190,6 +190,11 @@ class _ReplySink:
         # The first piece at once, then at most every FLUSH_INTERVAL_SEC: what a
         # client saw is on disk at most one interval later, crash or not.
         if self._last_flush is None or now - self._last_flush >= FLUSH_INTERVAL_SEC:
+            if self._last_flush is None:
+                # Let the connections send the first piece before the write
+                # takes its trip to a worker thread (0.2-0.3 ms of CPU here):
+                # the first token is what the user waits for.
+                await trio.lowlevel.checkpoint()
             self._last_flush = now
             await self.flush()
 
