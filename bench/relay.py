@@ -5,8 +5,10 @@ llama-server (same prompt, seed, temperature, ``max_tokens``, ``ignore_eos``),
 read three ways per round, in rotating order: (a) straight from the
 llama-server process llamad supervises (its Unix socket, from ``status``),
 (b) through llamad's control socket, (c) through llamad's WebSocket (msgpack,
-connection opened before the clock starts). Reported: streaming tokens/s (first
-token to last) via / direct, and the time to first token added by llamad.
+connection opened before the clock starts), each read by the same kind of
+one-thread client (bench/streams.py). Reported: streaming tokens/s (first
+token to last) via / direct, the time to first token added by llamad, and
+each client's CPU time per token in the notes.
 
 Capacity (``capacity``): llamad runs ``bench/fast_upstream.py`` instead of
 llama-server, which streams as fast as it can; tokens/s relayed for one stream
@@ -19,14 +21,10 @@ the baseline.
 
 from __future__ import annotations
 
-import socket
 import statistics
-import time
 from pathlib import Path
 
 import psutil
-import trio
-from trio_websocket import ConnectionClosed, open_websocket_url
 
 from bench.common import (
     ROOT,
@@ -41,66 +39,16 @@ from bench.common import (
 from bench.streams import (
     FrameParser,
     Stream,
-    chat_request,
     direct_stream,
     llamad_stream,
+    read_one,
     read_streams,
+    websocket_stream,
 )
-from llamad.protocol import (
-    ChatDelta,
-    ChatDone,
-    ChatStarted,
-    Error,
-    Load,
-    decode_server_message,
-    encode,
-)
+from llamad.protocol import Load
 
 FAST_UPSTREAM = ROOT / "bench" / "fast_upstream.py"
 SEED = 42
-
-
-def _ws_stream(address: str, token: str, max_tokens: int) -> Stream:
-    """One chat over the WebSocket (msgpack); the clock starts at send, not at connect."""
-    parser = FrameParser()
-    result = Stream(open=_no_socket, request=b"", parser=parser)
-
-    async def run() -> None:
-        async with open_websocket_url(f"ws://{address}/?token={token}") as ws:
-            request = encode(chat_request(max_tokens, seed=SEED))
-            result.sent = time.perf_counter()
-            await ws.send_message(request)
-            while True:
-                try:
-                    raw = await ws.get_message()
-                except ConnectionClosed:  # llamad cut the client off: reply stays None
-                    return
-                now = time.perf_counter()
-                assert isinstance(raw, bytes)
-                message = decode_server_message(raw)
-                if isinstance(message, ChatStarted):
-                    parser.started = now
-                elif isinstance(message, ChatDelta):
-                    if not result.tokens:
-                        result.first = now
-                    result.tokens += 1
-                    result.last = now
-                elif isinstance(message, ChatDone):
-                    result.done = True
-                    parser.reply = message
-                    stats = message.message.stats
-                    if stats is not None and stats.completion_tokens:  # merged deltas
-                        result.tokens = max(result.tokens, stats.completion_tokens)
-                    return
-                elif isinstance(message, Error):
-                    raise RuntimeError(message.message)  # noqa: TRY004 - a refusal, not a type
-
-    trio.run(run)
-    return result
-
-
-def _no_socket() -> socket.socket:
-    raise NotImplementedError("the WebSocket stream is driven by trio")
 
 
 def _endpoint(daemon: Daemon, model: str) -> Path:
@@ -120,18 +68,17 @@ def relay_runs(
         address, token = status.websocket, daemon.token()
         runs: dict[str, list[Stream]] = {"direct": [], "unix": [], "websocket": []}
 
+        # The same one-thread client for all three (bench/streams.py); the
+        # WebSocket's connection and handshake come before its clock starts.
         def direct() -> None:
-            stream = direct_stream(endpoint, max_tokens, seed=SEED)
-            read_streams([stream])
-            runs["direct"].append(stream)
+            runs["direct"].append(read_one(direct_stream(endpoint, max_tokens, seed=SEED)))
 
         def unix() -> None:
-            stream = llamad_stream(daemon.socket_path, max_tokens, seed=SEED)
-            read_streams([stream])
-            runs["unix"].append(stream)
+            runs["unix"].append(read_one(llamad_stream(daemon.socket_path, max_tokens, seed=SEED)))
 
         def websocket() -> None:
-            runs["websocket"].append(_ws_stream(address, token, max_tokens))
+            stream = websocket_stream(address, token, max_tokens, seed=SEED)
+            runs["websocket"].append(read_one(stream))
 
         interleave(1, direct, unix, websocket)  # warm-up: caches, first-use measurements
         runs = {key: [] for key in runs}
@@ -153,6 +100,7 @@ def relay_figures(runs: dict[str, list[Stream]], prefix: str, note: str) -> list
     """Tokens/s (ratio to direct) and added first-token time, per transport."""
     direct_rate = [s.rate for s in runs["direct"]]
     direct_ttft = [s.ttft * 1000 for s in runs["direct"]]
+    direct_cpu = _client_cpu(runs["direct"])
     figures = []
     for key, label in (("unix", "Unix socket"), ("websocket", "WebSocket")):
         rate = [s.rate for s in runs[key]]
@@ -173,6 +121,7 @@ def relay_figures(runs: dict[str, list[Stream]], prefix: str, note: str) -> list
                 goal=Goal("ratio", ">=", 0.97),
                 note=note
                 + "; ratio = median of per-round ratios"
+                + f"; client CPU per token {_client_cpu(runs[key])}, direct's {direct_cpu}"
                 + (f"; CUT OFF after {cut} tokens (SubscriberTooSlow)" if cut else ""),
                 failed=bool(cut),
             )
@@ -200,6 +149,12 @@ def relay_figures(runs: dict[str, list[Stream]], prefix: str, note: str) -> list
             )
         )
     return figures
+
+
+def _client_cpu(streams: list[Stream]) -> str:
+    """The bench client's median CPU time per token read, as text."""
+    per_token = [s.cpu / s.tokens * 1e6 for s in streams if s.cpu and s.tokens]
+    return f"{statistics.median(per_token):.1f} µs" if per_token else "not measured"
 
 
 def _cpu(process: psutil.Process) -> float:

@@ -8,7 +8,11 @@ Two parsers count tokens as they arrive:
   off the socket; a token is an event with ``"delta":{"content":"…"}`` (found by
   a byte search, cheaper than the JSON parsing llamad must do);
 - ``FrameParser``: llamad's control protocol; a token is a ``chat_delta`` (or,
-  at ``chat_done``, the reply's ``completion_tokens`` when deltas were merged).
+  at ``chat_done``, the reply's ``completion_tokens`` when deltas were merged);
+- ``WebSocketParser``: the same messages in llamad's WebSocket frames (msgpack),
+  the frames parsed by hand: as cheap a client as the other two (a trio and
+  trio-websocket client costs several times their CPU per token, taken from
+  llama-server on a small machine).
 
 Both run in C for the heavy parts, so the measuring client is not what limits
 the figure (see ``cpu_seconds`` in the results, the client's own CPU time).
@@ -16,9 +20,13 @@ the figure (see ``cpu_seconds`` in the results, the client's own CPU time).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import os
 import selectors
 import socket
+import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -69,9 +77,13 @@ class FrameParser:
         self.deltas = 0
 
     def feed(self, data: bytes) -> tuple[int, bool]:
+        return self.messages(self._decoder.feed(data))
+
+    def messages(self, payloads: list[bytes]) -> tuple[int, bool]:
+        """Whole messages (msgpack) in; (tokens in them, whether the reply is done)."""
         tokens = 0
         done = False
-        for payload in self._decoder.feed(data):
+        for payload in payloads:
             message = decode_server_message(payload)
             if isinstance(message, ChatDelta):
                 tokens += 1
@@ -91,6 +103,100 @@ class FrameParser:
         return tokens, done
 
 
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+class WebSocketParser(FrameParser):
+    """``FrameParser`` for llamad's WebSocket: its frames read by hand.
+
+    A server's frames are not masked and llamad sends each message whole, in
+    one binary frame (a 2-byte header, then a 16- or 64-bit length when the
+    payload is 126 bytes or more). Pings are left unanswered (a stream is over
+    long before llamad would miss the pong); a close frame ends the stream.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._tail = b""
+
+    def feed(self, data: bytes) -> tuple[int, bool]:
+        buffer = self._tail + data if self._tail else data
+        size = len(buffer)
+        payloads: list[bytes] = []
+        closed = False
+        at = 0
+        while size - at >= 2:
+            first, second = buffer[at], buffer[at + 1]
+            length = second & 0x7F
+            head = 2
+            if length == 126:
+                if size - at < 4:
+                    break
+                (length,) = struct.unpack_from(">H", buffer, at + 2)
+                head = 4
+            elif length == 127:
+                if size - at < 10:
+                    break
+                (length,) = struct.unpack_from(">Q", buffer, at + 2)
+                head = 10
+            end = at + head + length
+            if end > size:
+                break
+            opcode = first & 0x0F
+            if second & 0x80 or (opcode in (0x0, 0x1, 0x2) and not first & 0x80):
+                raise RuntimeError(f"unexpected WebSocket frame header {buffer[at : at + 2]!r}")
+            if opcode == 0x2:
+                payloads.append(buffer[at + head : end])
+            elif opcode == 0x8:
+                closed = True
+            elif opcode not in (0x9, 0xA):  # ping, pong
+                raise RuntimeError(f"unexpected WebSocket opcode {opcode:#x}")
+            at = end
+        self._tail = buffer[at:]
+        tokens, done = self.messages(payloads)
+        return tokens, done or closed
+
+
+def websocket_connect(address: str, token: str) -> socket.socket:
+    """A TCP connection to llamad's WebSocket (``host:port``), its handshake done."""
+    host, port = address.rsplit(":", 1)
+    sock = socket.create_connection((host.strip("[]"), int(port)))
+    key = base64.b64encode(os.urandom(16))
+    sock.sendall(
+        b"GET /?token=" + token.encode() + b" HTTP/1.1\r\nHost: " + address.encode()
+        + b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: " + key
+        + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    response = b""
+    while b"\r\n\r\n" not in response:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError(f"llamad closed the WebSocket handshake: {response!r}")
+        response += chunk
+    head, _, rest = response.partition(b"\r\n\r\n")
+    accept = base64.b64encode(hashlib.sha1(key + _WS_GUID).digest())
+    if not head.startswith(b"HTTP/1.1 101") or accept not in head:
+        raise ConnectionError(f"llamad refused the WebSocket handshake: {head!r}")
+    if rest:  # llamad says nothing before it is asked
+        raise ConnectionError(f"unexpected bytes after the handshake: {rest!r}")
+    return sock
+
+
+def websocket_frame(payload: bytes) -> bytes:
+    """One binary client frame: masked, as RFC 6455 requires of a client."""
+    size = len(payload)
+    if size < 126:
+        header = struct.pack(">BB", 0x82, 0x80 | size)
+    elif size < 65536:
+        header = struct.pack(">BBH", 0x82, 0x80 | 126, size)
+    else:
+        header = struct.pack(">BBQ", 0x82, 0x80 | 127, size)
+    mask = os.urandom(4)
+    key = (mask * (size // 4 + 1))[:size]
+    masked = (int.from_bytes(payload) ^ int.from_bytes(key)).to_bytes(size)
+    return header + mask + masked
+
+
 @dataclass
 class Stream:
     """One request: how to open it, and when its tokens came."""
@@ -103,6 +209,7 @@ class Stream:
     last: float = 0.0  # last token
     tokens: int = 0
     done: bool = False
+    cpu: float = 0.0  # the client's CPU seconds for it, when measured (``read_one``)
     sock: socket.socket | None = field(default=None, repr=False)
 
     @property
@@ -160,6 +267,14 @@ def read_streams(streams: Sequence[Stream], timeout: float = 120.0) -> float:
     return time.perf_counter() - began
 
 
+def read_one(stream: Stream, timeout: float = 120.0) -> Stream:
+    """``read_streams`` for one stream, with this process's CPU time for it in ``cpu``."""
+    began = time.process_time()
+    read_streams([stream], timeout)
+    stream.cpu = time.process_time() - began
+    return stream
+
+
 def unix_opener(path: Path) -> Callable[[], socket.socket]:
     def open_() -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -210,4 +325,16 @@ def llamad_stream(control: Path, max_tokens: int, *, seed: int = 42) -> Stream:
     """The same chat (a new conversation each time) through llamad's control socket."""
     return Stream(
         unix_opener(control), frame(encode(chat_request(max_tokens, seed=seed))), FrameParser()
+    )
+
+
+def websocket_stream(address: str, token: str, max_tokens: int, *, seed: int = 42) -> Stream:
+    """The same chat through llamad's WebSocket (msgpack). The connection is opened
+    and its handshake done here, before the clock starts (``read_streams`` starts
+    it at the request)."""
+    sock = websocket_connect(address, token)
+    return Stream(
+        lambda: sock,
+        websocket_frame(encode(chat_request(max_tokens, seed=seed))),
+        WebSocketParser(),
     )

@@ -8,22 +8,38 @@ import gc
 import json
 import os
 import socket
+import stat
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import cast
 
 import msgspec
 import psutil
 import pytest
 import trio
+import trio.testing
+import wsproto
+import wsproto.events
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from llamad.protocol import Status, StatusReply
+from llamad.dispatch import SEND_TIMEOUT_SEC, Dispatcher, Peer, SubscriberTooSlow
+from llamad.protocol import (
+    Ok,
+    Request,
+    ServerMessage,
+    Status,
+    StatusReply,
+    decode_server_message,
+    encode,
+    encode_json,
+)
 from llamad.transport.websocket import (
     HANDSHAKE_TIMEOUT_SEC,
     MAX_RECEIVING_BYTES,
     MESSAGE_TIMEOUT_SEC,
+    WebSocketServer,
 )
 from tests.conftest import Llamad, ready_daemon
 
@@ -292,3 +308,193 @@ def test_partly_received_messages_share_one_memory_budget(
     finally:
         for sock in clients:
             sock.close()
+
+
+# ------------------------------------------- sending: the fast path, in process
+#
+# llamad's WebSocket server with a stand-in dispatcher, and a wsproto client
+# that reads only when told to, so the server's socket fills and its writes
+# come out partial.
+
+TOKEN = "in-process-token"
+_SIZES = (100, 8_000, 70_000)  # 7-bit, 16-bit and 64-bit frame lengths
+
+
+def _text(n: int) -> str:
+    return f"{n} " + "x" * _SIZES[n % len(_SIZES)]
+
+
+class _Sender:
+    """Stands in for the dispatcher: each request gets ``count`` ``Ok`` replies, numbered.
+
+    The replies start once ``requests`` requests are in, all in the same batch of
+    trio's scheduler, so their first frames race each other for the socket."""
+
+    def __init__(self, count: int, requests: int) -> None:
+        self.count = count
+        self.requests = requests
+        self.outcomes: list[tuple[float, BaseException | None]] = []  # (when, what ended it)
+        self.running = 0
+        self.go = trio.Event()
+        self.finished = trio.Event()
+
+    async def dispatch(self, request: Request, peer: Peer) -> None:
+        self.running += 1
+        if self.running == self.requests:
+            self.go.set()
+        try:
+            await self.go.wait()
+            for n in range(self.count):
+                await peer.send(Ok(id=request.id, message=_text(n)))
+        except BaseException as exc:
+            self.outcomes.append((trio.current_time(), exc))
+            raise
+        else:
+            self.outcomes.append((trio.current_time(), None))
+        finally:
+            self.running -= 1
+            if not self.running:
+                self.finished.set()
+
+
+@contextlib.asynccontextmanager
+async def _serving(dispatcher: _Sender) -> AsyncIterator[int]:
+    server = WebSocketServer(cast(Dispatcher, dispatcher), TOKEN)
+    async with trio.open_nursery() as nursery:
+        port: int = await nursery.start(server.serve, "127.0.0.1", 0)
+        yield port
+        nursery.cancel_scope.cancel()
+
+
+class _Client:
+    """A WebSocket client whose receive buffer is small (the server's writes fill up)."""
+
+    def __init__(self, stream: trio.SocketStream, json: bool) -> None:
+        self.stream = stream
+        self.json = json
+        self.ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+        self._parts: list[bytes | str] = []
+
+    @classmethod
+    async def open(cls, port: int, *, json: bool = False) -> _Client:
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16_384)
+        await sock.connect(("127.0.0.1", port))
+        client = cls(trio.SocketStream(sock), json)
+        request = wsproto.events.Request(host=f"127.0.0.1:{port}", target=f"/?token={TOKEN}")
+        await client.stream.send_all(client.ws.send(request))
+        while True:
+            client.ws.receive_data(await client.stream.receive_some(65536))
+            for event in client.ws.events():
+                assert isinstance(event, wsproto.events.AcceptConnection), event
+                return client
+
+    async def request(self, message: Request) -> None:
+        event: wsproto.events.Event = (
+            wsproto.events.TextMessage(data=encode_json(message).decode())
+            if self.json
+            else wsproto.events.BytesMessage(data=encode(message))
+        )
+        await self.stream.send_all(self.ws.send(event))
+
+    async def replies(self, count: int) -> list[ServerMessage]:
+        """The next ``count`` messages; a frame mangled by another one fails here."""
+        replies: list[ServerMessage] = []
+        while len(replies) < count:
+            data = await self.stream.receive_some(262_144)
+            assert data, "the server closed the connection"
+            self.ws.receive_data(data)
+            for event in self.ws.events():
+                assert isinstance(event, wsproto.events.Message), event
+                assert isinstance(event.data, str) == self.json
+                self._parts.append(event.data)
+                if event.message_finished:
+                    whole = (
+                        "".join(cast(list[str], self._parts)).encode()
+                        if self.json
+                        else b"".join(cast(list[bytes], self._parts))
+                    )
+                    self._parts = []
+                    replies.append(decode_server_message(whole, json=self.json))
+        return replies
+
+
+def _count_partial_writes(monkeypatch: pytest.MonkeyPatch, *, halve: bool) -> list[int]:
+    """Records the fast path's partial writes; with ``halve``, every socket write is
+    cut to half its bytes, as the kernel may do, so every message takes the slow half."""
+    real_write = os.write
+    partial: list[int] = []
+
+    def write(fd: int, data: bytes) -> int:
+        is_socket = stat.S_ISSOCK(os.fstat(fd).st_mode)
+        try:
+            sent = real_write(fd, data[: max(1, len(data) // 2)] if halve and is_socket else data)
+        except BlockingIOError:
+            partial.append(0)
+            raise
+        if is_socket and sent < len(data):
+            partial.append(sent)
+        return sent
+
+    monkeypatch.setattr(os, "write", write)
+    return partial
+
+
+@pytest.mark.parametrize(
+    ("json", "halve"),
+    [(False, False), (False, True), (True, True)],
+    ids=["msgpack", "halved", "json"],
+)
+async def test_concurrent_sends_to_a_slow_reader_arrive_whole_and_in_order(
+    monkeypatch: pytest.MonkeyPatch, json: bool, halve: bool
+) -> None:
+    """Several requests stream replies into one connection at once while the client
+    does not read: the socket fills, writes come out partial, and other tasks'
+    frames must wait for the rest. Every frame arrives whole, each request's in order."""
+    partial = _count_partial_writes(monkeypatch, halve=halve)
+    tasks, count = 4, 60
+    sender = _Sender(count, tasks)
+    async with _serving(sender) as port:
+        client = await _Client.open(port, json=json)
+        async with client.stream:
+            for request_id in range(1, tasks + 1):
+                await client.request(Status(id=request_id))
+            await trio.testing.wait_all_tasks_blocked()  # the server's socket is full
+            assert sender.running == tasks
+            with trio.fail_after(60):
+                replies = await client.replies(tasks * count)
+                await sender.finished.wait()
+    assert partial, "no partial write: the slow half of the fast path was not taken"
+    assert [outcome for _, outcome in sender.outcomes] == [None] * tasks
+    for request_id in range(1, tasks + 1):
+        texts = [r.message for r in replies if isinstance(r, Ok) and r.id == request_id]
+        assert texts == [_text(n) for n in range(count)], request_id
+
+
+@pytest.mark.parametrize("tasks", [1, 3])
+async def test_a_peer_that_stops_reading_is_dropped_after_the_send_timeout(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock, tasks: int
+) -> None:
+    """More than any socket buffer holds, to a client that reads nothing: the send
+    stuck in the fast path's slow half (and those waiting behind it) give up
+    SEND_TIMEOUT_SEC later, and the connection is dropped."""
+    partial = _count_partial_writes(monkeypatch, halve=False)
+    sender = _Sender(1_000, tasks)  # 26 MB of replies a request
+    async with _serving(sender) as port:
+        client = await _Client.open(port)
+        async with client.stream:
+            began = trio.current_time()
+            for request_id in range(1, tasks + 1):
+                await client.request(Status(id=request_id))
+            with trio.fail_after(SEND_TIMEOUT_SEC * 3):
+                await sender.finished.wait()
+                while await client.stream.receive_some(1 << 20):  # what was sent, then EOF
+                    pass
+    assert partial
+    (first_when, first), *others = sorted(sender.outcomes, key=lambda o: o[0])
+    assert isinstance(first, SubscriberTooSlow), sender.outcomes
+    assert first_when - began == pytest.approx(SEND_TIMEOUT_SEC, abs=0.1)
+    assert len(others) == tasks - 1
+    for when, outcome in others:  # timed out too, or cancelled with the connection
+        assert isinstance(outcome, SubscriberTooSlow | trio.Cancelled), outcome
+        assert when == first_when

@@ -41,6 +41,7 @@ import trio
 import wsproto
 import wsproto.events
 from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
+from wsproto.connection import ConnectionState
 
 from llamad.config import is_loopback
 from llamad.dispatch import (
@@ -272,6 +273,7 @@ class _BoundedConnection(WebSocketConnection):
             max_message_size=max_message_bytes,
             receive_buffer_size=RECEIVE_BUFFER_BYTES,
         )
+        self.socket_stream = stream  # _stream, as the socket stream it is
         self.budget = budget
         self.held = 0  # this connection's share of the budget
         self.message_timeout = message_timeout
@@ -318,21 +320,73 @@ class _BoundedConnection(WebSocketConnection):
             self._drop(f"its socket took nothing for {SEND_TIMEOUT_SEC:g} s")
             raise ConnectionClosed(CloseReason(1006, "peer is not reading"))
 
+    async def send_message_now(self, message: str | bytes) -> None:
+        """``send_message`` in one write, without trips through trio's scheduler.
+
+        The usual case (the connection is open, no other frame is being
+        written, the socket has room): wsproto frames the message and one
+        non-blocking write sends it; the only checkpoint is
+        ``checkpoint_if_cancelled``. The lock, the timeout's cancel scope and
+        ``send_all`` cost several scheduler trips a message (a token, when
+        streaming), taken from llama-server's generation on a busy machine.
+
+        A partial write (or a full socket, or an error) takes ``_stream_lock``
+        at once, before any checkpoint, so no other frame can come between the
+        halves of this one, and sends the rest as ``_send`` does. When the lock
+        is held or the connection is closing, this is ``send_message``.
+        Raises ``ConnectionClosed`` as ``send_message`` does, and
+        ``trio.TooSlowError`` when the socket took nothing for ``SEND_TIMEOUT_SEC``.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if (
+            self._close_reason is not None
+            or self._stream_lock.locked()
+            or self._wsproto.state is not ConnectionState.OPEN
+        ):
+            with trio.move_on_after(SEND_TIMEOUT_SEC) as stuck:
+                await self.send_message(message)
+            if stuck.cancelled_caught:
+                raise trio.TooSlowError
+            return
+        event: wsproto.events.Event = (
+            wsproto.events.TextMessage(data=message)
+            if isinstance(message, str)
+            else wsproto.events.BytesMessage(data=message)
+        )
+        data = self._wsproto.send(event)
+        try:
+            sent = os.write(self.socket_stream.socket.fileno(), data)
+        except OSError:  # full (BlockingIOError), or broken: send_all says which, as in _send
+            sent = 0
+        if sent == len(data):
+            return
+        self._stream_lock.acquire_nowait()  # free: checked above, and nothing awaited since
+        try:
+            with trio.move_on_after(SEND_TIMEOUT_SEC) as stuck:
+                await self.socket_stream.send_all(data[sent:])
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._abort_web_socket()
+            assert self._close_reason is not None
+            raise ConnectionClosed(self._close_reason) from None
+        finally:
+            self._stream_lock.release()
+        if stuck.cancelled_caught:
+            raise trio.TooSlowError
+
 
 class _WebSocketPeer:
-    def __init__(self, connection: WebSocketConnection, json: bool) -> None:
+    def __init__(self, connection: _BoundedConnection, json: bool) -> None:
         self._connection = connection
         self._json = json
 
     async def send(self, message: ServerMessage) -> None:
         data: str | bytes = encode_json(message).decode() if self._json else encode(message)
         try:
-            with trio.move_on_after(SEND_TIMEOUT_SEC) as stuck:
-                await self._connection.send_message(data)
+            await self._connection.send_message_now(data)
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise PeerGone from exc
-        if stuck.cancelled_caught:
-            raise SubscriberTooSlow
+        except trio.TooSlowError:
+            raise SubscriberTooSlow from None
 
 
 class _Session:
@@ -519,7 +573,7 @@ class WebSocketServer:
         await request.accept()
         return True
 
-    async def _serve_client(self, connection: WebSocketConnection, session: _Session) -> None:
+    async def _serve_client(self, connection: _BoundedConnection, session: _Session) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._keepalive, connection, session)
             while True:
