@@ -592,41 +592,50 @@ _EAGER_READS = 16
 class _FdReader:
     """Reads a socket's file descriptor the cheap way (see above), batching a fast stream.
 
-    ``receive(batch_window=W)``: read at most once per W, so a model faster
-    than one token per W gives several tokens to one wake-up. A model slower
-    than that (the last read waited W or more for data) is read at once:
-    sleeping would cost it a timer wake-up per token and hold back its reply's end.
+    ``receive(batch_window=W)`` sleeps until W after the last read before
+    reading again, but only while that pays: while data comes twice or more
+    per window (or is already waiting), and while a read after such a sleep
+    brings several events. A slower model is read as each token comes: a
+    sleep costs a timer wake-up (a cancel scope's worth of trio's machinery,
+    more than a read's wake-up), which saves nothing when it brings one token.
     """
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._eager = 0  # reads in a row that found data at once
         self._last_read = -math.inf
-        self._waited = 0.0  # how long the last read waited for data
+        self._batching = False
 
     async def receive(self, *, batch_window: float = 0.0) -> bytes:
         await trio.lowlevel.checkpoint_if_cancelled()
-        if batch_window > self._waited:
+        slept = False
+        if batch_window > 0 and self._batching:
             wake = self._last_read + batch_window
             if wake > trio.current_time():
                 self._eager = 0
+                slept = True
                 await trio.sleep_until(wake)
         if self._eager >= _EAGER_READS:
             self._eager = 0
             await trio.lowlevel.checkpoint()
-        waiting_since: float | None = None
+        waited = False
         while True:
             try:
                 data = os.read(self._fd, _READ_BYTES)
             except BlockingIOError:
                 self._eager = 0
-                if waiting_since is None:
-                    waiting_since = trio.current_time()
+                waited = True
                 await trio.lowlevel.wait_readable(self._fd)
                 continue
             self._eager += 1
-            self._last_read = trio.current_time()
-            self._waited = 0.0 if waiting_since is None else self._last_read - waiting_since
+            now = trio.current_time()
+            if slept:
+                # An SSE event ends with a blank line (chunked framing or not).
+                self._batching = data.count(b"\n\n") >= 2
+            else:
+                # Data came twice or more per window since the last read: a sleep will pay.
+                self._batching = not waited or now - self._last_read < batch_window / 2
+            self._last_read = now
             return data
 
 

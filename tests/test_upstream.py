@@ -736,7 +736,7 @@ async def _timed_stream(endpoint: Endpoint, window: float) -> list[tuple[float, 
     ]
 
 
-async def test_the_batch_window_joins_a_fast_model_and_leaves_a_slow_one_alone(
+async def test_the_batch_window_joins_a_fast_model_and_leaves_slower_ones_alone(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with trio.open_nursery() as nursery:
@@ -745,6 +745,10 @@ async def test_the_batch_window_joins_a_fast_model_and_leaves_a_slow_one_alone(
         slow = await _paced_upstream([0.05] * 5, nursery)
         began = trio.current_time()
         each = await _timed_stream(slow, 0.01)
+        # A token every 8 ms: under two per 10 ms window, so a sleep would bring one.
+        medium = await _paced_upstream([0.008] * 5, nursery)
+        medium_began = trio.current_time()
+        unslept = await _timed_stream(medium, 0.01)
     # A token every 0.5 ms read every 10 ms: 40 tokens in a handful of reads.
     assert "".join(c.text for _, c in joined) == "t" * 40
     assert len([c for _, c in joined if c.text]) <= 4
@@ -754,6 +758,8 @@ async def test_the_batch_window_joins_a_fast_model_and_leaves_a_slow_one_alone(
     last_text = max(at for at, c in each if c.text)
     assert each[-1][0] - last_text < 0.005
     assert each[-1][1].finish_reason == "length"
+    texts = [round(at - medium_began, 3) for at, c in unslept if c.text]
+    assert texts == [0.008, 0.016, 0.024, 0.032, 0.04]
 
 
 @pytest.mark.parametrize(
