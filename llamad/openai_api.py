@@ -273,6 +273,9 @@ _TOKEN = re.compile(
     rb'"(?:content|text|delta|reasoning_content|thinking|partial_json|arguments)"\s*:\s*"[^"]'
 )
 _USAGE_MARKERS = (b'"usage"', b'"timings"')
+# The last event of a stream: OpenAI's chat and text completions, Anthropic's
+# messages, the Responses API.
+_END_MARKERS = (b"data: [DONE]", b'"type":"message_stop"', b'"type":"response.completed"')
 MAX_PENDING_EVENT = 1 << 20  # an SSE event longer than this goes out unrewritten
 
 
@@ -374,6 +377,7 @@ class StreamRewriter:
         self._tail = b""
         self.usage = Usage()
         self.saw_token = False
+        self.ended = False  # the stream's last event has gone through
 
     def feed(self, data: bytes) -> bytes:
         if self._tail:
@@ -396,6 +400,8 @@ class StreamRewriter:
     def _process(self, complete: bytes) -> bytes:
         if not self.saw_token and _TOKEN.search(complete):
             self.saw_token = True
+        if not self.ended and any(marker in complete for marker in _END_MARKERS):
+            self.ended = True
         if any(marker in complete for marker in _USAGE_MARKERS):
             for event in complete.split(b"\n\n"):
                 if any(marker in event for marker in _USAGE_MARKERS):

@@ -727,6 +727,7 @@ _NOT_RELAYED = frozenset(
         "cookie",
         "proxy-authorization",
         "expect",
+        "accept-encoding",  # what comes back is relayed without its Content-Encoding
     }
 )
 # What may stand in a request target as it is; anything else is percent-encoded.
@@ -859,15 +860,12 @@ class _HttpxResponse:
     def __init__(self, response: httpx.Response) -> None:
         self.status: int = response.status_code
         self.headers: Mapping[str, str] = response.headers
-        self._pieces = cast(AsyncGenerator[bytes, None], response.aiter_raw())
-        # A transport may hand over a body it has already read (httpx's MockTransport does).
-        self._whole = response.content if response.is_stream_consumed else None
+        # Decoded: the relay never passes Content-Encoding on, so a body the
+        # remote server compressed must reach the client as plain bytes.
+        self._pieces = cast(AsyncGenerator[bytes, None], response.aiter_bytes())
 
     async def read(self, *, batch: bool = False) -> bytes:
         del batch  # httpx reads as it reads
-        if self._whole is not None:
-            whole, self._whole = self._whole, b""
-            return whole  # then b"": the end
         try:
             async for piece in self._pieces:
                 if piece:

@@ -442,3 +442,38 @@ async def test_a_client_hanging_up_after_done_was_served(api: Api) -> None:
     served = {"model": "demo", "endpoint": "chat_completions", "status": "200"}
     assert _sample(api.metrics, "llamad_requests_total", **served) == 20
     assert _sample(api.metrics, "llamad_tokens_total", model="demo", direction="out") == 40
+
+
+async def test_a_client_hanging_up_at_done_before_the_upstream_body_ends_was_served(
+    api: Api,
+) -> None:
+    # llama-server writes [DONE] and the end of its chunked body apart; a
+    # client that hangs up in between was served all the same.
+    body_end = trio.Event()
+
+    async def events() -> AsyncIterator[bytes]:
+        yield TOKEN + FINAL
+        await body_end.wait()
+
+    async def respond(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=events())
+
+    api.upstream.respond = respond
+    body = json.dumps(chat(stream=True)).encode()
+    stream = await trio.open_tcp_stream("127.0.0.1", int(api.url.rpartition(":")[2]))
+    await stream.send_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Authorization: Bearer " + KEY.encode() + b"\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    received = b""
+    while b"data: [DONE]" not in received:
+        received += await stream.receive_some()
+    await stream.aclose()
+    await trio.testing.wait_all_tasks_blocked()
+    body_end.set()
+    await trio.testing.wait_all_tasks_blocked()
+    served = {"model": "demo", "endpoint": "chat_completions", "status": "200"}
+    assert _sample(api.metrics, "llamad_requests_total", **served) == 1
+    gone = {"model": "demo", "endpoint": "chat_completions", "status": "499"}
+    assert math.isnan(_sample(api.metrics, "llamad_requests_total", **gone))  # none counted

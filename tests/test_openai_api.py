@@ -211,3 +211,22 @@ def test_model_defaults_fill_what_a_request_leaves_out() -> None:
     assert (body["max_tokens"], body["temperature"], body["system"]) == (9, 0.2, "Be brief.")
     embeddings = parse_relay_body(b'{"model": "m", "input": "x"}')
     assert with_model_defaults(embeddings, model, "/v1/embeddings") == embeddings.body
+
+
+@pytest.mark.parametrize(
+    "last",
+    [
+        b"data: [DONE]\n\n",
+        b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
+        b'event: response.completed\ndata: {"type":"response.completed","response":{}}\n\n',
+    ],
+    ids=["chat and text completions", "anthropic messages", "responses"],
+)
+def test_the_last_event_of_each_stream_shape_is_noticed(last: bytes) -> None:
+    rewriter = StreamRewriter("m")
+    rewriter.feed(ROLE + CHUNK)
+    assert not rewriter.ended
+    rewriter.feed(last[:5])  # not whole yet
+    assert not rewriter.ended
+    rewriter.feed(last[5:])
+    assert rewriter.ended

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import re
 import shutil
@@ -799,6 +800,25 @@ async def test_the_httpx_exchange_answers_the_same_shape() -> None:
             assert response.headers["content-type"] == "text/event-stream"
             assert await read_all(response) == b"data: x\n\ndata: y\n\n"
     assert "authorization" not in seen[0].headers and seen[0].headers["x-custom"] == "kept"
+
+
+async def test_the_httpx_exchange_hands_over_a_compressed_body_decoded() -> None:
+    # The relay never passes Content-Encoding on: a remote server's gzip must be undone.
+    answer = b'{"model":"remote","usage":{"prompt_tokens":3}}'
+
+    async def compressed() -> AsyncIterator[bytes]:
+        yield gzip.compress(answer)
+
+    async def upstream(request: httpx.Request) -> httpx.Response:
+        headers = {"content-type": "application/json", "content-encoding": "gzip"}
+        return httpx.Response(200, content=compressed(), headers=headers)
+
+    transport = httpx.MockTransport(upstream)
+    async with (
+        httpx.AsyncClient(transport=transport, base_url="http://remote") as client,
+        exchange_httpx(client, "POST", "/v1/chat/completions", b"{}") as response,
+    ):
+        assert await read_all(response) == answer
 
 
 def test_connection_failures_are_told_in_words() -> None:

@@ -143,7 +143,7 @@ class _Exchange:
     started: bool = False  # the status line went out
     sse: bool = False
     finished: bool = False
-    upstream_done: bool = False  # llama-server's answer has been read to its end
+    upstream_done: bool = False  # llama-server's answer is complete (its last event relayed)
     key: ApiKey | None = None
     metric_model: str = ""  # the configured model, once known
     endpoint: str = ""
@@ -421,12 +421,15 @@ class HttpApi:
         # One task reads and writes: while a write to a slow client waits, what
         # llama-server sends piles up in the socket and goes out as one piece
         # next time (its buffer bounds what a stuck client holds back).
-        # Once text flows, reads wait for the batch window: a fast model's
-        # tokens go out several to a write, not one wake-up each.
-        while data := await response.read(batch=first is not None):
+        # Once text flows, reads may wait for the batch window: a fast model's
+        # tokens go out several to a write, not one wake-up each. Not once the
+        # last event came: a client may hang up as soon as it has it, and the
+        # request was served.
+        while data := await response.read(batch=first is not None and not rewriter.ended):
             out = rewriter.feed(data)
             if first is None and rewriter.saw_token:
                 first = trio.current_time() - exchange.received
+            exchange.upstream_done = rewriter.ended
             if out:
                 await exchange.body(out, more=True)
         exchange.upstream_done = True
