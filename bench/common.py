@@ -215,6 +215,12 @@ def model_table(
     )
 
 
+def cpu_seconds(process: psutil.Process) -> float:
+    """A process's user + system CPU time so far."""
+    times = process.cpu_times()
+    return times.user + times.system
+
+
 @contextlib.contextmanager
 def running_daemon(
     models: str,

@@ -24,9 +24,15 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-import psutil
-
-from bench.common import Daemon, Figure, Goal, interleave, model_table, running_daemon
+from bench.common import (
+    Daemon,
+    Figure,
+    Goal,
+    cpu_seconds,
+    interleave,
+    model_table,
+    running_daemon,
+)
 from bench.common import shared_demo_models as demo_models
 from bench.relay import FAST_UPSTREAM, SEED
 from bench.streams import SSEParser, Stream, completion_payload, direct_stream, read_streams
@@ -115,11 +121,6 @@ def overhead(rounds: int = 7, max_tokens: int = 2000) -> list[Figure]:
     ]
 
 
-def _cpu(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return times.user + times.system
-
-
 def capacity(rounds: int = 3, tokens: int = 50_000) -> list[Figure]:
     table = model_table("fast", demo_models()["demo"], ctx_size=100_000)
     with running_daemon(table, binary=FAST_UPSTREAM, default_model="fast") as daemon:
@@ -136,9 +137,9 @@ def capacity(rounds: int = 3, tokens: int = 50_000) -> list[Figure]:
 
         def via_http() -> None:
             stream = http_stream(address, key, "fast", tokens)
-            before = _cpu(llamad)
+            before = cpu_seconds(llamad)
             wall = read_streams([stream])
-            results["cpu"].append((_cpu(llamad) - before) / tokens * 1e6)
+            results["cpu"].append((cpu_seconds(llamad) - before) / tokens * 1e6)
             results["http"].append(stream.tokens / wall)
             if stream.tokens < tokens:
                 short.append(stream.tokens)

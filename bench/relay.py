@@ -31,6 +31,7 @@ from bench.common import (
     Daemon,
     Figure,
     Goal,
+    cpu_seconds,
     interleave,
     model_table,
     running_daemon,
@@ -157,11 +158,6 @@ def _client_cpu(streams: list[Stream]) -> str:
     return f"{statistics.median(per_token):.1f} µs" if per_token else "not measured"
 
 
-def _cpu(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return times.user + times.system
-
-
 def capacity(
     rounds: int = 3,
     single_tokens: int = 50_000,
@@ -193,9 +189,9 @@ def capacity(
         cutoffs: dict[str, list[int]] = {}
 
         def run(name: str, make: list[Stream]) -> None:
-            before = _cpu(llamad), _cpu(me), _cpu(upstream)
+            before = cpu_seconds(llamad), cpu_seconds(me), cpu_seconds(upstream)
             wall = read_streams(make)
-            after = _cpu(llamad), _cpu(me), _cpu(upstream)
+            after = cpu_seconds(llamad), cpu_seconds(me), cpu_seconds(upstream)
             tokens = sum(s.tokens for s in make)
             expected = single_tokens if len(make) == 1 else per_stream * len(make)
             if tokens < expected:
@@ -247,10 +243,10 @@ def capacity(
         paced_seen: list[float] = []
         for n in range(rounds + 1):
             stream = llamad_stream(control, paced_tokens)
-            before_cpu = _cpu(llamad)
+            before_cpu = cpu_seconds(llamad)
             read_streams([stream])
             if n:  # the first is a warm-up (the new model's /props, template)
-                llamad_paced.append((_cpu(llamad) - before_cpu) / paced_tokens * 1e6)
+                llamad_paced.append((cpu_seconds(llamad) - before_cpu) / paced_tokens * 1e6)
                 paced_seen.append(stream.tokens)
 
     def cut(name: str, wanted: int) -> str:

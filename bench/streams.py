@@ -163,8 +163,12 @@ def websocket_connect(address: str, token: str) -> socket.socket:
     sock = socket.create_connection((host.strip("[]"), int(port)))
     key = base64.b64encode(os.urandom(16))
     sock.sendall(
-        b"GET /?token=" + token.encode() + b" HTTP/1.1\r\nHost: " + address.encode()
-        + b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: " + key
+        b"GET /?token="
+        + token.encode()
+        + b" HTTP/1.1\r\nHost: "
+        + address.encode()
+        + b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: "
+        + key
         + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
     response = b""

@@ -104,6 +104,16 @@ def open_history(data_dir: Path, home: Path | None = None) -> tuple[HistoryStore
     return NoHistory(path, reason), reason
 
 
+def _cannot_listen(what: str, key: str, setting: str, exc: Exception) -> StartupError:
+    """A front door that could not bind ``setting``, in one line with the fix."""
+    cause = first_leaf(exc)
+    reason = (cause.strerror if isinstance(cause, OSError) else None) or str(cause)
+    return StartupError(
+        f"cannot listen for {what} on {setting}: {reason}; set [daemon] "
+        f'{key} to another "HOST:PORT", or "off"'
+    )
+
+
 def _private_file(path: Path) -> None:
     try:
         info = os.lstat(path)
@@ -280,12 +290,7 @@ class Daemon:
         try:
             bound = await self._nursery.start(serve)
         except Exception as exc:  # the bind failed: OSError, maybe inside a group
-            cause = first_leaf(exc)
-            reason = (cause.strerror if isinstance(cause, OSError) else None) or str(cause)
-            raise StartupError(
-                f"cannot listen for the WebSocket on {setting}: {reason}; set [daemon] "
-                'websocket to another "HOST:PORT", or "off"'
-            ) from None
+            raise _cannot_listen("the WebSocket", "websocket", setting, exc) from None
         self._stop_websocket()
         self._websocket_server, self._websocket_scope = server, scope
         address = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
@@ -359,12 +364,7 @@ class Daemon:
         try:
             bound = await nursery.start(http.serve, self._http_api, host, port)
         except Exception as exc:  # the bind failed: OSError, maybe inside a group
-            cause = first_leaf(exc)
-            reason = (cause.strerror if isinstance(cause, OSError) else None) or str(cause)
-            raise StartupError(
-                f"cannot listen for the HTTP API on {setting}: {reason}; set [daemon] "
-                'http to another "HOST:PORT", or "off"'
-            ) from None
+            raise _cannot_listen("the HTTP API", "http", setting, exc) from None
         address = http.listen_address(host, bound)
         auth = "no API key needed" if self.config.daemon.auth == "none" else "API keys required"
         log.info("HTTP API on http://%s (%s)", address, auth)

@@ -64,10 +64,7 @@ def ensure_private_dir(
     caller, which knows what the directory is for.
     """
     uid = os.getuid() if uid is None else uid
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(path, 0o700)
-    info = os.lstat(path)
+    info = _made(path)
     elsewhere = hint or "choose another directory"
     if stat.S_ISLNK(info.st_mode):
         raise UntrustedPath(
@@ -98,10 +95,7 @@ def ensure_safe_dir(path: Path, *, uid: int | None = None, hint: str = "") -> Pa
     a directory the user keeps readable (their home, say) is left as it is.
     """
     uid = os.getuid() if uid is None else uid
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(path, 0o700)
-    info = os.lstat(path)
+    info = _made(path)
     elsewhere = hint or "choose another directory"
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid:
         ensure_private_dir(path, uid=uid, hint=hint)  # raises, with the reason
@@ -109,6 +103,14 @@ def ensure_safe_dir(path: Path, *, uid: int | None = None, hint: str = "") -> Pa
     if info.st_mode & 0o022:
         raise UntrustedPath(_open_to_others(path, info.st_mode, elsewhere))
     return path
+
+
+def _made(path: Path) -> os.stat_result:
+    """``path`` created 0700 if it is not there (never through a symlink), then ``lstat``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    return os.lstat(path)
 
 
 def _open_to_others(path: Path, mode: int, elsewhere: str) -> str:
