@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import socket as socketlib
 import subprocess
 import sys
 import time
@@ -285,14 +286,19 @@ def _server_figures(binary: Path, model: Path, ctx: int, args: Sequence[str]) ->
     command += ["--threads", "1", "-lv", "4", *args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
+        deadline = time.monotonic() + 60
+        # A plain socket until it listens: httpx's transport can leave the
+        # socket of a refused connect to the garbage collector (a ResourceWarning
+        # that fails the test at a random later point).
+        while time.monotonic() < deadline and process.poll() is None:
+            with socketlib.socket(socketlib.AF_UNIX) as probe:
+                if probe.connect_ex(str(socket)) == 0:
+                    break
+            time.sleep(0.02)
         with httpx.Client(transport=httpx.HTTPTransport(uds=str(socket))) as client:
-            deadline = time.monotonic() + 60
             while time.monotonic() < deadline and process.poll() is None:
-                try:
-                    if client.get("http://x/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
+                if client.get("http://x/health").status_code == 200:  # 503 while loading
+                    break
                 time.sleep(0.02)
     finally:
         process.terminate()
