@@ -304,8 +304,10 @@ class ChatService:
             conversation_id = self.store.new_conversation_id()
         model = self._choose_model(request.model, existing)
         # A model whose file is missing or not a GGUF cannot answer: say so
-        # now rather than store a chat that can only end in that error.
-        check_model_file(self.pool.resolve(model))
+        # now rather than store a chat that can only end in that error. One
+        # that runs has its file mapped already (the pool checks the same way).
+        if self.pool.server(model).state not in ("starting", "ready"):
+            check_model_file(self.pool.resolve(model))
         if images:
             self._check_vision(model)
         kept = [

@@ -485,9 +485,15 @@ class Daemon:
         log.info("%s", summary)
 
     async def _report_status(self, pool: ModelPool) -> None:
+        if not self.notifier.enabled:
+            return  # not under systemd: nobody to tell
+        shown = ""
         with self.hub.subscribe(frozenset({"state", "workers"})) as subscription:
             async for _event in subscription.receive:
-                self.notifier.status(_status_line(pool))
+                line = _status_line(pool)
+                if line != shown:  # most events change only counts, which it does not show
+                    self.notifier.status(line)
+                    shown = line
 
     async def _watchdog(self, interval: float) -> None:
         # Pinged from the event loop itself: if the loop hangs, systemd notices.

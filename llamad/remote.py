@@ -204,7 +204,7 @@ class RemoteServer(MachineShell):
         assert model.url is not None
         self.model = model
         self.endpoint = RemoteEndpoint(remote_base(model.url))
-        self.requests = InFlight(model.name, self._publish)
+        self.requests = InFlight(model.name, self._count_changed)
         self.vision: bool | None = None
         self._key: str | None = None
         self._client: httpx.AsyncClient | None = None

@@ -99,7 +99,7 @@ class InFlight:
     def __init__(self, name: str, changed: Callable[[], None]) -> None:
         self.name = name
         self.scopes: set[trio.CancelScope] = set()
-        self._changed = changed  # publishes the new count
+        self._changed = changed  # announces the new count
         self._why = ""
         self._empty = trio.Event()
         self._empty.set()

@@ -18,6 +18,7 @@ have bound the port first).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import math
 import os
@@ -74,6 +75,19 @@ from llamad.server import InFlight
 log = logging.getLogger(__name__)
 
 READY_POLL_SEC = 0.01  # well under the 20 ms the readiness promise allows
+# How late a change of the requests in flight alone may be announced (several
+# changes within it are announced once).
+COUNTS_REPORT_SEC = 0.05
+# A server's output is read this long after it starts coming, so that the
+# lines llama-server writes for each request (about nine, most while it
+# processes the prompt) take one read instead of waking llamad for each,
+# and that read comes after the first token. The pipe is enlarged so that
+# llama-server's writes do not block meanwhile.
+OUTPUT_READ_DELAY_SEC = 0.05
+_PIPE_SIZE = 1 << 20  # /proc/sys/fs/pipe-max-size's default
+# A dead server's output ends at once (its group is killed), unless a process
+# outside the group holds the pipe: then what was read must do.
+OUTPUT_DRAIN_SEC = 1.0
 SETTLED: frozenset[ModelState] = frozenset({"ready", "failed", "stopped"})
 
 
@@ -157,6 +171,7 @@ class MachineShell:
         self._nursery: trio.Nursery | None = None
         self._posted = 0  # user requests posted / handled: lets waiters skip stale states
         self._handled = 0
+        self._counts_changed = trio.Event()
 
     # ---------------------------------------------------------------- queries
 
@@ -237,6 +252,7 @@ class MachineShell:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self._report_counts)
                 task_status.started()
                 async for event in self._events_receive:
                     self._apply(event)
@@ -298,6 +314,23 @@ class MachineShell:
     def _publish(self) -> None:
         self._wake()
         self.hub.publish(self._event())
+
+    def _count_changed(self) -> None:
+        """A count (requests in flight) changed: announced within ``COUNTS_REPORT_SEC``.
+
+        Not at once: a chat's start would pay for building and delivering the
+        status (and for waking every watcher) before its request reached the
+        model, and its end before ``chat_done``. Drains and the pool's plans
+        do not wait for this; they use the counts themselves.
+        """
+        self._counts_changed.set()
+
+    async def _report_counts(self) -> None:
+        while True:
+            await self._counts_changed.wait()
+            await trio.sleep(COUNTS_REPORT_SEC)
+            self._counts_changed = trio.Event()
+            self.hub.publish(self._event())
 
     async def _fire_after(self, scope: trio.CancelScope, delay: float, event: TimerFired) -> None:
         with scope:
@@ -410,11 +443,14 @@ class Supervisor(MachineShell):
         output = trio.lowlevel.FdStream(os.dup(process.stdout.fileno()))
         process.stdout.close()
         probes = trio.CancelScope()
-        self._nursery.start_soon(self._read_output, output)
+        output_read = trio.Event()
+        self._nursery.start_soon(self._read_output, output, output_read)
         self._nursery.start_soon(self._probe_health, process, probes)
-        self._nursery.start_soon(self._wait_exit, process, probes)
+        self._nursery.start_soon(self._wait_exit, process, probes, output_read)
 
-    async def _wait_exit(self, process: subprocess.Popen[bytes], probes: trio.CancelScope) -> None:
+    async def _wait_exit(
+        self, process: subprocess.Popen[bytes], probes: trio.CancelScope, output_read: trio.Event
+    ) -> None:
         pidfd = os.pidfd_open(process.pid)
         try:
             await trio.lowlevel.wait_readable(pidfd)
@@ -433,7 +469,11 @@ class Supervisor(MachineShell):
             self.pidfile.unlink(missing_ok=True)
         # Why a server died before it was ready is in its own output (e.g.
         # "invalid magic characters"); the exit code alone says nothing.
-        detail = failure_line(self.output) if self.state == "starting" else ""
+        detail = ""
+        if self.state == "starting":
+            with trio.move_on_after(OUTPUT_DRAIN_SEC):  # its last lines may be unread yet
+                await output_read.wait()
+            detail = failure_line(self.output)
         if returncode < 0:
             self._events_send.send_nowait(Exited(signal=-returncode, detail=detail))
         else:
@@ -461,16 +501,26 @@ class Supervisor(MachineShell):
                     probe_timeout=health_probe_timeout(policy),
                 )
 
-    async def _read_output(self, stream: trio.lowlevel.FdStream) -> None:
+    async def _read_output(self, stream: trio.lowlevel.FdStream, done: trio.Event) -> None:
         pending = b""
-        async with stream:
-            while chunk := await stream.receive_some(65536):
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for raw in lines:
-                    self._line(raw)
-        if pending:
-            self._line(pending)
+        try:
+            async with stream:
+                with contextlib.suppress(OSError):
+                    fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+                while True:
+                    await trio.lowlevel.wait_readable(stream.fileno())
+                    await trio.sleep(OUTPUT_READ_DELAY_SEC)
+                    chunk = await stream.receive_some(_PIPE_SIZE)
+                    if not chunk:
+                        break
+                    pending += chunk
+                    *lines, pending = pending.split(b"\n")
+                    for raw in lines:
+                        self._line(raw)
+            if pending:
+                self._line(pending)
+        finally:
+            done.set()
 
     def _line(self, raw: bytes) -> None:
         line = raw.decode("utf-8", "replace").rstrip("\r")
@@ -575,7 +625,7 @@ class ModelSupervisor(Supervisor):
             environ=environ,
             preflight=preflight,
         )
-        self.requests = InFlight(model.name, self._publish)
+        self.requests = InFlight(model.name, self._count_changed)
         self._client: httpx.AsyncClient | None = None
         self._file_memo: tuple[object, object, ModelConfig, _FileFields] | None = None
         self._file_status()  # read the GGUF header now, not on the first status reply

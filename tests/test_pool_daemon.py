@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -160,7 +161,10 @@ def test_a_model_that_dies_loading_says_why_in_llama_servers_words(
     daemon.wait_for("demo", lambda s: s.state == "ready")
     refused = load(daemon, "broken")
     assert refused.returncode == 1
-    assert "before it was ready: " in refused.stderr  # followed by llama-server's own line
+    # Followed by llama-server's own line, read although it exits at once.
+    assert re.search(
+        r"before it was ready: .*(failed to load|corrupted|model loading error)", refused.stderr
+    )
     # demo was evicted to make room, and comes back.
     daemon.wait_for("demo", lambda s: s.state == "ready")
 

@@ -1,4 +1,4 @@
-"""The supervisor's health watchdog on a mock clock: misses keep their beat."""
+"""The supervisor on a mock clock: the health watchdog keeps its beat, counts are coalesced."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ import trio
 import trio.testing
 
 from llamad.config import Supervision
+from llamad.events import EventHub, HubEvent, StateEvent
 from llamad.policy import hang_detection_bound, health_probe_timeout
-from llamad.supervisor import watch_health
+from llamad.protocol import ModelStatus
+from llamad.server import InFlight
+from llamad.supervisor import COUNTS_REPORT_SEC, MachineShell, watch_health
 
 
 @pytest.mark.parametrize(("interval", "failures"), [(5.0, 3), (1.0, 2), (0.5, 4)])
@@ -59,3 +62,56 @@ def test_the_probe_timeout_is_shorter_than_the_interval() -> None:
         assert 0 < health_probe_timeout(policy) < interval
     assert health_probe_timeout(Supervision()) == 2.0
     assert hang_detection_bound(Supervision()) == 17.0  # 5 s x 3 + 2 s
+
+
+class _Counted(MachineShell):
+    """A shell with requests in flight and nothing else, to watch what it announces."""
+
+    def __init__(self, hub: EventHub) -> None:
+        super().__init__("m", Supervision(), hub, log_lines=10)
+        self.requests = InFlight("m", self._count_changed)
+
+    def _event(self) -> StateEvent:
+        count = len(self.requests.scopes)
+        return StateEvent(ModelStatus(name="m", state=self.state, since=0.0, in_flight=count))
+
+
+def test_requests_in_flight_are_announced_later_and_once_for_a_burst() -> None:
+    """A chat's start and end do not each wake every watcher before the request goes on."""
+
+    async def main() -> None:
+        hub = EventHub()
+        shell = _Counted(hub)
+        with hub.subscribe(frozenset({"state"})) as subscription:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(shell.run)
+                with shell.requests.hold(), shell.requests.hold():
+                    pass  # two chats came and went
+                with shell.requests.hold():
+                    await trio.sleep(COUNTS_REPORT_SEC / 2)
+                    with pytest.raises(trio.WouldBlock):
+                        subscription.receive.receive_nowait()  # not yet
+                    await trio.sleep(COUNTS_REPORT_SEC)
+                    (event,) = drain(subscription.receive)
+                    assert isinstance(event, StateEvent)
+                    assert event.status.in_flight == 1  # the count when announced
+                await trio.sleep(COUNTS_REPORT_SEC * 2)
+                (event,) = drain(subscription.receive)
+                assert isinstance(event, StateEvent)
+                assert event.status.in_flight == 0
+                # A change of state itself is announced at once.
+                shell.stop()
+                await trio.testing.wait_all_tasks_blocked()
+                assert drain(subscription.receive)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock())
+
+
+def drain(receive: trio.MemoryReceiveChannel[HubEvent]) -> list[HubEvent]:
+    events = []
+    while True:
+        try:
+            events.append(receive.receive_nowait())
+        except trio.WouldBlock:
+            return events
