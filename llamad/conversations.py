@@ -37,7 +37,7 @@ from typing import Any
 import httpx
 import trio
 
-from llamad.concurrency import in_thread
+from llamad.concurrency import ThreadCall, in_thread
 from llamad.errors import (
     ApprovalNotPending,
     BadRequest,
@@ -106,6 +106,8 @@ class Prepared:
     history: list[Message]  # what the model is sent, oldest first, the new message last
     committed: trio.Event = field(default_factory=trio.Event)
     commit_error: LlamadError | None = None
+    # The commit, started in a thread by ``launch``.
+    stored: ThreadCall[tuple[Conversation, Message | None, Message]] | None = None
     conversation: Conversation | None = None
     user: Message | None = None  # None for a retry
     reply: Message | None = None
@@ -355,6 +357,20 @@ class ChatService:
             raise ConversationBusy(conversation)
         running = _Running()
         self._running[conversation] = running
+        # The commit's thread starts now: its fsync runs while the reply's
+        # task starts, takes the model and sends the request.
+        prepared.stored = ThreadCall(
+            functools.partial(
+                self.store.start_exchange,
+                prepared.existing.id if prepared.existing is not None else None,
+                parts=prepared.parts,
+                images=prepared.images,
+                model=prepared.model,
+                system_prompt=prepared.request.options.system,
+                replace_from=prepared.replace_from,
+                new_id=prepared.conversation_id,
+            )
+        )
         self._nursery.start_soon(self._reply, prepared, running)
 
     def _check_vision(self, model_name: str) -> None:
@@ -441,18 +457,8 @@ class ChatService:
         """One transaction, one fsync: then the chat is acknowledged, and the reply may show."""
         try:
             try:
-                conversation, user, reply = await in_thread(
-                    functools.partial(
-                        self.store.start_exchange,
-                        prepared.existing.id if prepared.existing is not None else None,
-                        parts=prepared.parts,
-                        images=prepared.images,
-                        model=prepared.model,
-                        system_prompt=prepared.request.options.system,
-                        replace_from=prepared.replace_from,
-                        new_id=prepared.conversation_id,
-                    )
-                )
+                assert prepared.stored is not None
+                conversation, user, reply = await prepared.stored.result()
             except Exception as exc:
                 # Nothing was stored: the reply is dropped and the error is the answer.
                 if isinstance(exc, LlamadError):

@@ -105,8 +105,11 @@ Measurer = Callable[[list[int]], dict[int, memory.Measured]]
 # Once text flows, llama-server is read at most once per this window: a fast
 # model's tokens then come out of one read together (one wake-up, one delta,
 # one send for several tokens) instead of one each; a token waits at most this
-# long. A model slower than one token per window sees no difference.
-BATCH_WINDOW_SEC = 0.002
+# long, far below what a reader can see. Batching starts only where it pays
+# (tokens under half a window apart, over 400 a second): with 2 ms, a model at
+# 700 tokens/s was never batched and llamad spent 210-260 µs of CPU on each
+# token; with 5 ms, 145-190 (bench/README.md). A slower model sees no difference.
+BATCH_WINDOW_SEC = 0.005
 
 
 @dataclass
