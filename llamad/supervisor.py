@@ -78,12 +78,12 @@ READY_POLL_SEC = 0.01  # well under the 20 ms the readiness promise allows
 # How late a change of the requests in flight alone may be announced (several
 # changes within it are announced once).
 COUNTS_REPORT_SEC = 0.05
-# A server's output is read this long after it starts coming, so that the
-# lines llama-server writes for each request (about nine, most while it
-# processes the prompt) take one read instead of waking llamad for each,
-# and that read comes after the first token. The pipe is enlarged so that
-# llama-server's writes do not block meanwhile.
-OUTPUT_READ_DELAY_SEC = 0.05
+# llama-server's output is read this long after it starts coming, so that
+# the lines it writes for each request (about nine, most while it processes
+# the prompt) take one read instead of waking llamad for each, and that read
+# comes after the first token. The pipe is enlarged so that its writes do not
+# block meanwhile.
+LLAMA_OUTPUT_DELAY_SEC = 0.05
 _PIPE_SIZE = 1 << 20  # /proc/sys/fs/pipe-max-size's default
 # A dead server's output ends at once (its group is killed), unless a process
 # outside the group holds the pipe: then what was read must do.
@@ -148,6 +148,10 @@ class ServerKind(Protocol):
 
     def keep_line(self, line: str) -> bool:
         """Whether an output line goes into the ring buffer and ``llamactl logs``."""
+
+    @property
+    def output_delay(self) -> float:
+        """Seconds to let its output gather before reading it (0: as it comes)."""
 
 
 class MachineShell:
@@ -509,7 +513,8 @@ class Supervisor(MachineShell):
                     fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
                 while True:
                     await trio.lowlevel.wait_readable(stream.fileno())
-                    await trio.sleep(OUTPUT_READ_DELAY_SEC)
+                    if self.kind.output_delay:
+                        await trio.sleep(self.kind.output_delay)
                     chunk = await stream.receive_some(_PIPE_SIZE)
                     if not chunk:
                         break
@@ -536,6 +541,7 @@ class LlamaServerKind:
     endpoint: Endpoint
     rpc: tuple[str, ...] = ()  # the RPC workers its layers are split over
     vision: bool | None = None  # from the running server's /props
+    output_delay: float = LLAMA_OUTPUT_DELAY_SEC
 
     def command(self) -> list[str]:
         return build_command(self.binary, self.model, self.endpoint, self.rpc)

@@ -117,6 +117,7 @@ class RpcServerKind:
     pid: Callable[[], int | None]
     report: rpc.Report | None = None  # the last check's
     banner: list[rpc.Device] = field(default_factory=list)  # from its start-up output
+    output_delay: float = 0.0  # its banner names the devices a status shows once ready
     version: str = ""
 
     def command(self) -> list[str]:
