@@ -598,6 +598,8 @@ class _FdReader:
     brings several events. A slower model is read as each token comes: a
     sleep costs a timer wake-up (a cancel scope's worth of trio's machinery,
     more than a read's wake-up), which saves nothing when it brings one token.
+    Nor after a read that filled its buffer: more is waiting already, and a
+    sleep would only cap the stream at one buffer per window.
     """
 
     def __init__(self, fd: int) -> None:
@@ -605,11 +607,12 @@ class _FdReader:
         self._eager = 0  # reads in a row that found data at once
         self._last_read = -math.inf
         self._batching = False
+        self._full = False  # the last read filled its buffer
 
     async def receive(self, *, batch_window: float = 0.0) -> bytes:
         await trio.lowlevel.checkpoint_if_cancelled()
         slept = False
-        if batch_window > 0 and self._batching:
+        if batch_window > 0 and self._batching and not self._full:
             wake = self._last_read + batch_window
             if wake > trio.current_time():
                 self._eager = 0
@@ -628,6 +631,7 @@ class _FdReader:
                 await trio.lowlevel.wait_readable(self._fd)
                 continue
             self._eager += 1
+            self._full = len(data) == _READ_BYTES
             now = trio.current_time()
             if slept:
                 # An SSE event ends with a blank line (chunked framing or not).

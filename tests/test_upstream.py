@@ -26,9 +26,11 @@ from llamad.errors import ContextOverflow, UpstreamError
 from llamad.llama_server import Endpoint
 from llamad.supervisor import http_client
 from llamad.upstream import (
+    _READ_BYTES,
     Chunk,
     ResponseReader,
     SSEDecoder,
+    _FdReader,
     exchange_direct,
     exchange_httpx,
     in_words,
@@ -761,6 +763,24 @@ async def test_the_batch_window_joins_a_fast_model_and_leaves_slower_ones_alone(
     assert each[-1][1].finish_reason == "length"
     texts = [round(at - medium_began, 3) for at, c in unslept if c.text]
     assert texts == [0.008, 0.016, 0.024, 0.032, 0.04]
+
+
+async def test_the_batch_window_never_waits_while_reads_fill_their_buffer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A flat-out stream is not capped at one buffer per window (it was: 46,000 tokens/s)."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.setblocking(False)
+        waiting = b"data: {}\n\n" * (_READ_BYTES * 2 // 10 + 100)  # two full reads and a part
+        theirs.sendall(waiting)
+        reader = _FdReader(ours.fileno())
+        began = trio.current_time()
+        read = b""
+        while len(read) < len(waiting):
+            read += await reader.receive(batch_window=0.01)
+        assert read == waiting
+        assert trio.current_time() - began < 0.01  # not one window slept
 
 
 @pytest.mark.parametrize(
