@@ -107,8 +107,8 @@ Measurer = Callable[[list[int]], dict[int, memory.Measured]]
 # one send for several tokens) instead of one each; a token waits at most this
 # long, far below what a reader can see. Batching starts only where it pays
 # (tokens under half a window apart, over 400 a second): with 2 ms, a model at
-# 700 tokens/s was never batched and llamad spent 210-260 µs of CPU on each
-# token; with 5 ms, 145-190 (bench/README.md). A slower model sees no difference.
+# 700 tokens/s was never batched and llamad spent 210-263 µs of CPU on each
+# token; with 5 ms, 158-193 (bench/README.md). A slower model sees no difference.
 BATCH_WINDOW_SEC = 0.005
 
 

@@ -82,9 +82,10 @@ COUNTS_REPORT_SEC = 0.05
 # the lines it writes for each request (about nine, most while it processes
 # the prompt) take one read instead of waking llamad for each, and that read
 # comes after the first token. The pipe is enlarged so that its writes do not
-# block meanwhile.
+# block meanwhile, and a read that fills its buffer is followed at once.
 LLAMA_OUTPUT_DELAY_SEC = 0.05
 _PIPE_SIZE = 1 << 20  # /proc/sys/fs/pipe-max-size's default
+_OUTPUT_READ_BYTES = 65536
 # A dead server's output ends at once (its group is killed), unless a process
 # outside the group holds the pipe: then what was read must do.
 OUTPUT_DRAIN_SEC = 1.0
@@ -511,13 +512,15 @@ class Supervisor(MachineShell):
             async with stream:
                 with contextlib.suppress(OSError):
                     fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+                full = False  # more is waiting: no reason to let it gather
                 while True:
                     await trio.lowlevel.wait_readable(stream.fileno())
-                    if self.kind.output_delay:
+                    if self.kind.output_delay and not full:
                         await trio.sleep(self.kind.output_delay)
-                    chunk = await stream.receive_some(_PIPE_SIZE)
+                    chunk = await stream.receive_some(_OUTPUT_READ_BYTES)
                     if not chunk:
                         break
+                    full = len(chunk) == _OUTPUT_READ_BYTES
                     pending += chunk
                     *lines, pending = pending.split(b"\n")
                     for raw in lines:
